@@ -1,0 +1,33 @@
+# Two commands for a fresh machine:
+#   make demo   -- create .venv, install everything, run the built-in demo
+#   make test   -- create .venv, install everything, run the whole test suite
+#
+# The PyTorch build is machine-specific, so it is chosen here and not in pyproject.toml.
+# Override it for your machine, e.g. `make test TORCH_SPEC="torch torchvision"`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PY := $(VENV)/bin/python
+
+.PHONY: demo test install bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/structvit demo
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) -m structvit.bench op
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .hypothesis

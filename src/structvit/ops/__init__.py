@@ -1,0 +1,4 @@
+"""Functional ops: structural self-attention and its backends."""
+from .functional import BACKEND_NAMES, NORMALIZE, canonical_grid, choose_backend, estimate_cost, struct_attention
+
+__all__ = ["struct_attention", "choose_backend", "estimate_cost", "canonical_grid", "BACKEND_NAMES", "NORMALIZE"]

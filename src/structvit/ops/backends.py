@@ -1,0 +1,133 @@
+"""The three exact forms of structural self-attention.
+
+Every backend takes canonical, already validated arguments:
+
+- q: (B, h, N, C), k: (B, h, N, C), v: (B, h, N, Cv), all on one device and dtype;
+- u_k, u_v: (h or 1, D, kt, kh, kw), odd window sizes;
+- grid: (T, H, W) with T * H * W = N;
+- normalize: "joint" or "per_pattern"; scale: float; dropout_p: float.
+
+and returns ``(out, weights)``: out (B, h, N, Cv) and, when asked for, the attention
+weights (B, h, N, D, N) (``None`` otherwise).
+
+See ../../../README.md and DESIGN.md section 1 for the equations.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .grid import Grid3, depthwise_pattern_weight, grid_conv, grid_conv_transpose, neighbour_index
+
+
+def _normalise(scores: torch.Tensor, normalize: str) -> torch.Tensor:
+    """Softmax of scores (B, h, N, D, N): jointly over (d, j), or over j for each d."""
+    if normalize == "joint":
+        b, h, n, d, m = scores.shape
+        return torch.softmax(scores.reshape(b, h, n, d * m), dim=-1).reshape(b, h, n, d, m)
+    return torch.softmax(scores, dim=-1)
+
+
+def _dropout(a: torch.Tensor, p: float) -> torch.Tensor:
+    return F.dropout(a, p=p, training=True) if p > 0 else a
+
+
+def naive(q, k, v, u_k, u_v, grid: Grid3, normalize: str, scale: float, dropout_p: float, return_weights: bool):
+    """The equations of DESIGN.md literally, with gathered local contexts.
+
+    Memory O(B h N^2 M): small inputs only; it is the reference the other forms are
+    tested against (together with a loop-level implementation in the tests).
+    """
+    b, h, n, c = q.shape
+    window = tuple(u_k.shape[2:])
+    index, valid = neighbour_index(grid, window, q.device)  # (N, M)
+    mask = valid.to(q.dtype)[..., None]
+    k_ctx = k[:, :, index] * mask  # (B, h, N, M, C): K_j = [k_{j+o}]
+    v_ctx = v[:, :, index] * mask  # (B, h, N, M, Cv)
+    uk = u_k.flatten(2).expand(h, -1, -1)  # (h, D, M)
+    uv = u_v.flatten(2).expand(h, -1, -1)
+    corr = torch.einsum("bhic,bhjmc->bhijm", q, k_ctx) * scale  # <q_i, k_{j+o}>
+    scores = torch.einsum("bhijm,hdm->bhidj", corr, uk)  # s[i, j, d]
+    weights = _normalise(scores, normalize)
+    kappa = torch.einsum("bhidj,hdm->bhijm", _dropout(weights, dropout_p), uv)  # dynamic kernels
+    out = torch.einsum("bhijm,bhjmc->bhic", kappa, v_ctx)
+    return out, (weights if return_weights else None)
+
+
+def pattern_conv(x: torch.Tensor, u: torch.Tensor, grid: Grid3) -> torch.Tensor:
+    """Convolve a token map with each of the D patterns: ``x^d = sum_o u[d, o] shift_o(x)``.
+
+    One grouped convolution over all heads and channels.
+
+    Args:
+        x: (B, h, N, C); u: (h or 1, D, kt, kh, kw).
+
+    Returns:
+        (B, h, D, N, C).
+    """
+    b, h, n, c = x.shape
+    d = u.shape[1]
+    w = depthwise_pattern_weight(u, h, c)  # (h * C * D, 1, k...)
+    y = grid_conv(x.transpose(-1, -2).reshape(b, h * c, n), w, grid, groups=h * c)  # (B, h*C*D, N)
+    return y.reshape(b, h, c, d, n).permute(0, 1, 3, 4, 2)
+
+
+def correlation(q, k, v, u_k, u_v, grid: Grid3, normalize: str, scale: float, dropout_p: float,
+                return_weights: bool, value_side: str = "auto"):
+    """Forms 2 and 4: convolve the N x N correlation map over the key grid.
+
+    Scores: one grouped convolution whose channels are the (head, query) rows of
+    ``q k^T``, D outputs each. Values: either the transposed convolution of the
+    D-channel attention back to one N x N map (``value_side="folded"``, form 4,
+    cost N^2 M D) or attention over the D pattern-convolved value maps
+    (``value_side="shifted"``, form 2, cost D N^2 Cv); "auto" takes the cheaper.
+    """
+    b, h, n, c = q.shape
+    d = u_k.shape[1]
+    cv = v.shape[-1]
+    corr = torch.matmul(q * scale, k.transpose(-1, -2))  # (B, h, N, N): C_i(j)
+    wk = depthwise_pattern_weight(u_k, h, n)  # (h * N * D, 1, k...)
+    scores = grid_conv(corr.reshape(b, h * n, n), wk, grid, groups=h * n).reshape(b, h, n, d, n)
+    weights = _normalise(scores, normalize)
+    attn = _dropout(weights, dropout_p)
+    m = u_v[0, 0].numel()
+    if value_side == "auto":
+        value_side = "folded" if m * d <= d * cv else "shifted"
+    if value_side == "folded":
+        wv = depthwise_pattern_weight(u_v, h, n)  # (h * N * D, 1, k...): transposed-conv weight
+        folded = grid_conv_transpose(attn.reshape(b, h * n * d, n), wv, grid, groups=h * n)  # (B, h*N, N)
+        out = torch.matmul(folded.reshape(b, h, n, n), v)
+    elif value_side == "shifted":
+        v_pat = pattern_conv(v, u_v, grid).reshape(b, h, d * n, cv)  # [V^1 ... V^D]
+        out = torch.matmul(attn.reshape(b, h, n, d * n), v_pat)
+    else:
+        raise ValueError(f"value_side must be 'auto', 'folded' or 'shifted', got {value_side!r}")
+    return out, (weights if return_weights else None)
+
+
+def keyconv(q, k, v, u_k, u_v, grid: Grid3, normalize: str, scale: float, dropout_p: float, return_weights: bool):
+    """Form 3: attention of Q over the D pattern-convolved key maps.
+
+    ``s[i, j, d] = scale * <q_i, K^d_j>`` with ``K^d = sum_o u_k[d, o] shift_o(K)``, so
+    StructSA is ordinary attention over D * N keys [K^1 ... K^D] and values
+    [V^1 ... V^D] (joint), or the sum over d of D attentions (per_pattern). Runs on
+    ``scaled_dot_product_attention`` (fused, O(N) memory where a fused kernel exists),
+    which never materialises the weights: ``return_weights`` is not supported.
+    """
+    if return_weights:
+        raise ValueError("return_weights=True is not supported by backend='keyconv' (the fused attention "
+                         "kernel never materialises the weights); use backend='correlation' or 'naive'")
+    b, h, n, c = q.shape
+    d = u_k.shape[1]
+    k_pat = pattern_conv(k, u_k, grid)  # (B, h, D, N, C)
+    v_pat = pattern_conv(v, u_v, grid)  # (B, h, D, N, Cv)
+    if normalize == "joint":
+        out = F.scaled_dot_product_attention(q, k_pat.reshape(b, h, d * n, c), v_pat.reshape(b, h, d * n, -1),
+                                             dropout_p=dropout_p, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(q.unsqueeze(2).expand(b, h, d, n, c), k_pat, v_pat,
+                                             dropout_p=dropout_p, scale=scale).sum(2)
+    return out, None
+
+
+BACKENDS = {"naive": naive, "correlation": correlation, "keyconv": keyconv}

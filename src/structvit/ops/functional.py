@@ -1,0 +1,170 @@
+"""``struct_attention``: the functional structural self-attention op and its dispatcher."""
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Sequence
+
+import torch
+
+from .backends import BACKENDS
+
+NORMALIZE = ("joint", "per_pattern")
+BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
+
+# "auto" keeps the D*N^2 attention of the correlation form only while the buffers it
+# holds for backward stay under this many bytes (per call); above it, the
+# key-convolution form on scaled_dot_product_attention (O(N) memory) is used.
+DEFAULT_MEMORY_LIMIT = 1 << 30
+
+
+def _check_tensor(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float32, float64, bfloat16, float16), got {x.dtype}")
+
+
+def canonical_grid(grid, n: int | None = None, name: str = "grid") -> tuple[int, int, int]:
+    """Validate a (H, W) or (T, H, W) grid and return it as (T, H, W)."""
+    if isinstance(grid, torch.Size):
+        grid = tuple(grid)
+    if not isinstance(grid, Sequence) or len(grid) not in (2, 3):
+        raise ValueError(f"{name} must be (H, W) or (T, H, W), got {grid!r}")
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in grid):
+        raise ValueError(f"{name} sizes must be positive ints, got {tuple(grid)!r}")
+    if n is not None and math.prod(grid) != n:
+        raise ValueError(f"{name}={tuple(grid)} has {math.prod(grid)} positions but the inputs have N={n} tokens")
+    return (1,) * (3 - len(grid)) + tuple(grid)
+
+
+def _canonical_patterns(name: str, u: torch.Tensor, rank: int, heads: int) -> torch.Tensor:
+    """(heads, D, *window) or (D, *window) -> (heads or 1, D, kt, kh, kw)."""
+    _check_tensor(name, u)
+    win = "kh, kw" if rank == 2 else "kt, kh, kw"
+    if u.dim() not in (rank + 1, rank + 2):
+        raise ValueError(f"{name} must have shape (heads, D, {win}) or (D, {win}) for a {rank}-D grid, "
+                         f"got a {u.dim()}-D tensor of shape {tuple(u.shape)}")
+    if u.dim() == rank + 2 and u.shape[0] != heads:
+        raise ValueError(f"{name} has {u.shape[0]} heads (shape {tuple(u.shape)}) but q has {heads} heads")
+    window = u.shape[-rank:]
+    if any(s % 2 == 0 for s in window):
+        raise ValueError(f"{name} window sizes must be odd (the window is centred), got {tuple(window)}")
+    if u.shape[-rank - 1] < 1:
+        raise ValueError(f"{name} must have at least one pattern (D >= 1), got shape {tuple(u.shape)}")
+    if u.dim() == rank + 1:
+        u = u.unsqueeze(0)
+    if rank == 2:
+        u = u.unsqueeze(2)
+    return u
+
+
+def estimate_cost(b: int, heads: int, n: int, c: int, d: int, m: int, *, element_size: int = 4,
+                  cv: int | None = None) -> dict[str, dict[str, float]]:
+    """Multiply-adds and the attention-sized bytes each backend keeps (DESIGN.md section 1).
+
+    Returns ``{backend: {"macs": ..., "bytes": ...}}`` for one forward pass.
+    """
+    cv = c if cv is None else cv
+    bh = b * heads
+    corr_value = min(n * n * m * d + n * n * cv, d * n * n * cv + n * m * d * cv)
+    return {
+        # q k^T, the D-output key-grid convolution, then the (folded or shifted) value side;
+        # about three D*N^2 buffers (scores, weights, their folded/gradient forms) are held.
+        "correlation": {"macs": bh * (n * n * c + n * n * m * d + corr_value), "bytes": 3 * bh * d * n * n * element_size},
+        # attention of N queries over D*N convolved keys; only O(N) state with a fused kernel.
+        "keyconv": {"macs": bh * (d * n * n * (c + cv) + n * m * d * (c + cv)), "bytes": 2 * bh * d * n * (c + cv) * element_size},
+        "naive": {"macs": bh * (n * n * m * c + n * n * m * d * 2 + n * n * m * cv), "bytes": 2 * bh * n * n * m * element_size},
+    }
+
+
+def choose_backend(b: int, heads: int, n: int, c: int, d: int, m: int, *, return_weights: bool = False,
+                   element_size: int = 4, memory_limit: int = DEFAULT_MEMORY_LIMIT) -> str:
+    """The backend "auto" picks, from the cost model of DESIGN.md section 1.
+
+    - ``return_weights`` needs the weights: "correlation".
+    - The correlation form holds O(B h D N^2) memory: if that exceeds ``memory_limit``
+      bytes, "keyconv" (O(N) with a fused attention kernel).
+    - Otherwise the form with fewer multiply-adds.
+    """
+    cost = estimate_cost(b, heads, n, c, d, m, element_size=element_size)
+    if return_weights:
+        return "correlation"
+    if cost["correlation"]["bytes"] > memory_limit:
+        return "keyconv"
+    return "correlation" if cost["correlation"]["macs"] <= cost["keyconv"]["macs"] else "keyconv"
+
+
+def struct_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u_k: torch.Tensor, u_v: torch.Tensor,
+                     grid: Sequence[int], *, normalize: str = "joint", backend: str = "auto",
+                     scale: float | None = None, dropout_p: float = 0.0, return_weights: bool = False):
+    """Structural self-attention (StructSA) over a (T, H, W) token grid.
+
+    For every query i, key position j and pattern d (per head)::
+
+        s[i, j, d] = scale * sum_o u_k[d, o] * <q_i, k_{j+o}>        (key-grid conv of q_i's correlation map)
+        A          = softmax(s)                                        (see ``normalize``)
+        kappa[i,j] = sum_d A[i, j, d] * u_v[d]                         (dynamic kernel, one weight per offset)
+        y_i        = sum_j sum_o kappa[i, j, o] * v_{j+o}
+
+    with o over a centred window and zeros outside the grid. ConvSA is D = 1; plain
+    attention is D = 1 with a 1x1 (1x1x1) window of value 1.
+
+    Args:
+        q, k: (B, heads, N, C). v: (B, heads, N, Cv).
+        u_k, u_v: pattern detectors and aggregators, (heads, D, *window) per head or
+            (D, *window) shared by all heads; window has the grid's rank and odd sizes,
+            e.g. (3, 3), (3, 3, 3), (1, 5, 5). Both must have the same shape.
+        grid: (H, W) or (T, H, W), with H * W (T * H * W) = N, row-major token order.
+        normalize: "joint" -- one softmax over all (j, d) pairs of a query, so a query's
+            weights sum to 1 as in plain attention (default); "per_pattern" -- a softmax
+            over j for each d, the D outputs summed. The paper writes sigma_jD, which
+            admits both readings.
+        backend: "naive" (the equations literally; O(N^2 M) memory, small inputs only),
+            "correlation" (forms 2/4: the N x N correlation map convolved over the key
+            grid, value side folded into a transposed convolution when M <= Cv),
+            "keyconv" (form 3: convolve keys and values with the patterns, then
+            ``scaled_dot_product_attention`` over D*N keys; O(N) memory with a fused
+            kernel; cannot return weights), or "auto" (see :func:`choose_backend`).
+        scale: score scale, default C ** -0.5.
+        dropout_p: dropout on the attention weights (pass 0 at evaluation).
+        return_weights: also return A, (B, heads, N, D, N). Not with "keyconv".
+
+    Returns:
+        (B, heads, N, Cv), or (out, A) with ``return_weights=True``.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x)
+        if x.dim() != 4:
+            raise ValueError(f"{name} must have shape (B, heads, N, C), got {tuple(x.shape)}")
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must have shape (B, heads, N, Cv) = {tuple(q.shape[:3])} + (Cv,), got {tuple(v.shape)}")
+    b, heads, n, c = q.shape
+    rank = len(grid) if isinstance(grid, Sequence) else 0
+    grid3 = canonical_grid(grid, n)
+    uk = _canonical_patterns("u_k", u_k, rank, heads)
+    uv = _canonical_patterns("u_v", u_v, rank, heads)
+    if u_k.shape != u_v.shape:
+        raise ValueError(f"u_k and u_v must have the same shape (heads, D, window), got {tuple(u_k.shape)} and {tuple(u_v.shape)}")
+    for name, x in (("k", k), ("v", v), ("u_k", u_k), ("u_v", u_v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on the device of q ({q.device}), got {x.device}")
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+    if scale is None:
+        scale = c ** -0.5
+    elif not isinstance(scale, Real) or isinstance(scale, bool) or not scale > 0:
+        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    if not (isinstance(dropout_p, Real) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if backend == "auto":
+        backend = choose_backend(b, heads, n, c, uk.shape[1], uk[0, 0].numel(), return_weights=return_weights,
+                                 element_size=q.element_size())
+    out, weights = BACKENDS[backend](q, k, v, uk, uv, grid3, normalize, float(scale), float(dropout_p), return_weights)
+    return (out, weights) if return_weights else out
