@@ -1,0 +1,47 @@
+"""The ``structvit`` command.
+
+Each sub-command lives in its own module with a ``main(argv)`` entry point and is
+imported only when called, so ``structvit --help`` stays fast.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module with main(argv), one-line help)
+COMMANDS = {
+    "demo": ("structvit.demo", "run the built-in demo on built-in data (no download)"),
+    "bench": ("structvit.bench", "benchmarks: `structvit bench op` (StructSA backends vs SA)"),
+    "convert": ("structvit.convert", "convert a UniFormer/SA checkpoint to a StructViT safetensors file"),
+    "models": ("structvit.models.summary", "list registered models with parameters and GFLOPs"),
+    "data": ("structvit.data.check", "dataset tools: `structvit data check --dataset NAME --root DIR`"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: structvit COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`structvit COMMAND --help` shows the options of a command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"structvit: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
