@@ -119,8 +119,10 @@ def keyconv(q, k, v, u_k, u_v, grid: Grid3, normalize: str, scale: float, dropou
                          "kernel never materialises the weights); use backend='correlation' or 'naive'")
     b, h, n, c = q.shape
     d = u_k.shape[1]
-    k_pat = pattern_conv(k, u_k, grid)  # (B, h, D, N, C)
-    v_pat = pattern_conv(v, u_v, grid)  # (B, h, D, N, Cv)
+    # Contiguous copies: the fused CPU/GPU kernels need unit stride in the channel dim
+    # (otherwise SDPA silently falls back to the O(D N^2)-memory math path).
+    k_pat = pattern_conv(k, u_k, grid).contiguous()  # (B, h, D, N, C)
+    v_pat = pattern_conv(v, u_v, grid).contiguous()  # (B, h, D, N, Cv)
     if normalize == "joint":
         out = F.scaled_dot_product_attention(q, k_pat.reshape(b, h, d * n, c), v_pat.reshape(b, h, d * n, -1),
                                              dropout_p=dropout_p, scale=scale)

@@ -12,6 +12,13 @@ from .backends import BACKENDS
 NORMALIZE = ("joint", "per_pattern")
 BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
 
+# Cost, in multiply-add equivalents, of one element of the D*N^2 score/weight maps of the
+# correlation form passing through its memory-bound steps (key-grid convolution,
+# softmax and their backward). Calibrated with `python -m structvit.bench op` on a
+# 2-core CPU (torch 2.14): there the correlation form lost to the key-convolution form
+# on SDPA at both benchmark shapes although it has fewer multiply-adds.
+MEMORY_BOUND_WEIGHT = 100
+
 # "auto" keeps the D*N^2 attention of the correlation form only while the buffers it
 # holds for backward stay under this many bytes (per call); above it, the
 # key-convolution form on scaled_dot_product_attention (O(N) memory) is used.
@@ -49,7 +56,9 @@ def _canonical_patterns(name: str, u: torch.Tensor, rank: int, heads: int) -> to
         raise ValueError(f"{name} has {u.shape[0]} heads (shape {tuple(u.shape)}) but q has {heads} heads")
     window = u.shape[-rank:]
     if any(s % 2 == 0 for s in window):
-        raise ValueError(f"{name} window sizes must be odd (the window is centred), got {tuple(window)}")
+        layout = f"(heads, D, {win})" if u.dim() == rank + 2 else f"(D, {win})"
+        raise ValueError(f"{name} window sizes must be odd (the window is centred), got {tuple(window)}: "
+                         f"{name} of shape {tuple(u.shape)} is read as {layout} for a {rank}-D grid")
     if u.shape[-rank - 1] < 1:
         raise ValueError(f"{name} must have at least one pattern (D >= 1), got shape {tuple(u.shape)}")
     if u.dim() == rank + 1:
@@ -85,14 +94,17 @@ def choose_backend(b: int, heads: int, n: int, c: int, d: int, m: int, *, return
     - ``return_weights`` needs the weights: "correlation".
     - The correlation form holds O(B h D N^2) memory: if that exceeds ``memory_limit``
       bytes, "keyconv" (O(N) with a fused attention kernel).
-    - Otherwise the form with fewer multiply-adds.
+    - Otherwise the cheaper of the two by multiply-adds, where each element of the
+      correlation form's D*N^2 maps costs ``MEMORY_BOUND_WEIGHT`` more (memory-bound
+      convolution and softmax passes). "naive" is never picked.
     """
     cost = estimate_cost(b, heads, n, c, d, m, element_size=element_size)
     if return_weights:
         return "correlation"
     if cost["correlation"]["bytes"] > memory_limit:
         return "keyconv"
-    return "correlation" if cost["correlation"]["macs"] <= cost["keyconv"]["macs"] else "keyconv"
+    corr = cost["correlation"]["macs"] + MEMORY_BOUND_WEIGHT * b * heads * d * n * n
+    return "correlation" if corr < cost["keyconv"]["macs"] else "keyconv"
 
 
 def struct_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u_k: torch.Tensor, u_v: torch.Tensor,

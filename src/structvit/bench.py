@@ -1,0 +1,250 @@
+"""Benchmarks: ``python -m structvit.bench op`` (or ``structvit bench op``).
+
+Times forward + backward of every StructSA backend and of plain attention
+(``scaled_dot_product_attention``, "SA") on the same inputs in the same run, and
+prints each as a ratio to SA (absolute times on a shared CPU are noisy; ratios
+measured side by side are not). Peak memory is the growth of the process's
+resident set (CPU: /proc VmHWM, reset before each measurement) or the CUDA
+allocator's peak, also as a ratio to SA.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .ops import choose_backend, struct_attention
+
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class OpCase:
+    name: str
+    batch: int
+    heads: int
+    head_dim: int
+    grid: tuple[int, ...]
+    window: tuple[int, ...]
+    patterns: int
+    normalize: str = "joint"
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(self.grid)
+
+
+OP_CASES = {
+    "image": OpCase("image 14x14, 3x3, D=8", 16, 5, 64, (14, 14), (3, 3), 8),
+    "video": OpCase("video 8x14x14, 3x3x3, D=8", 2, 5, 64, (8, 14, 14), (3, 3, 3), 8),
+    "video155": OpCase("video 8x14x14, 1x5x5, D=8", 2, 5, 64, (8, 14, 14), (1, 5, 5), 8),
+}
+
+
+def _read_status(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """Peak memory growth of a block: CUDA allocator peak, or the CPU resident-set high-water mark."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak: int | None = None
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            try:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+            self.start = _read_status("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.start
+        else:
+            hwm = _read_status("VmHWM")
+            self.peak = None if hwm is None or self.start is None else max(hwm - self.start, 0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fwd_bwd(fn, inputs, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of ``fn(*inputs).sum().backward()``."""
+    device = inputs[0].device
+    for _ in range(warmup):
+        fn(*inputs).float().sum().backward()
+    times = []
+    for _ in range(repeats):
+        for x in inputs:
+            x.grad = None
+        _sync(device)
+        t0 = time.perf_counter()
+        fn(*inputs).float().sum().backward()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def make_op_inputs(case: OpCase, device: torch.device, dtype: torch.dtype):
+    """q, k, v (B, heads, N, C) and per-head patterns u_k, u_v, all requiring grad."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    shape = (case.batch, case.heads, case.tokens, case.head_dim)
+    qkv = [torch.randn(shape, generator=gen).to(device, dtype).requires_grad_() for _ in range(3)]
+    pshape = (case.heads, case.patterns) + case.window
+    scale = math.prod(case.window) ** -0.5
+    us = [(torch.randn(pshape, generator=gen) * scale).to(device, dtype).requires_grad_() for _ in range(2)]
+    return qkv, us
+
+
+def op_fn(case: OpCase, backend: str):
+    """The function benchmarked for a backend ("sa" is plain scaled_dot_product_attention)."""
+    if backend == "sa":
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
+    return lambda q, k, v, u_k, u_v: struct_attention(q, k, v, u_k, u_v, case.grid, normalize=case.normalize,
+                                                      backend=backend)
+
+
+def peak_memory_in_subprocess(case_key: str, normalize: str, backend: str, device: str, dtype: str) -> int | None:
+    """Peak memory of one fwd+bwd, measured in a fresh process.
+
+    A fresh process has no allocator caches from earlier measurements, and with a
+    fixed mmap threshold every large buffer is returned to the OS when freed, so the
+    resident-set high-water mark follows the live tensors.
+    """
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    cmd = [sys.executable, "-m", "structvit.bench", "_peak", case_key, normalize, backend, device, dtype]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise RuntimeError(f"peak-memory measurement failed for {backend} on {case_key}:\n{res.stderr[-2000:]}")
+    value = res.stdout.strip().splitlines()[-1]
+    return None if value == "None" else int(value)
+
+
+def _peak_main(case_key: str, normalize: str, backend: str, device: str, dtype: str) -> int:
+    case = OpCase(**{**OP_CASES[case_key].__dict__, "normalize": normalize})
+    dev = torch.device(device)
+    (q, k, v), (u_k, u_v) = make_op_inputs(case, dev, DTYPES[dtype])
+    inputs = (q, k, v) if backend == "sa" else (q, k, v, u_k, u_v)
+    with PeakMemory(dev) as mem:
+        op_fn(case, backend)(*inputs).float().sum().backward()
+    print(mem.peak)
+    return 0
+
+
+def bench_op_case(case_key: str, case: OpCase, backends: list[str], *, device: str, dtype: str, repeats: int,
+                  naive_limit: int = 2 << 30) -> list[dict]:
+    """Rows of {backend, seconds, peak bytes, ratios} for one shape, SA first."""
+    dev = torch.device(device)
+    (q, k, v), (u_k, u_v) = make_op_inputs(case, dev, DTYPES[dtype])
+    m = math.prod(case.window)
+    auto = choose_backend(case.batch, case.heads, case.tokens, case.head_dim, case.patterns, m,
+                          element_size=q.element_size())
+    rows = []
+    for backend in ["sa"] + backends:
+        label = {"sa": "SA (sdpa)", "auto": f"auto ({auto})"}.get(backend, backend)
+        if backend == "naive":
+            need = case.batch * case.heads * case.tokens ** 2 * m * q.element_size() * 4
+            if need > naive_limit:
+                rows.append({"backend": label, "skipped": f"needs ~{need / 2**30:.0f} GiB"})
+                continue
+        inputs = (q, k, v) if backend == "sa" else (q, k, v, u_k, u_v)
+        seconds = time_fwd_bwd(op_fn(case, backend), inputs, repeats)
+        peak = peak_memory_in_subprocess(case_key, case.normalize, backend, device, dtype)
+        rows.append({"backend": label, "seconds": seconds, "peak": peak})
+    sa = rows[0]
+    for row in rows:
+        if "seconds" in row:
+            row["time_ratio"] = row["seconds"] / sa["seconds"]
+            row["mem_ratio"] = row["peak"] / sa["peak"] if row["peak"] and sa["peak"] else None
+    return rows
+
+
+def _fmt_mem(b: int | None) -> str:
+    return "n/a" if b is None else f"{b / 2**20:.0f} MiB"
+
+
+def format_op_table(case: OpCase, rows: list[dict]) -> str:
+    lines = [f"### {case.name}: B={case.batch}, heads={case.heads}, C={case.head_dim}, N={case.tokens}, {case.normalize}",
+             "", "| backend | fwd+bwd | x SA | peak memory | x SA |", "|---|---|---|---|---|"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['backend']} | skipped ({r['skipped']}) | | | |")
+            continue
+        mr = "n/a" if r["mem_ratio"] is None else f"{r['mem_ratio']:.1f}x"
+        lines.append(f"| {r['backend']} | {r['seconds'] * 1e3:.1f} ms | {r['time_ratio']:.1f}x | {_fmt_mem(r['peak'])} | {mr} |")
+    return "\n".join(lines)
+
+
+def run_op(args) -> int:
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"# StructSA op benchmark: forward+backward, {args.dtype}, device={device}"
+          f"{'' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}, torch {torch.__version__}")
+    print("# ratios are to SA (scaled_dot_product_attention) measured in the same run\n")
+    for name in args.cases:
+        case = OP_CASES[name]
+        if args.normalize != "joint":
+            case = OpCase(**{**case.__dict__, "normalize": args.normalize})
+        rows = bench_op_case(name, case, args.backends, device=args.device, dtype=args.dtype, repeats=args.repeats)
+        print(format_op_table(case, rows), "\n", flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="structvit bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    op = sub.add_parser("op", help="StructSA backends vs SA, fwd+bwd time and peak memory")
+    op.add_argument("--cases", nargs="+", default=["image", "video"], choices=sorted(OP_CASES))
+    op.add_argument("--backends", nargs="+", default=["naive", "correlation", "keyconv", "auto"],
+                    choices=["naive", "correlation", "keyconv", "auto"])
+    op.add_argument("--normalize", default="joint", choices=["joint", "per_pattern"])
+    op.add_argument("--device", default="cpu")
+    op.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    op.add_argument("--repeats", type=int, default=5)
+    op.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    op.set_defaults(func=run_op)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_peak"]:  # internal: one peak-memory measurement (see peak_memory_in_subprocess)
+        return _peak_main(*argv[1:])
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

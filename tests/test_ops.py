@@ -1,0 +1,293 @@
+"""StructSA op: every backend against the loop-level ground truth, gradients, special cases, errors."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from reference import random_inputs, reference_struct_attention
+from structvit.ops import choose_backend, estimate_cost, struct_attention
+from structvit.ops.backends import correlation
+
+BACKENDS = ["naive", "correlation", "keyconv", "auto"]
+NORMALIZE = ["joint", "per_pattern"]
+
+# (grid, window): images and video, windows up to 5x5x5, grids smaller than the window.
+CASES = [
+    ((3, 4), (3, 3)),
+    ((5, 5), (1, 1)),
+    ((2, 2), (5, 5)),
+    ((1, 6), (3, 5)),
+    ((2, 3, 3), (3, 3, 3)),
+    ((3, 2, 2), (1, 3, 3)),
+    ((2, 2, 3), (5, 5, 5)),
+    ((4, 1, 1), (3, 1, 1)),
+]
+
+
+@pytest.mark.parametrize("grid,window", CASES)
+@pytest.mark.parametrize("normalize", NORMALIZE)
+@pytest.mark.parametrize("D,shared", [(1, False), (2, True), (8, False)])
+def test_backends_match_reference_float64(grid, window, normalize, D, shared):
+    q, k, v, u_k, u_v = random_inputs(2, 2, grid, 4, D, window, shared=shared)
+    ref, ref_w = reference_struct_attention(q, k, v, u_k, u_v, grid, normalize)
+    for backend in BACKENDS:
+        out = struct_attention(q, k, v, u_k, u_v, grid, normalize=normalize, backend=backend)
+        assert out.shape == ref.shape and out.dtype == torch.float64
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-10, msg=f"{backend} differs from the reference")
+
+
+@pytest.mark.parametrize("value_side", ["folded", "shifted"])
+@pytest.mark.parametrize("grid,window", [((3, 4), (3, 3)), ((2, 3, 3), (3, 3, 3))])
+def test_correlation_value_sides_match_reference(grid, window, value_side):
+    q, k, v, u_k, u_v = random_inputs(1, 2, grid, 4, 3, window)
+    ref, _ = reference_struct_attention(q, k, v, u_k, u_v, grid)
+    uk, uv = (u.reshape(2, 3, *((1,) * (3 - len(grid)) + window)) for u in (u_k, u_v))
+    grid3 = (1,) * (3 - len(grid)) + grid
+    out, _ = correlation(q, k, v, uk, uv, grid3, "joint", 0.5, 0.0, False, value_side=value_side)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    rank=st.sampled_from([2, 3]),
+    D=st.sampled_from([1, 2, 8]),
+    heads=st.integers(1, 3),
+    C=st.integers(1, 6),
+    cv=st.integers(1, 5),
+    B=st.integers(1, 2),
+    shared=st.booleans(),
+    normalize=st.sampled_from(NORMALIZE),
+)
+def test_backends_match_reference_hypothesis(data, rank, D, heads, C, cv, B, shared, normalize):
+    grid = tuple(data.draw(st.integers(1, 4), label=f"grid{i}") for i in range(rank))
+    window = tuple(data.draw(st.sampled_from([1, 3, 5]), label=f"window{i}") for i in range(rank))
+    q, k, v, u_k, u_v = random_inputs(B, heads, grid, C, D, window, shared=shared, cv=cv,
+                                      seed=data.draw(st.integers(0, 2**16)))
+    ref, ref_w = reference_struct_attention(q, k, v, u_k, u_v, grid, normalize)
+    for backend in BACKENDS:
+        out = struct_attention(q, k, v, u_k, u_v, grid, normalize=normalize, backend=backend)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    _, w = struct_attention(q, k, v, u_k, u_v, grid, normalize=normalize, backend="correlation", return_weights=True)
+    torch.testing.assert_close(w, ref_w, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("grid,window", [((5, 6), (3, 3)), ((3, 4, 4), (3, 3, 3)), ((2, 4, 3), (1, 5, 5))])
+@pytest.mark.parametrize("normalize", NORMALIZE)
+def test_backends_float32_relative_error(grid, window, normalize):
+    q, k, v, u_k, u_v = random_inputs(2, 3, grid, 8, 8, window)
+    ref, _ = reference_struct_attention(q, k, v, u_k, u_v, grid, normalize)
+    for backend in BACKENDS:
+        out = struct_attention(*(t.float() for t in (q, k, v, u_k, u_v)), grid, normalize=normalize, backend=backend)
+        assert out.dtype == torch.float32
+        rel = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+        assert rel <= 1e-5, f"{backend}: relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16_runs_and_is_close(backend):
+    grid, window = (2, 4, 4), (3, 3, 3)
+    q, k, v, u_k, u_v = random_inputs(1, 2, grid, 8, 4, window)
+    ref, _ = reference_struct_attention(q, k, v, u_k, u_v, grid)
+    args = [t.bfloat16().requires_grad_() for t in (q, k, v, u_k, u_v)]
+    out = struct_attention(*args, grid, backend=backend)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert all(a.grad is not None and a.grad.dtype == torch.bfloat16 for a in args)
+    rel = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+    assert rel < 5e-2, f"{backend}: bf16 relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("backend", ["naive", "correlation", "keyconv"])
+@pytest.mark.parametrize("normalize", NORMALIZE)
+@pytest.mark.parametrize("grid,window,shared", [((3, 3), (3, 3), False), ((2, 2, 2), (3, 1, 3), True)])
+def test_gradcheck(backend, normalize, grid, window, shared):
+    inputs = random_inputs(1, 2, grid, 3, 2, window, shared=shared, requires_grad=True)
+    fn = lambda q, k, v, u_k, u_v: struct_attention(q, k, v, u_k, u_v, grid, normalize=normalize, backend=backend)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_gradients_agree_across_backends():
+    grid, window = (2, 3, 3), (3, 3, 3)
+    grads = {}
+    for backend in ["naive", "correlation", "keyconv"]:
+        inputs = random_inputs(2, 2, grid, 4, 3, window, requires_grad=True)
+        out = struct_attention(*inputs, grid, backend=backend)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads[backend] = [t.grad for t in inputs]
+    for backend in ["correlation", "keyconv"]:
+        for g, g_ref in zip(grads[backend], grads["naive"]):
+            torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("grid", [(4, 5), (2, 3, 4)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_identity_patterns_equal_sdpa(grid, backend):
+    """D = 1 with a 1x1(x1) window of value 1 is plain scaled dot-product attention."""
+    q, k, v, _, _ = random_inputs(2, 3, grid, 8, 1, (1,) * len(grid))
+    one = torch.ones((1,) + (1,) * len(grid), dtype=torch.float64)  # shared by all heads: (D=1, 1, 1[, 1])
+    for normalize in NORMALIZE:
+        out = struct_attention(q, k, v, one, one, grid, normalize=normalize, backend=backend)
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), rtol=0, atol=1e-12)
+
+
+def test_sa_equivalent_patterns_equal_sdpa():
+    """u_k[d] = delta, u_v[d] = delta + e_d with sum_d e_d = 0 (joint) is SA for any D."""
+    grid, window, D = (3, 4), (3, 3), 5
+    q, k, v, _, _ = random_inputs(1, 2, grid, 8, D, window)
+    delta = torch.zeros(window, dtype=torch.float64)
+    delta[1, 1] = 1
+    u_k = delta.expand(2, D, *window).clone()
+    e = torch.randn(2, D, *window, dtype=torch.float64)
+    u_v = delta + e - e.mean(1, keepdim=True)
+    for backend in BACKENDS:
+        out = struct_attention(q, k, v, u_k, u_v, grid, backend=backend)
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), rtol=0, atol=1e-12)
+
+
+def test_convsa_equals_hand_written_correlation_convolution():
+    """ConvSA (D = 1): conv of each query's H x W correlation map, softmax, then a conv kernel on values."""
+    H, W, C = 4, 5, 6
+    q, k, v, u_k, u_v = random_inputs(1, 1, (H, W), C, 1, (3, 3))
+    corr = (q[0, 0] @ k[0, 0].T) * C ** -0.5  # (N, N)
+    scores = F.conv2d(corr.reshape(H * W, 1, H, W), u_k.reshape(1, 1, 3, 3), padding=1).reshape(H * W, H * W)
+    attn = scores.softmax(-1)
+    # y_i = sum_j A[i, j] sum_o u_v[o] v_{j+o}: a 3x3 conv of the value map, then attention.
+    v_map = v[0, 0].T.reshape(C, 1, H, W)
+    v_conv = F.conv2d(v_map, u_v.reshape(1, 1, 3, 3), padding=1).reshape(C, H * W).T
+    expected = attn @ v_conv
+    for backend in BACKENDS:
+        out = struct_attention(q, k, v, u_k, u_v, (H, W), backend=backend)
+        torch.testing.assert_close(out[0, 0], expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["naive", "correlation", "auto"])
+def test_return_weights(backend):
+    grid = (2, 3, 3)
+    q, k, v, u_k, u_v = random_inputs(2, 2, grid, 4, 3, (3, 3, 3))
+    for normalize in NORMALIZE:
+        out, w = struct_attention(q, k, v, u_k, u_v, grid, normalize=normalize, backend=backend, return_weights=True)
+        ref, ref_w = reference_struct_attention(q, k, v, u_k, u_v, grid, normalize)
+        assert w.shape == (2, 2, 18, 3, 18)
+        torch.testing.assert_close(w, ref_w, rtol=0, atol=1e-12)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+        sums = w.sum((-2, -1)) if normalize == "joint" else w.sum(-1)
+        torch.testing.assert_close(sums, torch.ones_like(sums))
+
+
+def test_keyconv_cannot_return_weights():
+    q, k, v, u_k, u_v = random_inputs(1, 1, (3, 3), 4, 2, (3, 3))
+    with pytest.raises(ValueError, match="return_weights.*keyconv"):
+        struct_attention(q, k, v, u_k, u_v, (3, 3), backend="keyconv", return_weights=True)
+
+
+@pytest.mark.parametrize("backend", ["naive", "correlation", "keyconv"])
+def test_dropout_is_unbiased(backend):
+    """Dropout on the attention weights: outputs change, their mean over masks does not."""
+    grid = (3, 3)
+    q, k, v, u_k, u_v = random_inputs(1, 1, grid, 4, 2, (3, 3))
+    clean = struct_attention(q, k, v, u_k, u_v, grid, backend=backend)
+    torch.manual_seed(0)
+    reps = 3000  # independent masks: the batch holds copies of the same input
+    runs = struct_attention(*(t.expand(reps, -1, -1, -1) for t in (q, k, v)), u_k, u_v, grid, backend=backend,
+                            dropout_p=0.3)
+    assert (runs[0] - clean[0]).abs().max() > 1e-3
+    assert (runs.mean(0) - clean[0]).abs().max() < 0.1 * clean.abs().max()
+
+
+def test_scale_argument():
+    grid = (3, 4)
+    q, k, v, u_k, u_v = random_inputs(1, 2, grid, 4, 2, (3, 3))
+    for backend in BACKENDS:
+        out = struct_attention(q, k, v, u_k, u_v, grid, backend=backend, scale=0.3)
+        ref, _ = reference_struct_attention(q, k, v, u_k, u_v, grid, scale=0.3)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_cpu(dtype):
+    grid = (4, 6, 6)
+    q, k, v, u_k, u_v = random_inputs(2, 3, grid, 16, 4, (3, 3, 3))
+    ref, _ = reference_struct_attention(q, k, v, u_k, u_v, grid)
+    for backend in ["correlation", "keyconv", "auto"]:
+        out = struct_attention(*(t.cuda().to(dtype) for t in (q, k, v, u_k, u_v)), grid, backend=backend)
+        rel = ((out.double().cpu() - ref).abs().max() / ref.abs().max()).item()
+        assert rel < (1e-4 if dtype == torch.float32 else 5e-2)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _good(**overrides):
+    q, k, v, u_k, u_v = random_inputs(2, 2, (3, 4), 4, 2, (3, 3), dtype=torch.float32)
+    args = dict(q=q, k=k, v=v, u_k=u_k, u_v=u_v, grid=(3, 4))
+    args.update(overrides)
+    return args
+
+
+def _call(args, **kwargs):
+    return struct_attention(args["q"], args["k"], args["v"], args["u_k"], args["u_v"], args["grid"], **kwargs)
+
+
+@pytest.mark.parametrize("overrides,kwargs,error,match", [
+    (dict(k=torch.randn(2, 2, 12, 5)), {}, ValueError, r"k must have the shape of q"),
+    (dict(v=torch.randn(2, 3, 12, 4)), {}, ValueError, r"v must have shape \(B, heads, N, Cv\)"),
+    (dict(q=torch.randn(2, 12, 4)), {}, ValueError, r"q must have shape \(B, heads, N, C\)"),
+    (dict(grid=(3, 5)), {}, ValueError, r"grid=\(3, 5\) has 15 positions but the inputs have N=12"),
+    (dict(grid=(12,)), {}, ValueError, r"grid must be \(H, W\) or \(T, H, W\)"),
+    (dict(grid=(3, 4.0)), {}, ValueError, r"grid sizes must be positive ints"),
+    (dict(u_k=torch.randn(2, 2, 2, 3), u_v=torch.randn(2, 2, 2, 3)), {}, ValueError, r"u_k window sizes must be odd"),
+    (dict(u_k=torch.randn(2, 2, 1, 3, 3)), {}, ValueError, r"u_k must have shape \(heads, D, kh, kw\) or \(D, kh, kw\)"),
+    (dict(u_v=torch.randn(2, 3, 3, 3)), {}, ValueError, r"u_k and u_v must have the same shape"),
+    (dict(u_k=torch.randn(3, 2, 3, 3), u_v=torch.randn(3, 2, 3, 3)), {}, ValueError, r"u_k has 3 heads .* q has 2 heads"),
+    (dict(q=torch.ones(2, 2, 12, 4, dtype=torch.int64)), {}, TypeError, r"q must be a floating-point tensor"),
+    (dict(u_v=torch.ones(2, 2, 3, 3, dtype=torch.int32)), {}, TypeError, r"u_v must be a floating-point tensor"),
+    (dict(v=torch.randn(2, 2, 12, 4, dtype=torch.float64)), {}, TypeError, r"v must have the dtype of q"),
+    (dict(q=[[1.0]]), {}, TypeError, r"q must be a torch.Tensor"),
+    ({}, dict(normalize="softmax"), ValueError, r"normalize must be one of"),
+    ({}, dict(backend="flash"), ValueError, r"backend must be one of"),
+    ({}, dict(scale=-1.0), ValueError, r"scale must be a positive number"),
+    ({}, dict(dropout_p=1.5), ValueError, r"dropout_p must be in \[0, 1\)"),
+])
+def test_bad_input_errors(overrides, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        _call(_good(**overrides), **kwargs)
+
+
+def test_video_grid_needs_3d_window():
+    args = _good(q=torch.randn(1, 2, 12, 4), k=torch.randn(1, 2, 12, 4), v=torch.randn(1, 2, 12, 4), grid=(3, 2, 2))
+    # a per-head 2-D window (heads, D, kh, kw) reads as (D, kt, kh, kw) on a 3-D grid: the message says so
+    with pytest.raises(ValueError, match=r"u_k window sizes must be odd.*read as \(D, kt, kh, kw\) for a 3-D grid"):
+        _call(args)
+    args["u_k"] = args["u_v"] = torch.randn(3, 3)
+    with pytest.raises(ValueError, match=r"u_k must have shape \(heads, D, kt, kh, kw\) or \(D, kt, kh, kw\) for a 3-D grid"):
+        _call(args)
+
+
+# ----------------------------------------------------------------------------- auto
+
+
+def test_auto_choice_rules():
+    # weights requested -> a backend that can return them
+    assert choose_backend(1, 1, 16, 8, 2, 9, return_weights=True) == "correlation"
+    # correlation memory over the limit -> keyconv
+    assert choose_backend(2, 5, 1568, 64, 8, 27, memory_limit=1 << 20) == "keyconv"
+    # tiny maps with a large head dim: the correlation form is far cheaper than D attentions
+    assert choose_backend(1, 1, 4, 512, 8, 1) == "correlation"
+    cost = estimate_cost(16, 5, 196, 64, 8, 9)
+    # DESIGN.md: keyconv costs ~2 D N^2 C, the folded correlation form N^2 (2C + 2MD)
+    assert cost["keyconv"]["macs"] == 16 * 5 * (8 * 196 ** 2 * 128 + 196 * 9 * 8 * 128)
+    assert cost["correlation"]["macs"] == 16 * 5 * 196 ** 2 * (64 + 72 + 72 + 64)
+
+
+def test_auto_with_return_weights_matches_correlation():
+    q, k, v, u_k, u_v = random_inputs(1, 2, (3, 4), 4, 2, (3, 3))
+    _, w_auto = struct_attention(q, k, v, u_k, u_v, (3, 4), return_weights=True)
+    _, w_corr = struct_attention(q, k, v, u_k, u_v, (3, 4), backend="correlation", return_weights=True)
+    torch.testing.assert_close(w_auto, w_corr, rtol=0, atol=0)
