@@ -1,0 +1,512 @@
+"""StructViT: UniFormer-style four-stage backbones with structural self-attention.
+
+One implementation serves images and video. An image model (``num_frames=None``)
+uses 2-D convolutions and sees (B, C, H, W) maps; a video model (``num_frames`` an
+int, the default clip length) uses 3-D convolutions and sees (B, C, T, H, W) maps.
+Every block works on a map of either rank: attention blocks flatten the trailing
+grid, (H, W) or (T, H, W), into tokens and hand that grid to the attention layer.
+
+Layer structure and parameter names follow the official UniFormer models
+(Sense-X/UniFormer, ``image_classification/models/uniformer.py`` and
+``video_classification/slowfast/models/uniformer.py``), so their published state
+dicts load: ``patch_embed{1..4}.{proj,norm}``, ``blocks{1..4}.{i}`` (convolution
+blocks: ``pos_embed, norm1, conv1, attn, conv2, norm2, mlp.fc1, mlp.fc2``; attention
+blocks: ``pos_embed, norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2``), ``norm``
+(BatchNorm) and ``head``. StructSA/ConvSA blocks add ``attn.u_k`` and ``attn.u_v``.
+
+Choices marked "our reading" in DESIGN.md (all configurable): StructSA in the last
+``a`` blocks of stage 3 and the last ``b`` of stage 4 (``struct_blocks=(a, b)``);
+``num_patterns=8``; windows 3x3 (images) and 3x3x3 (video); the patterns start
+random (``pattern_init="random"``), the SA-equivalent start is ``"sa"``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from ..nn.attention import SelfAttention, StructSA
+
+__all__ = ["StructViT", "ConvBlock", "AttentionBlock", "PatchEmbed", "ATTENTION_KINDS"]
+
+ATTENTION_KINDS = ("structsa", "convsa")
+
+
+def _conv_cls(video: bool):
+    return nn.Conv3d if video else nn.Conv2d
+
+
+def _bn_cls(video: bool):
+    return nn.BatchNorm3d if video else nn.BatchNorm2d
+
+
+def _cube(size: int, video: bool, time: int | None = None) -> tuple[int, ...]:
+    """(size, size) for images, (time or size, size, size) for video."""
+    return (size if time is None else time, size, size) if video else (size, size)
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+class ConvMlp(nn.Module):
+    """Two 1x1 (1x1x1) convolutions with GELU between: UniFormer's ``CMlp``."""
+
+    def __init__(self, dim: int, hidden: int, video: bool, drop: float = 0.0):
+        super().__init__()
+        conv = _conv_cls(video)
+        self.fc1 = conv(dim, hidden, 1)
+        self.act = nn.GELU()
+        self.fc2 = conv(hidden, dim, 1)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class ConvBlock(nn.Module):
+    """Stages 1-2 (UniFormer's ``CBlock``): local aggregation by convolutions.
+
+    ``x + pos_embed(x)`` (depthwise 3x3 / 3x3x3); ``x + conv2(attn(conv1(norm1(x))))``
+    with ``attn`` a depthwise 5x5 / 5x5x5 convolution; ``x + mlp(norm2(x))``.
+    """
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, drop: float = 0.0, drop_path: float = 0.0,
+                 video: bool = False):
+        super().__init__()
+        conv, bn = _conv_cls(video), _bn_cls(video)
+        self.pos_embed = conv(dim, dim, 3, padding=1, groups=dim)
+        self.norm1 = bn(dim)
+        self.conv1 = conv(dim, dim, 1)
+        self.attn = conv(dim, dim, 5, padding=2, groups=dim)
+        self.conv2 = conv(dim, dim, 1)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = bn(dim)
+        self.mlp = ConvMlp(dim, int(dim * mlp_ratio), video, drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.pos_embed(x)
+        x = x + self.drop_path(self.conv2(self.attn(self.conv1(self.norm1(x)))))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class AttentionBlock(nn.Module):
+    """Stages 3-4 (UniFormer's ``SABlock``) with SA, ConvSA or StructSA as ``attn``.
+
+    ``x + pos_embed(x)``; then over the tokens of the whole (T, H, W) / (H, W) grid,
+    ``x + attn(norm1(x))`` and ``x + mlp(norm2(x))`` (pre-norm transformer block).
+    """
+
+    def __init__(self, dim: int, num_heads: int, attn: nn.Module, mlp_ratio: float = 4.0, drop: float = 0.0,
+                 drop_path: float = 0.0, video: bool = False):
+        super().__init__()
+        self.pos_embed = _conv_cls(video)(dim, dim, 3, padding=1, groups=dim)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = attn
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.pos_embed(x)
+        shape = x.shape
+        grid = tuple(int(s) for s in shape[2:])
+        t = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        t = t + self.drop_path(self.attn(self.norm1(t), grid))
+        t = t + self.drop_path(self.mlp(self.norm2(t)))
+        return t.transpose(1, 2).reshape(shape)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch embedding: a strided convolution, then LayerNorm over channels.
+
+    Image: kernel = stride = ``patch``. Video stem (``temporal=3``): kernel
+    (3, p, p), stride (2, p, p), temporal padding 1 (time halved once); later video
+    embeddings (``temporal=1``): kernel = stride = (1, p, p).
+    """
+
+    def __init__(self, in_chans: int, embed_dim: int, patch: int, video: bool = False, temporal: int = 1):
+        super().__init__()
+        if video and temporal == 3:
+            self.proj = nn.Conv3d(in_chans, embed_dim, (3, patch, patch), stride=(2, patch, patch), padding=(1, 0, 0))
+        else:
+            k = _cube(patch, video, time=1)
+            self.proj = _conv_cls(video)(in_chans, embed_dim, k, stride=k)
+        self.norm = nn.LayerNorm(embed_dim)  # UniFormer: default eps here, 1e-6 in the blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)
+        return self.norm(x.movedim(1, -1)).movedim(-1, 1)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _check_struct_blocks(struct_blocks, depths: Sequence[int]) -> tuple[int, int]:
+    if isinstance(struct_blocks, str):
+        if struct_blocks != "all":
+            raise ValueError(f"struct_blocks must be 'all' or a pair (a, b) of block counts, got {struct_blocks!r}")
+        return depths[2], depths[3]
+    if (not isinstance(struct_blocks, Sequence) or len(struct_blocks) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in struct_blocks)):
+        raise ValueError(f"struct_blocks must be 'all' or a pair (a, b) of non-negative ints, got {struct_blocks!r}")
+    a, b = struct_blocks
+    if a > depths[2] or b > depths[3]:
+        raise ValueError(f"struct_blocks={tuple(struct_blocks)} asks for more StructSA blocks than stages 3 and 4 "
+                         f"have (depths {depths[2]} and {depths[3]})")
+    return a, b
+
+
+class StructViT(nn.Module):
+    """StructViT / UniFormer backbone for images (``num_frames=None``) or video.
+
+    Args:
+        depths: blocks per stage (4 ints). Stages 1-2 are convolution blocks, 3-4 attention blocks.
+        embed_dims: widths per stage (4 ints).
+        head_dim: attention head width (heads = width // head_dim in stages 3-4).
+        mlp_ratio: MLP hidden width / width.
+        qkv_bias: bias in the qkv projections.
+        in_chans: input channels.
+        num_classes: classifier outputs; 0 for no classifier (``head`` is Identity).
+        num_frames: None for an image model (2-D convolutions, input (B, C, H, W));
+            an int for a video model (3-D convolutions, input (B, C, T, H, W)); the int is
+            the default clip length (any T works at run time).
+        struct_blocks: ``(a, b)``: the last ``a`` blocks of stage 3 and the last ``b`` of
+            stage 4 use structural attention, the others SA; ``"all"``: every attention
+            block; ``(0, 0)``: plain UniFormer.
+        attention: kind of the structural blocks: ``"structsa"`` (``num_patterns``
+            patterns) or ``"convsa"`` (one pattern).
+        window: StructSA window, odd sizes; (kh, kw) for image models, (kt, kh, kw) for
+            video models. Default (3, 3) / (3, 3, 3) (our reading).
+        num_patterns: D, patterns per head (our reading: 8). Ignored for ConvSA.
+        normalize: "joint" or "per_pattern" softmax (see ``structvit.ops.struct_attention``).
+        share_patterns: one pattern set for all heads of a block.
+        pattern_init: "random" (training from scratch) or "sa" (the SA-equivalent start).
+        backend: StructSA op backend ("auto", "correlation", "keyconv", "naive").
+        drop_rate: dropout in the MLPs and after the attention projections.
+        attn_drop_rate: dropout on attention weights.
+        drop_path_rate: stochastic depth, growing linearly with the block index up to this.
+        head_drop_rate: dropout before the classifier (used by the video models).
+        global_pool: "avg" (mean over the grid) or "" (no pooling; the head acts per position).
+    """
+
+    def __init__(self, depths: Sequence[int] = (3, 4, 8, 3), embed_dims: Sequence[int] = (64, 128, 320, 512),
+                 head_dim: int = 64, mlp_ratio: float = 4.0, qkv_bias: bool = True, in_chans: int = 3,
+                 num_classes: int = 1000, num_frames: int | None = None, struct_blocks=(0, 0),
+                 attention: str = "structsa", window: Sequence[int] | None = None, num_patterns: int = 8,
+                 normalize: str = "joint", share_patterns: bool = False, pattern_init: str = "random",
+                 backend: str = "auto", drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, head_drop_rate: float = 0.0, global_pool: str = "avg"):
+        super().__init__()
+        depths, embed_dims = tuple(depths), tuple(embed_dims)
+        if len(depths) != 4 or not all(isinstance(d, int) and d >= 0 for d in depths):
+            raise ValueError(f"depths must be 4 non-negative ints, got {depths!r}")
+        if len(embed_dims) != 4 or not all(isinstance(d, int) and d > 0 for d in embed_dims):
+            raise ValueError(f"embed_dims must be 4 positive ints, got {embed_dims!r}")
+        if not isinstance(head_dim, int) or head_dim <= 0 or any(d % head_dim for d in embed_dims[2:]):
+            raise ValueError(f"head_dim must be a positive int dividing the stage 3-4 widths {embed_dims[2:]}, "
+                             f"got {head_dim!r}")
+        if num_frames is not None and (not isinstance(num_frames, int) or isinstance(num_frames, bool)
+                                       or num_frames < 1):
+            raise ValueError(f"num_frames must be None (image model) or a positive int (video model), got {num_frames!r}")
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        video = num_frames is not None
+        rank = 3 if video else 2
+        if window is None:
+            window = (3,) * rank
+        if isinstance(window, int) or len(tuple(window)) != rank:
+            kind = "a video model needs (kt, kh, kw)" if video else "an image model needs (kh, kw)"
+            raise ValueError(f"window must have {rank} sizes ({kind}), got {window!r}")
+        window = tuple(window)
+        if not all(isinstance(s, int) and s > 0 and s % 2 == 1 for s in window):
+            raise ValueError(f"window sizes must be odd positive ints, got {window!r}")
+        n_struct = _check_struct_blocks(struct_blocks, depths)
+
+        self.depths, self.embed_dims, self.head_dim = depths, embed_dims, head_dim
+        self.num_frames, self.video = num_frames, video
+        self.num_classes = num_classes
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.global_pool = global_pool
+        self.struct_blocks = n_struct
+        self.attention = attention
+        self.window = window
+        self.grad_checkpointing = False
+
+        # stochastic depth decay rule, over all blocks
+        total = sum(depths)
+        dpr = [drop_path_rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
+        self.block_kinds: list[list[str]] = []
+        self.feature_info = []
+        in_dim = in_chans
+        for s, (depth, dim) in enumerate(zip(depths, embed_dims)):
+            embed = PatchEmbed(in_dim, dim, 4 if s == 0 else 2, video=video, temporal=3 if s == 0 else 1)
+            setattr(self, f"patch_embed{s + 1}", embed)
+            if s == 0:
+                self.pos_drop = nn.Dropout(drop_rate)
+            offset = sum(depths[:s])
+            blocks, kinds = [], []
+            for i in range(depth):
+                if s < 2:
+                    kinds.append("conv")
+                    blocks.append(ConvBlock(dim, mlp_ratio, drop_rate, dpr[offset + i], video))
+                    continue
+                heads = dim // head_dim
+                structural = i >= depth - n_struct[s - 2]
+                if structural:
+                    kinds.append(attention)
+                    attn = StructSA(dim, heads, window=window, num_patterns=num_patterns if attention == "structsa" else 1,
+                                    normalize=normalize, share_patterns=share_patterns, qkv_bias=qkv_bias,
+                                    attn_drop=attn_drop_rate, proj_drop=drop_rate, init=pattern_init, backend=backend)
+                else:
+                    kinds.append("sa")
+                    attn = SelfAttention(dim, heads, qkv_bias=qkv_bias, attn_drop=attn_drop_rate, proj_drop=drop_rate)
+                blocks.append(AttentionBlock(dim, heads, attn, mlp_ratio, drop_rate, dpr[offset + i], video))
+            setattr(self, f"blocks{s + 1}", nn.ModuleList(blocks))
+            self.block_kinds.append(kinds)
+            self.feature_info.append(dict(num_chs=dim, reduction=2 ** (s + 2), module=f"blocks{s + 1}"))
+            in_dim = dim
+        self.norm = _bn_cls(video)(embed_dims[-1])
+        self.head_drop = nn.Dropout(head_drop_rate)
+        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------ timm contract
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Full names of the position encodings and StructSA patterns (exempt from weight decay)."""
+        return {name for name, _ in self.named_parameters()
+                if ".pos_embed." in name or name.endswith(".attn.u_k") or name.endswith(".attn.u_v")}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^patch_embed1", blocks=r"^(?:blocks|patch_embed)(\d+)" if coarse else
+                    [(r"^blocks(\d+)\.(\d+)", None), (r"^patch_embed(\d+)", (0,)), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = bool(enable)
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            self._init_weights(self.head)
+
+    def stages(self) -> list[tuple[nn.Module, nn.ModuleList]]:
+        """The four (patch embedding, blocks) pairs, in order."""
+        return [(getattr(self, f"patch_embed{s}"), getattr(self, f"blocks{s}")) for s in range(1, 5)]
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        want = 5 if self.video else 4
+        if not isinstance(x, torch.Tensor) or x.dim() != want:
+            layout = "(B, C, T, H, W)" if self.video else "(B, C, H, W)"
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{'video' if self.video else 'image'} model expects input {layout}, got {got}")
+
+    def _run_stage(self, s: int, x: torch.Tensor) -> torch.Tensor:
+        embed, blocks = self.stages()[s]
+        x = embed(x)
+        if s == 0:
+            x = self.pos_drop(x)
+        for blk in blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, [T,] H, W) -> the normalised last-stage map (B, C4, [T',] H/32, W/32)."""
+        self._check_input(x)
+        for s in range(4):
+            x = self._run_stage(s, x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x.flatten(2).mean(-1)
+            x = self.head_drop(x)
+            return x if pre_logits else self.head(x)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x.movedim(1, -1)).movedim(-1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """The stage maps (B, C_s, [T_s,] H_s, W_s) selected by ``indices`` (timm's API).
+
+        ``norm`` applies the final norm to the last stage's map (it is sized for it only).
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW' (NCTHW for video), got {output_fmt!r}")
+        self._check_input(x)
+        take, max_index = feature_take_indices(4, indices)
+        out = []
+        last = 3 if not stop_early else max_index
+        for s in range(last + 1):
+            x = self._run_stage(s, x)
+            if s in take:
+                out.append(self.norm(x) if norm and s == 3 else x)
+        if intermediates_only:
+            return out
+        if last == 3:
+            x = self.norm(x)
+        return x, out
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last wanted feature (and the norm/head); returns the kept indices."""
+        take, max_index = feature_take_indices(4, indices)
+        for s in range(max_index + 2, 5):
+            setattr(self, f"patch_embed{s}", nn.Identity())
+            setattr(self, f"blocks{s}", nn.ModuleList())
+        if prune_norm or max_index < 3:
+            self.norm = nn.Identity()
+        if max_index < 3:
+            self.num_features = self.head_hidden_size = self.embed_dims[max_index]
+        if prune_head or max_index < 3:
+            self.reset_classifier(0, "")
+        return take
+
+    def extra_repr(self) -> str:
+        return (f"video={self.video}, struct_blocks={self.struct_blocks}, attention={self.attention!r}, "
+                f"window={self.window}")
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _cfg(video: bool = False, **kwargs) -> dict:
+    # timm's data tools read input_size as (C, H, W); a video model's clip length is num_frames.
+    cfg = dict(url="", num_classes=1000, input_size=(3, 224, 224),
+               pool_size=(8, 7, 7) if video else (7, 7), crop_pct=1.0 if video else 0.9,
+               interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+               first_conv="patch_embed1.proj", classifier="head", license="apache-2.0")
+    if video:
+        cfg["notes"] = ("video model: input (B, C, T, H, W); input_size is per frame, the clip length is "
+                        "pretrained_cfg['num_frames'] (default 16)",)
+    cfg.update(kwargs)
+    return cfg
+
+
+default_cfgs = generate_default_cfgs({
+    "structvit_tiny": _cfg(input_size=(3, 112, 112), pool_size=(4, 4)),
+    "structvit_small": _cfg(),
+    "structvit_base": _cfg(),
+    "structvit_tiny_video": _cfg(video=True, input_size=(3, 112, 112), pool_size=(8, 4, 4)),
+    "structvit_small_video": _cfg(video=True, num_classes=400),
+    "structvit_base_video": _cfg(video=True, num_classes=400),
+    "structvit_s_4_1": _cfg(video=True, num_classes=400),
+    "structvit_b_4_1": _cfg(video=True, num_classes=400),
+})
+
+# depths, widths, head dim of each size (UniFormer-S/B; tiny is ours, for CPU experiments)
+_SIZES = {
+    "tiny": dict(depths=(1, 1, 2, 1), embed_dims=(32, 64, 128, 256), head_dim=32),
+    "small": dict(depths=(3, 4, 8, 3), embed_dims=(64, 128, 320, 512), head_dim=64),
+    "base": dict(depths=(5, 8, 20, 7), embed_dims=(64, 128, 320, 512), head_dim=64),
+}
+
+
+def _create(variant: str, size: str, pretrained: bool = False, video: bool = False, **kwargs) -> StructViT:
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    args = dict(_SIZES[size])
+    args.setdefault("struct_blocks", "all")
+    if video:
+        num_frames = kwargs.pop("num_frames", 16)
+        args["num_frames"] = num_frames
+        args["head_drop_rate"] = 0.5
+    elif kwargs.get("num_frames") is not None:
+        raise ValueError(f"num_frames is for the video models ({variant}_video); {variant} is an image model")
+    args.update(kwargs)
+    if video and isinstance(args["num_frames"], int) and args["num_frames"] != 16:
+        pool = default_cfgs[variant].default.pool_size
+        overlay.setdefault("pool_size", ((args["num_frames"] + 1) // 2,) + tuple(pool[1:]))
+    model = build_model_with_cfg(StructViT, variant, pretrained, pretrained_cfg_overlay=overlay or None,
+                                 feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)), **args)
+    if video:  # timm's PretrainedCfg has no clip-length field; the cfg dict carries it
+        model.pretrained_cfg["num_frames"] = args["num_frames"]
+    return model
+
+
+@register_model
+def structvit_tiny(pretrained: bool = False, **kwargs) -> StructViT:
+    """A small StructViT for CPU experiments: depths 1-1-2-1, widths 32-64-128-256, StructSA everywhere."""
+    return _create("structvit_tiny", "tiny", pretrained, **kwargs)
+
+
+@register_model
+def structvit_small(pretrained: bool = False, **kwargs) -> StructViT:
+    """StructViT-S (UniFormer-S layout), StructSA in every attention block by default."""
+    return _create("structvit_small", "small", pretrained, **kwargs)
+
+
+@register_model
+def structvit_base(pretrained: bool = False, **kwargs) -> StructViT:
+    """StructViT-B (UniFormer-B layout), StructSA in every attention block by default."""
+    return _create("structvit_base", "base", pretrained, **kwargs)
+
+
+@register_model
+def structvit_tiny_video(pretrained: bool = False, **kwargs) -> StructViT:
+    """Video StructViT-tiny (3-D convolutions), ``num_frames`` default 16."""
+    return _create("structvit_tiny_video", "tiny", pretrained, video=True, **kwargs)
+
+
+@register_model
+def structvit_small_video(pretrained: bool = False, **kwargs) -> StructViT:
+    """Video StructViT-S (UniFormer-S video layout), StructSA in every attention block by default."""
+    return _create("structvit_small_video", "small", pretrained, video=True, **kwargs)
+
+
+@register_model
+def structvit_base_video(pretrained: bool = False, **kwargs) -> StructViT:
+    """Video StructViT-B (UniFormer-B video layout), StructSA in every attention block by default."""
+    return _create("structvit_base_video", "base", pretrained, video=True, **kwargs)
+
+
+@register_model
+def structvit_s_4_1(pretrained: bool = False, **kwargs) -> StructViT:
+    """StructViT-S-4-1 (video): StructSA in the last 4 blocks of stage 3 and the last block of stage 4."""
+    kwargs.setdefault("struct_blocks", (4, 1))
+    return _create("structvit_s_4_1", "small", pretrained, video=True, **kwargs)
+
+
+@register_model
+def structvit_b_4_1(pretrained: bool = False, **kwargs) -> StructViT:
+    """StructViT-B-4-1 (video), the paper's main model: StructSA in the last 4 blocks of stage 3 and the last of stage 4."""
+    kwargs.setdefault("struct_blocks", (4, 1))
+    return _create("structvit_b_4_1", "base", pretrained, video=True, **kwargs)
