@@ -48,6 +48,7 @@ OP_CASES = {
     "image": OpCase("image 14x14, 3x3, D=8", 16, 5, 64, (14, 14), (3, 3), 8),
     "video": OpCase("video 8x14x14, 3x3x3, D=8", 2, 5, 64, (8, 14, 14), (3, 3, 3), 8),
     "video155": OpCase("video 8x14x14, 1x5x5, D=8", 2, 5, 64, (8, 14, 14), (1, 5, 5), 8),
+    "tiny": OpCase("tiny 2x4x4, 3x3x3, D=2 (smoke test)", 1, 2, 8, (2, 4, 4), (3, 3, 3), 2),
 }
 
 

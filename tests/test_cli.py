@@ -1,0 +1,46 @@
+"""The `structvit` command, the op demo and the op benchmark (run small; timings never asserted)."""
+from __future__ import annotations
+
+import pytest
+
+from structvit import bench, cli, demo
+
+
+def test_help_lists_commands(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in cli.COMMANDS:
+        assert name in out
+
+
+def test_unknown_command(capsys):
+    assert cli.main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_demo_runs_and_checks_equivalence(capsys):
+    assert cli.main(["demo", "--grid", "3", "4", "--patterns", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "demo OK" in out
+    res = demo.run(grid=(2, 3, 3), dim=16, heads=2, patterns=2, batch=1)
+    assert res["diffs"]["StructSA (init='sa')"] < 1e-12
+    assert res["diffs"]["StructSA (random)"] > 1e-3  # random patterns are not SA
+    assert max(res["agreement"].values()) < 1e-12
+
+
+def test_bench_op_rows(capsys):
+    rows = bench.bench_op_case("tiny", bench.OP_CASES["tiny"], ["naive", "keyconv", "auto"], device="cpu",
+                               dtype="float32", repeats=1)
+    assert [r["backend"].split()[0] for r in rows] == ["SA", "naive", "keyconv", "auto"]
+    assert rows[0]["time_ratio"] == 1.0
+    assert all(r["seconds"] > 0 for r in rows)
+    assert all(r["peak"] is None or r["peak"] >= 0 for r in rows)
+    table = bench.format_op_table(bench.OP_CASES["tiny"], rows)
+    assert table.count("\n| ") == 5  # column header and 4 rows
+    assert bench.main(["op", "--cases", "tiny", "--backends", "correlation", "--repeats", "1"]) == 0
+    assert "| correlation |" in capsys.readouterr().out
+
+
+def test_bench_rejects_unknown_case():
+    with pytest.raises(SystemExit):
+        bench.main(["op", "--cases", "huge"])
