@@ -1,0 +1,355 @@
+"""Built-in data that needs no download: ``digits`` and ``moving_digits``.
+
+Both are made from the 1,797 real 8x8 handwritten digits that scikit-learn ships
+(``sklearn.datasets.load_digits``).  The train/validation split is by source image and
+is the same for both (a fixed permutation, 20 % validation: 1,438 / 359 images).
+
+``moving_digits``: short clips (default 8 frames of 32x32 RGB) of one digit moving over a
+cluttered background with moving distractor fragments.  The class is the *motion* of the
+digit, never its identity:
+
+====  =====================  ====================================================
+ id    name                   motion of the digit
+====  =====================  ====================================================
+ 0     move_left              translates right-to-left at constant speed
+ 1     move_right             translates left-to-right (time reverse of 0)
+ 2     move_up                translates bottom-to-top
+ 3     move_down              translates top-to-bottom (time reverse of 2)
+ 4     approach               grows (zooms in) geometrically
+ 5     recede                 shrinks (time reverse of 4)
+ 6     rotate_clockwise       turns clockwise as displayed (y axis down)
+ 7     rotate_anticlockwise   turns anticlockwise (time reverse of 6)
+ 8     left_then_right        goes left for half the clip, then comes back right
+ 9     right_then_left        goes right, then comes back left: the frames of a
+                              ``left_then_right`` clip rolled by half the clip
+====  =====================  ====================================================
+
+Classes come in pairs whose target frames are *the same set of frames in another
+order* (time reversal for 0-7, a half-clip roll for 8/9), so a model that ignores frame
+order (e.g. averages frames) cannot beat 50 % on them; it can only tell the five pairs
+apart.  The distractors (fragments of other digits, dimmer and smaller, drifting at
+random constant velocities) and the background clutter are drawn independently of the
+class, with time-symmetric distributions.  Everything is deterministic given ``seed``.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, _check_stats
+
+__all__ = [
+    "MOVING_DIGITS_CLASSES",
+    "TIME_PAIRS",
+    "load_digit_images",
+    "digits_split",
+    "DigitsDataset",
+    "make_moving_digits",
+    "render_sprites",
+    "moving_digits_arrays",
+    "moving_digits_dataset",
+]
+
+MOVING_DIGITS_CLASSES = (
+    "move_left", "move_right", "move_up", "move_down", "approach", "recede",
+    "rotate_clockwise", "rotate_anticlockwise", "left_then_right", "right_then_left",
+)
+#: (class, its order-permuted twin, how): the twin's frames are the class's frames reversed / rolled
+TIME_PAIRS = ((0, 1, "reverse"), (2, 3, "reverse"), (4, 5, "reverse"), (6, 7, "reverse"), (8, 9, "roll"))
+
+VAL_FRACTION = 0.2
+SPLIT_SEED = 0
+
+
+@lru_cache(maxsize=1)
+def load_digit_images() -> tuple[np.ndarray, np.ndarray]:
+    """The 1,797 sklearn digits as float32 images in [0, 1] ``(N, 8, 8)`` and int64 targets."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = (d.images / 16.0).astype(np.float32)
+    images.setflags(write=False)
+    return images, d.target.astype(np.int64)
+
+
+def digits_split(split: str) -> np.ndarray:
+    """Indices of the source images of ``split`` (``"train"`` or ``"val"``), fixed forever."""
+    split = _norm_split(split)
+    n = len(load_digit_images()[0])
+    perm = np.random.default_rng(SPLIT_SEED).permutation(n)
+    n_val = int(round(n * VAL_FRACTION))
+    return np.sort(perm[:n_val] if split == "val" else perm[n_val:])
+
+
+def _norm_split(split: str) -> str:
+    if not isinstance(split, str):
+        raise TypeError(f"split must be a string, got {split!r}")
+    s = split.lower()
+    if s in ("train", "training"):
+        return "train"
+    if s in ("val", "valid", "validation", "test"):
+        return "val"
+    raise ValueError(f"split must be 'train' or 'val' for built-in data, got {split!r}")
+
+
+class DigitsDataset(torch.utils.data.Dataset):
+    """sklearn digits as 3-channel images ``(3, size, size)``, normalised; targets 0-9.
+
+    ``augment`` (training) shifts each image by up to ``size // 8`` pixels.
+    """
+
+    num_classes = 10
+    classes = tuple(str(i) for i in range(10))
+
+    def __init__(self, split: str = "train", *, size: int = 32, augment: bool = False,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+            raise ValueError(f"size must be an int >= 8, got {size!r}")
+        self.split = _norm_split(split)
+        images, targets = load_digit_images()
+        idx = digits_split(self.split)
+        x = torch.from_numpy(images[idx]).unsqueeze(1)  # (N, 1, 8, 8)
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp_(0, 1)
+        self.images = (x * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()  # (N, 3, S, S)
+        self.targets = torch.from_numpy(targets[idx])
+        self.source_index = idx
+        self.augment = bool(augment)
+        self.size = size
+        self.mean = torch.tensor(_check_stats("mean", mean)).view(3, 1, 1)
+        self.std = torch.tensor(_check_stats("std", std)).view(3, 1, 1)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        img = self.images[i].float().div_(255)
+        if self.augment:
+            p = max(1, self.size // 8)
+            dy, dx = (int(v) for v in torch.randint(-p, p + 1, (2,)))
+            img = torch.roll(F.pad(img, (p, p, p, p)), shifts=(dy, dx), dims=(1, 2))[:, p:p + self.size, p:p + self.size]
+        return (img - self.mean) / self.std, int(self.targets[i])
+
+
+# --------------------------------------------------------------------------- moving digits
+def render_sprites(sprites: torch.Tensor, cx, cy, side, angle, size: int) -> torch.Tensor:
+    """Render square sprites onto ``size x size`` canvases.
+
+    ``sprites``: ``(B, 1, h, w)``; ``cx, cy, side, angle``: ``(B, T)`` tensors giving, per
+    frame, the sprite centre in pixels, its rendered side in pixels and its clockwise
+    rotation in radians.  Returns alpha maps ``(B, T, size, size)`` in [0, 1].
+    """
+    b, t = cx.shape
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    k = size / side  # output-normalised -> sprite-normalised scale
+    ucx, ucy = 2 * cx / size - 1, 2 * cy / size - 1
+    # q = k * R(-angle) (u - uc)
+    a11, a12 = k * cos, k * sin
+    a21, a22 = -k * sin, k * cos
+    theta = torch.stack([
+        torch.stack([a11, a12, -(a11 * ucx + a12 * ucy)], -1),
+        torch.stack([a21, a22, -(a21 * ucx + a22 * ucy)], -1),
+    ], -2).reshape(b * t, 2, 3)
+    grid = F.affine_grid(theta, (b * t, 1, size, size), align_corners=False)
+    src = sprites.repeat_interleave(t, dim=0)
+    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.view(b, t, size, size)
+
+
+def _time_op(x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Map canonical per-frame parameters ``(B, T)`` to each label's version."""
+    out = x.clone()
+    for a, b, how in TIME_PAIRS:
+        m = label == b
+        if m.any():
+            out[m] = x[m].flip(1) if how == "reverse" else x[m].roll(x.shape[1] // 2, dims=1)
+    return out
+
+
+def make_moving_digits(
+    split: str = "train",
+    *,
+    seed: int = 0,
+    num_frames: int = 8,
+    size: int = 32,
+    clips_per_image: int = 1,
+    num_distractors: int = 2,
+    clutter: float = 0.25,
+    noise: float = 0.03,
+    labels=None,
+    source_index=None,
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Generate moving-digits clips (in memory, deterministic from ``seed`` and ``split``).
+
+    Returns ``clips`` uint8 ``(N, T, size, size, 3)``, ``labels`` int64 ``(N,)`` and the
+    source digit index of each clip.  ``labels``/``source_index`` override the balanced
+    random labels / the split's images (used by tests to render one scene under every
+    class: the random draws do not depend on the labels).
+    """
+    for name, v, lo in (("num_frames", num_frames, 4), ("size", size, 16), ("clips_per_image", clips_per_image, 1)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {v!r}")
+        if v < lo:
+            raise ValueError(f"{name} must be >= {lo}, got {v}")
+    if num_frames % 2:
+        raise ValueError(f"num_frames must be even (classes 8/9 roll by half a clip), got {num_frames}")
+    if not isinstance(num_distractors, int) or num_distractors < 0:
+        raise ValueError(f"num_distractors must be an int >= 0, got {num_distractors!r}")
+    if not 0 <= clutter <= 1 or not 0 <= noise <= 1:
+        raise ValueError(f"clutter and noise must be in [0, 1], got {clutter}, {noise}")
+    images, _ = load_digit_images()
+    split_id = 0 if _norm_split(split) == "train" else 1
+    src = digits_split(split) if source_index is None else np.asarray(source_index)
+    src = np.repeat(src, clips_per_image)
+    n, t, s = len(src), num_frames, float(size)
+    rng = np.random.default_rng([int(seed), split_id])
+    K = len(MOVING_DIGITS_CLASSES)
+    if labels is None:
+        lab = rng.permutation(np.arange(n) % K)
+    else:
+        lab = np.broadcast_to(np.asarray(labels, dtype=np.int64), (n,)).copy()
+        rng.permutation(n)  # keep the random stream identical to the labelled case
+        if lab.min() < 0 or lab.max() >= K:
+            raise ValueError(f"labels must be in [0, {K})")
+    # --- all random draws, independent of the labels --------------------------------------
+    u = lambda lo, hi, shape=(n,): rng.uniform(lo, hi, size=shape)  # noqa: E731
+    tt = np.arange(t, dtype=np.float64)[None, :]
+    side = u(0.32, 0.42) * s  # digit side in pixels
+    speed = u(0.045, 0.075) * s  # pixels per frame
+    perp = u(0.3, 0.7) * s  # coordinate across the motion
+    frac = u(0, 1)  # where the travelled segment sits
+    zoom_small = u(0.22, 0.28) * s
+    zoom_rate = u(1.08, 1.13)
+    zoom_c = u(0.4, 0.6, (2, n)) * s
+    rot_step = np.deg2rad(u(12, 22))
+    rot0 = np.deg2rad(u(-30, 30))
+    rot_c = u(0.35, 0.65, (2, n)) * s
+    jitter = rng.normal(0, 0.02 * s, size=(2, n, t))
+    tilt = np.deg2rad(u(-10, 10))
+    color = u(0.65, 1.0, (n, 3))
+    # --- canonical trajectories (class 0, 2, 4, 6, 8 of each pair) --------------------------
+    cx = np.empty((n, t))
+    cy = np.empty((n, t))
+    sd = np.repeat(side[:, None], t, 1)
+    ang = np.repeat(tilt[:, None], t, 1)
+    group = lab // 2
+    travel = speed[:, None] * (t - 1)
+    lo = side / 2 * 0.6
+    hi = s - side / 2 * 0.6
+    start = lo[:, None] + travel + frac[:, None] * np.maximum(hi[:, None] - lo[:, None] - travel, 0)
+    lin = start - speed[:, None] * tt  # decreasing coordinate
+    tri = np.minimum(tt, t - tt)  # 0, 1, ..., t/2, ..., 1: out and back
+    out_back = lo[:, None] + (t // 2) * speed[:, None] + frac[:, None] * np.maximum(
+        hi[:, None] - lo[:, None] - (t // 2) * speed[:, None], 0) - speed[:, None] * tri
+    pp = np.repeat(perp[:, None], t, 1)
+    m = group == 0  # left (x decreasing)
+    cx[m], cy[m] = lin[m], pp[m]
+    m = group == 1  # up (y decreasing)
+    cx[m], cy[m] = pp[m], lin[m]
+    m = group == 2  # approach (growing)
+    cx[m], cy[m] = zoom_c[0][m, None].repeat(t, 1), zoom_c[1][m, None].repeat(t, 1)
+    sd[m] = zoom_small[m, None] * zoom_rate[m, None] ** tt
+    m = group == 3  # clockwise
+    cx[m], cy[m] = rot_c[0][m, None].repeat(t, 1), rot_c[1][m, None].repeat(t, 1)
+    ang[m] = rot0[m, None] + rot_step[m, None] * tt
+    m = group == 4  # left then right
+    cx[m], cy[m] = out_back[m], pp[m]
+    cx += jitter[0]
+    cy += jitter[1]
+    lab_t = torch.from_numpy(lab)
+    params = [_time_op(torch.from_numpy(p).float(), lab_t) for p in (cx, cy, sd, ang)]
+    sprites = torch.from_numpy(images[src]).unsqueeze(1)
+    target = render_sprites(sprites, *params, size=size)  # (n, t, S, S)
+    # --- distractors: fragments of other digits drifting at constant velocity ---------------
+    layers = []
+    for _ in range(num_distractors):
+        other = rng.integers(0, len(images), size=n)
+        oy, ox = rng.integers(0, 5, size=(2, n))
+        frag = np.stack([images[o, y:y + 4, x:x + 4] for o, y, x in zip(other, oy, ox)])
+        d_side = u(0.18, 0.26) * s
+        d0 = u(0.1, 0.9, (2, n)) * s
+        dv = rng.uniform(-0.06, 0.06, size=(2, n)) * s
+        d_ang = u(-math.pi, math.pi)
+        dcx = torch.from_numpy(d0[0][:, None] + dv[0][:, None] * (tt - (t - 1) / 2)).float()
+        dcy = torch.from_numpy(d0[1][:, None] + dv[1][:, None] * (tt - (t - 1) / 2)).float()
+        alpha = render_sprites(torch.from_numpy(frag).float().unsqueeze(1), dcx, dcy,
+                               torch.from_numpy(np.repeat(d_side[:, None], t, 1)).float(),
+                               torch.from_numpy(np.repeat(d_ang[:, None], t, 1)).float(), size=size)
+        layers.append((alpha * torch.from_numpy(u(0.35, 0.7))[:, None, None, None].float(),
+                       torch.from_numpy(u(0.4, 0.9, (n, 3))).float()))
+    # --- background: static low-frequency clutter + per-frame noise -------------------------
+    bg_col = torch.from_numpy(u(0.0, 0.35, (n, 3))).float()
+    low = torch.from_numpy(rng.random((n, 1, 6, 6))).float()
+    low = F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    canvas = (bg_col[:, None, None, None, :] + clutter * low[:, :, :, :, None]).expand(n, t, size, size, 3).clone()
+    for alpha, col in layers:
+        a = alpha[..., None]
+        canvas = canvas * (1 - a) + col[:, None, None, None, :] * a
+    a = target[..., None]
+    canvas = canvas * (1 - a) + torch.from_numpy(color).float()[:, None, None, None, :] * a
+    if noise > 0:
+        canvas = canvas + noise * torch.from_numpy(rng.standard_normal((n, t, size, size, 1))).float()
+    clips = (canvas.clamp(0, 1) * 255).round().to(torch.uint8)
+    return clips, torch.from_numpy(lab), src
+
+
+_CACHE: dict = {}
+
+
+def moving_digits_arrays(split: str = "train", **kwargs):
+    """:func:`make_moving_digits`, cached in memory per arguments (train and val are
+    generated once per process)."""
+    key = (_norm_split(split), tuple(sorted(kwargs.items())))
+    if key not in _CACHE:
+        if len(_CACHE) >= 4:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = make_moving_digits(split, **kwargs)
+    return _CACHE[key]
+
+
+class _ArrayReader:
+    """Frames of in-memory clips (picklable, unlike a closure)."""
+
+    def __init__(self, clips):
+        self.clips = clips
+
+    def __call__(self, rec, indices):
+        return self.clips[int(rec.name)].index_select(0, torch.as_tensor(np.asarray(indices, dtype=np.int64)))
+
+
+class _ConstCount:
+    def __init__(self, n):
+        self.n = n
+
+    def __call__(self, rec):
+        return self.n
+
+
+def moving_digits_dataset(split: str = "train", *, sampler=None, transform=None, train: bool | None = None,
+                          seed: int = 0, num_frames: int = 8, size: int = 32, clips_per_image: int = 1,
+                          num_distractors: int = 2, clutter: float = 0.25, noise: float = 0.03):
+    """Moving digits as a :class:`~structvit.data.datasets.VideoDataset` (same interface and
+    sample format as the real benchmarks: ``(clip (C, T, H, W), label)``).
+
+    Defaults: all ``num_frames`` frames in order (dense sampling, stride 1), no spatial
+    augmentation (``VideoTransform(size, train=False)``: only normalisation)."""
+    from .datasets import VideoDataset, VideoRecord
+    from .sampling import FrameSampler
+    from .transforms import VideoTransform
+
+    clips, labels, src = moving_digits_arrays(
+        split, seed=seed, num_frames=num_frames, size=size, clips_per_image=clips_per_image,
+        num_distractors=num_distractors, clutter=clutter, noise=noise)
+    train = _norm_split(split) == "train" if train is None else bool(train)
+    sampler = sampler or FrameSampler("dense", num_frames=num_frames, frame_stride=1)
+    transform = transform or VideoTransform(size, train=False)
+    records = [VideoRecord(path=f"moving_digits/{split}/{i:05d}", label=int(labels[i]), name=str(i))
+               for i in range(len(labels))]
+
+    ds = VideoDataset(records, classes=list(MOVING_DIGITS_CLASSES), sampler=sampler, transform=transform,
+                      train=train, frame_reader=_ArrayReader(clips), frame_count=_ConstCount(num_frames))
+    ds.source_index = src
+    return ds

@@ -1,0 +1,306 @@
+"""Reading frames: video files with PyAV (seeking to the wanted frames) and JPEG frame folders.
+
+All readers return a ``uint8`` tensor of shape ``(N, H, W, 3)`` holding the requested
+frames in the requested order (indices may repeat and need not be sorted).  Problems
+with a file raise :class:`DataFileError` (a subclass of ``RuntimeError``) carrying the
+file's path, so a dataset can report, count and replace the sample.
+"""
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+from typing import Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DataFileError",
+    "MissingFileError",
+    "CorruptFileError",
+    "VideoInfo",
+    "probe_video",
+    "read_video_frames",
+    "read_video_all",
+    "list_frame_files",
+    "read_frame_folder",
+    "IMAGE_EXTENSIONS",
+    "write_video",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+class DataFileError(RuntimeError):
+    """A data file could not be read; ``.path`` names it."""
+
+    def __init__(self, path, message: str):
+        self.path = str(path)
+        super().__init__(f"{self.path}: {message}")
+
+
+class MissingFileError(DataFileError):
+    pass
+
+
+class CorruptFileError(DataFileError):
+    pass
+
+
+class VideoInfo:
+    """Basic facts about a video stream (from its header, nothing decoded)."""
+
+    __slots__ = ("num_frames", "fps", "width", "height", "codec", "exact")
+
+    def __init__(self, num_frames, fps, width, height, codec, exact):
+        self.num_frames = num_frames
+        self.fps = fps
+        self.width = width
+        self.height = height
+        self.codec = codec
+        self.exact = exact  # True when the container states the frame count
+
+    def __repr__(self):
+        return (f"VideoInfo(num_frames={self.num_frames}, fps={float(self.fps):.3f}, "
+                f"size={self.width}x{self.height}, codec={self.codec!r}, exact={self.exact})")
+
+
+def _open(path):
+    import av
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise MissingFileError(path, "file not found")
+    try:
+        container = av.open(path, metadata_errors="ignore")
+    except Exception as e:  # av.error.InvalidDataError and friends
+        raise CorruptFileError(path, f"cannot open video ({type(e).__name__}: {e})") from None
+    if not container.streams.video:
+        container.close()
+        raise CorruptFileError(path, "no video stream")
+    return container
+
+
+def _info(container, path) -> VideoInfo:
+    stream = container.streams.video[0]
+    fps = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if not fps:
+        raise CorruptFileError(path, "unknown frame rate")
+    fps = Fraction(fps)
+    n = int(stream.frames or 0)
+    exact = n > 0
+    if n <= 0:
+        if stream.duration is not None and stream.time_base is not None:
+            seconds = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            seconds = container.duration / 1_000_000  # av.time_base
+        else:
+            seconds = 0.0
+        n = int(round(seconds * float(fps)))
+    cc = stream.codec_context
+    return VideoInfo(n, fps, cc.width, cc.height, cc.name, exact)
+
+
+def probe_video(path) -> VideoInfo:
+    """Open a video and read its header (frame count, rate, size) without decoding."""
+    container = _open(path)
+    try:
+        info = _info(container, path)
+    finally:
+        container.close()
+    if info.num_frames <= 0:
+        raise CorruptFileError(path, "video has no frames (or no duration in its header)")
+    return info
+
+
+def _frame_index(frame, start_pts, time_base, fps) -> int:
+    pts = frame.pts if frame.pts is not None else frame.dts
+    if pts is None:
+        return -1
+    return int(round(float((pts - start_pts) * time_base * fps)))
+
+
+def read_video_frames(
+    path,
+    indices: Sequence[int],
+    *,
+    seek_gap: int = 32,
+    tolerance: int = 2,
+    info: VideoInfo | None = None,
+) -> torch.Tensor:
+    """Decode only the frames ``indices`` of a video (``(N, H, W, 3)`` uint8).
+
+    The wanted frames are grouped into runs; for each run the reader seeks to the key
+    frame before it and decodes forward until the run's last frame, so a 16-frame clip
+    of a long video costs a few GOPs, not the whole file.  A new seek starts whenever
+    the next wanted frame is more than ``seek_gap`` frames after the previous one.
+
+    Indices past the true end of the stream (header frame counts can be off by one or
+    two) are clamped to the last decoded frame if they are within ``tolerance`` frames of
+    it; a larger shortfall means the file is truncated and raises :class:`CorruptFileError`.
+    """
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if indices.size == 0:
+        raise ValueError("indices must not be empty")
+    if indices.min() < 0:
+        raise ValueError(f"indices must be >= 0, got {int(indices.min())}")
+    wanted = np.unique(indices)
+    container = _open(path)
+    got: dict[int, np.ndarray] = {}
+    last_idx, last_frame = -1, None  # the latest frame seen in presentation order
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        fps = Fraction(stream.average_rate or stream.guessed_rate or stream.base_rate or 0)
+        if not fps:
+            raise CorruptFileError(path, "unknown frame rate")
+        tb = stream.time_base
+        start_pts = stream.start_time or 0
+
+        def decode_run(first: int, last: int, need: set, seek_to: int) -> int:
+            """Decode from a seek to ``seek_to`` (a frame index); return the first index seen."""
+            nonlocal last_idx, last_frame
+            target = start_pts + int(Fraction(seek_to) / fps / tb)
+            container.seek(target, stream=stream, backward=True, any_frame=False)
+            first_seen = None
+            for frame in container.decode(stream):
+                idx = _frame_index(frame, start_pts, tb, fps)
+                if first_seen is None:
+                    first_seen = idx
+                    if idx > first:
+                        return idx  # the seek overshot: the caller retries from earlier
+                if idx in need and idx not in got:
+                    got[idx] = frame.to_ndarray(format="rgb24")
+                if idx > last_idx:
+                    last_idx, last_frame = idx, frame
+                if idx >= last:
+                    break
+            return first if first_seen is None else first_seen
+
+        cuts = np.nonzero(np.diff(wanted) > seek_gap)[0] + 1
+        for run in np.split(wanted, cuts):
+            first, last = int(run[0]), int(run[-1])
+            need = set(int(i) for i in run)
+            seen = decode_run(first, last, need, first)
+            if seen > first:  # inexact index: seek from the very start instead
+                decode_run(first, last, need, 0)
+    except DataFileError:
+        raise
+    except Exception as e:
+        raise CorruptFileError(path, f"decoding failed ({type(e).__name__}: {e})") from None
+    finally:
+        container.close()
+    if not got and last_frame is None:
+        raise CorruptFileError(path, "no frame could be decoded")
+    missing = [int(i) for i in wanted if int(i) not in got]
+    if missing:
+        tail = None
+        for i in missing:
+            if i > last_idx and i - last_idx <= tolerance and last_frame is not None:
+                # header frame counts can overstate the stream by a frame or two
+                if tail is None:
+                    tail = last_frame.to_ndarray(format="rgb24")
+                got[i] = tail
+            else:
+                raise CorruptFileError(
+                    path, f"frame {i} not found (stream ended at frame {last_idx}; truncated or damaged file)")
+    return torch.from_numpy(np.stack([got[int(i)] for i in indices]))
+
+
+def read_video_all(path) -> torch.Tensor:
+    """Decode every frame of a video (``(N, H, W, 3)`` uint8); for tests and benchmarks."""
+    container = _open(path)
+    try:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    except Exception as e:
+        raise CorruptFileError(path, f"decoding failed ({type(e).__name__}: {e})") from None
+    finally:
+        container.close()
+    if not frames:
+        raise CorruptFileError(path, "no frame could be decoded")
+    return torch.from_numpy(np.stack(frames))
+
+
+def list_frame_files(folder) -> list[str]:
+    """The image files of a frame folder, in name order (``00001.jpg``, ``00002.jpg``, ...)."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise MissingFileError(folder, "frame folder not found")
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
+        raise CorruptFileError(folder, "frame folder holds no image files")
+    return [os.path.join(folder, n) for n in names]
+
+
+def _decode_image(path) -> np.ndarray:
+    if path.lower().endswith((".jpg", ".jpeg")):
+        try:
+            from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+            img = decode_jpeg(read_file(path), mode=ImageReadMode.RGB)  # (3, H, W)
+            return img.permute(1, 2, 0).numpy()
+        except Exception:
+            pass  # fall back to PIL, which also reports a clear error
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception as e:
+        raise CorruptFileError(path, f"cannot decode image ({type(e).__name__}: {e})") from None
+
+
+def read_frame_folder(folder, indices: Sequence[int], files: list[str] | None = None) -> torch.Tensor:
+    """Read frames ``indices`` (0-based, in name order) of a JPEG frame folder."""
+    files = files if files is not None else list_frame_files(folder)
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if indices.size == 0:
+        raise ValueError("indices must not be empty")
+    cache: dict[int, np.ndarray] = {}
+    out = []
+    for i in indices:
+        i = int(i)
+        if not 0 <= i < len(files):
+            raise CorruptFileError(folder, f"frame {i} requested but the folder has {len(files)} frames")
+        if i not in cache:
+            cache[i] = _decode_image(files[i])
+        out.append(cache[i])
+    shapes = {a.shape for a in out}
+    if len(shapes) > 1:
+        raise CorruptFileError(folder, f"frames of different sizes {sorted(shapes)}")
+    return torch.from_numpy(np.stack(out))
+
+
+_CODECS = {".mp4": ("libx264", "yuv420p"), ".webm": ("libvpx-vp9", "yuv420p"), ".mkv": ("libx264", "yuv420p"),
+           ".avi": ("mpeg4", "yuv420p")}
+
+
+def write_video(path, frames, fps: int = 12, *, codec: str | None = None, pix_fmt: str | None = None,
+                options: dict | None = None, gop: int | None = None) -> None:
+    """Write ``frames`` (``(N, H, W, 3)`` uint8 array or tensor) as a video with PyAV.
+
+    The codec follows the extension (mp4: H.264, webm: VP9, avi: MPEG-4 part 2) unless
+    given.  ``codec="libvpx-vp9", pix_fmt="gbrp", options={"lossless": "1"}`` is exact.
+    Used by the exporters, the tests and the decoding benchmark.
+    """
+    import av
+
+    frames = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be a (N, H, W, 3) uint8 array, got {frames.dtype} {frames.shape}")
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    dcodec, dpix = _CODECS.get(ext, ("libx264", "yuv420p"))
+    codec = codec or dcodec
+    pix_fmt = pix_fmt or dpix
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    with av.open(os.fspath(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps, options=dict(options or {}))
+        stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
+        stream.pix_fmt = pix_fmt
+        if gop is not None:
+            stream.codec_context.gop_size = int(gop)
+        for img in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
