@@ -126,7 +126,7 @@ def read_video_frames(
     *,
     seek_gap: int = 32,
     tolerance: int = 2,
-    info: VideoInfo | None = None,
+    stats: dict | None = None,
 ) -> torch.Tensor:
     """Decode only the frames ``indices`` of a video (``(N, H, W, 3)`` uint8).
 
@@ -138,6 +138,7 @@ def read_video_frames(
     Indices past the true end of the stream (header frame counts can be off by one or
     two) are clamped to the last decoded frame if they are within ``tolerance`` frames of
     it; a larger shortfall means the file is truncated and raises :class:`CorruptFileError`.
+    ``stats``, if given, receives ``decoded`` (frames decoded) and ``seeks``.
     """
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     if indices.size == 0:
@@ -148,6 +149,7 @@ def read_video_frames(
     container = _open(path)
     got: dict[int, np.ndarray] = {}
     last_idx, last_frame = -1, None  # the latest frame seen in presentation order
+    counts = {"decoded": 0, "seeks": 0}
     try:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -162,8 +164,10 @@ def read_video_frames(
             nonlocal last_idx, last_frame
             target = start_pts + int(Fraction(seek_to) / fps / tb)
             container.seek(target, stream=stream, backward=True, any_frame=False)
+            counts["seeks"] += 1
             first_seen = None
             for frame in container.decode(stream):
+                counts["decoded"] += 1
                 idx = _frame_index(frame, start_pts, tb, fps)
                 if first_seen is None:
                     first_seen = idx
@@ -190,6 +194,8 @@ def read_video_frames(
         raise CorruptFileError(path, f"decoding failed ({type(e).__name__}: {e})") from None
     finally:
         container.close()
+        if stats is not None:
+            stats.update(counts)
     if not got and last_frame is None:
         raise CorruptFileError(path, "no frame could be decoded")
     missing = [int(i) for i in wanted if int(i) not in got]
@@ -233,14 +239,7 @@ def list_frame_files(folder) -> list[str]:
 
 
 def _decode_image(path) -> np.ndarray:
-    if path.lower().endswith((".jpg", ".jpeg")):
-        try:
-            from torchvision.io import ImageReadMode, decode_jpeg, read_file
-
-            img = decode_jpeg(read_file(path), mode=ImageReadMode.RGB)  # (3, H, W)
-            return img.permute(1, 2, 0).numpy()
-        except Exception:
-            pass  # fall back to PIL, which also reports a clear error
+    """One frame as ``(H, W, 3)`` uint8 (PIL; torchvision's JPEG decoder is deprecated)."""
     from PIL import Image
 
     try:
