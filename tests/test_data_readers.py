@@ -1,0 +1,251 @@
+"""The six benchmark readers on tiny datasets written in the official layouts (real videos,
+JPEG frames and annotation files), bad-data handling, `structvit data` check / export."""
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from structvit.data import (
+    FrameSampler,
+    ImageFolderDataset,
+    VideoDataModule,
+    VideoDataset,
+    VideoTransform,
+    moving_digits_dataset,
+    read_annotations,
+    read_path_label_list,
+    ssv2_template_to_label,
+)
+from structvit.data.builtin import DigitsDataset
+from structvit.data.check import main as data_main
+from structvit.data.fixtures import FIXTURE_WRITERS, decode_frame_index, pattern_frames, write_diving48
+from structvit.data.video import write_video
+
+NAMES = list(FIXTURE_WRITERS)
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    out = {}
+    for name, writer in FIXTURE_WRITERS.items():
+        root = tmp_path_factory.mktemp(name)
+        out[name] = (str(root), writer(str(root)))
+    return out
+
+
+def _raw(frames):  # keep the decoded pixels: (T, H, W, 3) uint8 -> (C, T, H, W)
+    return frames.permute(3, 0, 1, 2)
+
+
+def _frames_of(clip):  # inverse of _raw for decode_frame_index
+    return clip.permute(1, 2, 3, 0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reader_labels_classes_and_files(layouts, name):
+    root, info = layouts[name]
+    for split in ("train", "val"):
+        ann = read_annotations(name, root, split)
+        assert ann.problems == []
+        assert [(r.name, r.label) for r in ann.records] == [(e[0], e[1]) for e in info["expected"][split]]
+        assert ann.classes == info["classes"]
+        for r in ann.records:
+            assert os.path.exists(r.path)
+            assert r.frames == (name == "ssv1")
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("mode", ["dense", "segment"])
+def test_sampled_frames_are_the_decoded_frames(layouts, name, mode):
+    root, info = layouts[name]
+    ann = read_annotations(name, root, "train")
+    for train in (True, False):
+        sampler = FrameSampler(mode, num_frames=4, frame_stride=2, num_clips=3)
+        ds = VideoDataset(ann, sampler=sampler, transform=_raw, train=train)
+        for i in range(len(ds)):
+            clip, label = ds[i]
+            assert label == ann.records[i].label
+            views = clip.unsqueeze(0) if train else clip
+            assert views.shape[:3] == ((1 if train else 3), 3, 4)
+            idx = ds.last_indices
+            for v in range(views.shape[0]):
+                assert decode_frame_index(_frames_of(views[v])) == idx[v].tolist()
+            rec = ann.records[i]
+            lo = rec.start_frame
+            hi = rec.end_frame if rec.end_frame is not None else info["expected"]["train"][i][2]
+            assert lo <= idx.min() and idx.max() < hi
+            if mode == "dense":
+                assert (np.diff(idx, axis=1) == 2).all()
+
+
+@pytest.mark.parametrize("name", ["ssv2", "kinetics400"])
+def test_multiview_test_samples_and_shapes(layouts, name):
+    root, _ = layouts[name]
+    dm = VideoDataModule(name, root=root, num_frames=4, input_size=32, num_clips=2, num_crops=3, batch_size=2)
+    assert dm.hparams.flip is (name == "kinetics400")
+    assert dm.hparams.sampling == ("segment" if name == "ssv2" else "dense")
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (2, 3, 4, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    dm.setup("test")
+    x, y = next(iter(dm.test_dataloader()))
+    assert x.shape == (2, 6, 3, 4, 32, 32)
+    assert dm.num_classes == 3
+
+
+def test_ssv2_template_brackets_removed():
+    assert ssv2_template_to_label("Putting [something] on [something]") == "Putting something on something"
+
+
+def test_kinetics_classes_come_from_the_csv_not_folders(layouts, tmp_path):
+    root, info = layouts["kinetics400"]
+    ann = read_annotations("kinetics400", root, "val")
+    assert ann.classes == ["abseiling", "air drumming", "zumba"]
+    # "path label" list files
+    lst = tmp_path / "val_list.txt"
+    rel = [os.path.relpath(r.path, root) for r in ann.records]
+    lst.write_text("".join(f"{p} {r.label}\n" for p, r in zip(rel, ann.records)) + "missing/clip.mp4 1\nbad line\n")
+    got = read_path_label_list(lst, root, num_classes=3)
+    assert [r.label for r in got.records] == [r.label for r in ann.records]
+    assert any("missing/clip.mp4" in p for p in got.problems) and any("line 4" in p for p in got.problems)
+
+
+def test_diving48_frame_folders_and_frame_range(tmp_path):
+    info = write_diving48(str(tmp_path), as_frames=True)
+    ann = read_annotations("diving48", str(tmp_path), "train")
+    assert all(r.frames for r in ann.records) and ann.records[1].start_frame == 4
+    ds = VideoDataset(ann, sampler=FrameSampler("segment", num_frames=6), transform=_raw, train=False)
+    clip, label = ds[1]
+    assert label == 47
+    got = decode_frame_index(_frames_of(clip))
+    assert got == ds.last_indices[0].tolist() and min(got) >= 4 and max(got) < info["expected"]["train"][1][4]
+
+
+def test_unknown_labels_and_missing_files_reported_up_front(layouts, tmp_path, caplog):
+    src, _ = layouts["ssv2"]
+    root = tmp_path / "ssv2"
+    shutil.copytree(src, root)
+    ann_path = root / "labels" / "something-something-v2-train.json"
+    entries = json.loads(ann_path.read_text())
+    entries.append({"id": "999", "template": "Juggling [something]", "label": "x", "placeholders": ["x"]})
+    entries.append({"id": "998", "template": entries[0]["template"], "label": "x", "placeholders": ["x"]})
+    ann_path.write_text(json.dumps(entries))
+    ann = read_annotations("ssv2", root, "train")
+    assert len(ann.records) == 3
+    assert any("unknown label 'Juggling something'" in p and "entry 3" in p for p in ann.problems)
+    assert any("998.webm" in p and "missing file" in p for p in ann.problems)
+    with caplog.at_level(logging.WARNING, logger="structvit.data"):
+        ds = VideoDataset(ann, sampler=FrameSampler("segment", num_frames=4), transform=_raw, train=True)
+    assert len(ds) == 3 and "Juggling" in caplog.text
+    with pytest.raises(ValueError, match="998.webm"):
+        VideoDataset(ann, sampler=FrameSampler(), transform=_raw, train=True, on_problem="raise")
+    # the same through the check command: non-zero exit, every problem listed
+    assert data_main(["check", "--dataset", "ssv2", "--root", str(root), "--split", "train"]) == 1
+
+
+def _with_bad_files(src, dst):
+    shutil.copytree(src, dst)
+    vids = sorted((dst / "20bn-something-something-v2").glob("*.webm"))
+    vids[0].write_bytes(os.urandom(3000))  # garbage bytes
+    data = vids[1].read_bytes()
+    vids[1].write_bytes(data[: len(data) // 3])  # truncated
+    return vids[0], vids[1]
+
+
+def test_corrupt_and_truncated_files_are_reported_counted_and_replaced(layouts, tmp_path, caplog):
+    garbage, cut = _with_bad_files(layouts["ssv2"][0], tmp_path / "ssv2")
+    ann = read_annotations("ssv2", tmp_path / "ssv2", "train")
+    assert ann.problems == []  # the files exist: found when read
+    ds = VideoDataset(ann, sampler=FrameSampler("segment", num_frames=8), transform=_raw, train=False)
+    with caplog.at_level(logging.WARNING, logger="structvit.data"):
+        samples = [ds[i] for i in range(len(ds))]
+    assert str(garbage) in caplog.text and str(cut) in caplog.text
+    assert ds.num_bad_samples >= 2 and {str(garbage), str(cut)} <= set(ds.bad_files)
+    # both bad samples were replaced by the good one (id 103, label 1)
+    assert [s[1] for s in samples] == [1, 1, 1]
+    assert all(s[0].shape == (3, 8, 48, 64) for s in samples)
+    # bounded retries, then a clear error
+    only_bad = [r for r in ann.records if r.path in (str(garbage), str(cut))]
+    bad_ds = VideoDataset(only_bad, classes=ann.classes, sampler=FrameSampler(), transform=_raw, train=True,
+                          max_retries=3)
+    with pytest.raises(RuntimeError, match="4 unreadable files in a row"):
+        bad_ds[0]
+    # the check command finds both, with their paths
+    assert data_main(["check", "--dataset", "ssv2", "--root", str(tmp_path / "ssv2"), "--split", "train"]) == 1
+
+
+def test_missing_file_after_indexing_is_replaced(layouts, tmp_path):
+    shutil.copytree(layouts["gym99"][0], tmp_path / "gym")
+    ann = read_annotations("gym99", tmp_path / "gym", "train")
+    os.remove(ann.records[0].path)
+    ds = VideoDataset(ann, sampler=FrameSampler(num_frames=2), transform=_raw, train=False)
+    _, label = ds[0]
+    assert label == ann.records[1].label and ds.bad_files == [ann.records[0].path]
+
+
+def test_bad_sample_count_is_shared_by_dataloader_workers(layouts, tmp_path):
+    _with_bad_files(layouts["ssv2"][0], tmp_path / "ssv2")
+    dm = VideoDataModule("ssv2", root=str(tmp_path / "ssv2"), num_frames=4, input_size=32, batch_size=1,
+                         num_workers=2)
+    labels = torch.cat([y for _, y in dm.val_dataloader()] + [y for _, y in dm.train_dataloader()])
+    assert len(labels) == 5
+    assert dm.num_bad_samples >= 2  # train split: the two bad files, counted in the workers
+
+
+def test_check_command_clean_dataset(layouts, capsys):
+    root, _ = layouts["ssv1"]
+    assert data_main(["check", "--dataset", "ssv1", "--root", root]) == 0
+    assert "no problems" in capsys.readouterr().out
+    assert data_main(["check", "--dataset", "nope", "--root", root]) == 2
+    with pytest.raises(SystemExit):
+        data_main(["check", "--root", root])  # --dataset is required
+
+
+def test_export_moving_digits_as_ssv2_reads_back_identically(tmp_path):
+    out = tmp_path / "md_ssv2"
+    assert data_main(["export", "moving_digits", "--format", "ssv2", str(out), "--split", "val", "--limit", "12"]) == 0
+    assert data_main(["check", "--dataset", "ssv2", "--root", str(out), "--split", "val"]) == 0
+    ann = read_annotations("ssv2", out, "val")
+    ref = moving_digits_dataset("val")
+    assert [r.label for r in ann.records] == ref.targets[:12]
+    assert ann.classes[0] == "Moving something from right to left"
+    dm = VideoDataModule("ssv2", root=str(out), num_frames=8, input_size=32, crop="center", batch_size=12)
+    x, y = next(iter(dm.val_dataloader()))
+    ref_x = torch.stack([ref[i][0] for i in range(12)])
+    assert torch.equal(y, torch.tensor(ref.targets[:12]))
+    assert torch.equal(x, ref_x)  # lossless VP9: the exact pixels
+
+
+def test_export_digits_as_imagefolder_reads_back_identically(tmp_path):
+    out = tmp_path / "digits"
+    assert data_main(["export", "digits", "--format", "imagefolder", str(out), "--limit", "30"]) == 0
+    assert data_main(["export", "digits", "--format", "ssv2", str(out)]) == 2
+    ref = DigitsDataset("val")
+    ds = ImageFolderDataset(out, "val", classes=None)
+    assert ds.classes == [str(i) for i in range(10)]
+    got = {os.path.basename(p): (np.asarray(ds[i][0]), t) for i, (p, t) in enumerate(ds.samples)}
+    for i in range(30):
+        img, target = got[f"{ref.source_index[i]:04d}.png"]
+        assert target == int(ref.targets[i])
+        assert np.array_equal(img, ref.images[i].permute(1, 2, 0).numpy())
+
+
+def test_image_folder_class_order_from_class_list(tmp_path):
+    from PIL import Image
+
+    for split, cls in (("train", "n02"), ("train", "n01"), ("val", "n01"), ("val", "stray")):
+        d = tmp_path / split / cls
+        d.mkdir(parents=True)
+        Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(d / "a.JPEG")
+    (tmp_path / "LOC_synset_mapping.txt").write_text("n02 goldfish\nn01 tench\n")
+    ds = ImageFolderDataset(tmp_path, "val")
+    assert ds.classes == ["n02", "n01"] and ds.targets == [1]
+    assert any("stray" in p for p in ds.problems)
+    (tmp_path / "train" / "n01" / "b.JPEG").write_bytes(b"broken")
+    tr = ImageFolderDataset(tmp_path, "train")
+    items = [tr[i][1] for i in range(len(tr))]
+    assert tr.num_bad_samples == 1 and len(items) == 3
