@@ -141,7 +141,8 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)
-        return self.norm(x.movedim(1, -1)).movedim(-1, 1)
+        last = x.dim() - 1  # explicit positive dims: ONNX Transpose takes no negative perm
+        return self.norm(x.movedim(1, last)).movedim(last, 1)
 
 
 # --------------------------------------------------------------------------- model
@@ -359,7 +360,8 @@ class StructViT(nn.Module):
             x = self.head_drop(x)
             return x if pre_logits else self.head(x)
         x = self.head_drop(x)
-        return x if pre_logits else self.head(x.movedim(1, -1)).movedim(-1, 1)
+        last = x.dim() - 1
+        return x if pre_logits else self.head(x.movedim(1, last)).movedim(last, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
