@@ -15,6 +15,8 @@ COMMANDS = {
     "convert": ("structvit.convert", "convert a UniFormer/SA checkpoint to a StructViT safetensors file"),
     "models": ("structvit.models.summary", "list registered models with parameters and GFLOPs"),
     "data": ("structvit.data.check", "dataset tools: `structvit data check --dataset NAME --root DIR`"),
+    "viz": ("structvit.viz.cli", "figures: `structvit viz attention|kernels|compare ...`"),
+    "report": ("structvit.report", "parameters, GFLOPs, activation memory and throughput of a model"),
 }
 
 
