@@ -302,3 +302,21 @@ def test_bad_arguments_video_and_inputs():
     image = timm.create_model("structvit_tiny")
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         image(torch.randn(1, 3, 2, 64, 64))
+
+
+def test_summary_counts_match_uniformer_and_cli(capsys):
+    from structvit.models.summary import main, summarize
+
+    rows = summarize(["structvit_small"], baselines=True)
+    struct, sa = rows
+    assert sa["struct_blocks"] == (0, 0) and struct["struct_blocks"] == (8, 3)
+    # UniFormer-S: 22M parameters, 3.6 GFLOPs in fvcore's convention (= multiply-adds)
+    assert round(sa["params"] / 1e6) == 22 and round(sa["flops"] / 2e9, 1) == 3.6
+    assert sa["flops"] == sa["min_flops"]
+    assert sa["flops"] < struct["min_flops"] <= struct["flops"]
+    assert main(["structvit_tiny", "structvit_tiny_video"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| model |") and len(table) == 4
+    assert "| structvit_tiny_video |" in table[3] and "3x16x112x112" in table[3]
+    with pytest.raises(SystemExit):
+        main(["resnet50"])
