@@ -261,6 +261,15 @@ def test_convert_cli(tmp_path, capsys):
     assert "inflate" in capsys.readouterr().err
     assert main([str(src), str(out_v), "--model", "structvit_tiny_video", "--inflate", "center", "--num-frames", "8"]) == 0
     assert load_file(str(out_v))["patch_embed1.proj.weight"].shape == (32, 3, 3, 4, 4)
+    # a pickle with non-tensor objects is refused unless trusted
+    import argparse as _argparse
+
+    pickled = tmp_path / "with_args.pth"
+    torch.save({"model": ckpt["model"], "args": _argparse.Namespace(lr=1.0)}, pickled)
+    assert main([str(pickled), str(out), "--model", "structvit_tiny"]) == 1
+    assert "--trust-checkpoint" in capsys.readouterr().err
+    assert main([str(pickled), str(out), "--model", "structvit_tiny", "--trust-checkpoint"]) == 0
+    assert main([str(tmp_path / "nope.pth"), str(out), "--model", "structvit_tiny"]) == 1
     with pytest.raises(SystemExit):
         main([str(src), str(tmp_path / "x.pth"), "--model", "structvit_tiny"])
     with pytest.raises(SystemExit):

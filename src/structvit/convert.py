@@ -198,12 +198,18 @@ def load_uniformer(model: nn.Module, state_dict: Mapping, inflate: str | None = 
 # --------------------------------------------------------------------------- command line
 
 
-def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
+def _read_checkpoint(path: str, trust: bool = False) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except Exception as err:  # pickled non-tensor objects (e.g. training args) need trust
+        if trust:
+            raise
+        raise ValueError(f"cannot read {path} with weights_only=True ({type(err).__name__}); if you trust the "
+                         "file, pass --trust-checkpoint to unpickle it fully") from err
 
 
 def _parse_struct_blocks(text: str):
@@ -234,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-classes", type=int, default=None,
                         help="classes of the new model (default: those of the checkpoint's head)")
     parser.add_argument("--ignore-head", action="store_true", help="do not load the checkpoint's classifier")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="unpickle the input fully (torch.load weights_only=False); only for trusted files")
     parser.add_argument("--non-strict", action="store_true", help="report, instead of refusing, missing/unexpected keys")
     args = parser.parse_args(argv)
     if not args.output.endswith(".safetensors"):
@@ -246,7 +254,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.model not in models.MODEL_NAMES:
         parser.error(f"--model must be one of {', '.join(models.MODEL_NAMES)}, got {args.model!r}")
-    sd = unwrap_state_dict(_read_checkpoint(args.input))
+    try:
+        sd = unwrap_state_dict(_read_checkpoint(args.input, args.trust_checkpoint))
+    except (OSError, TypeError, ValueError) as err:
+        print(f"structvit convert: {err}", file=sys.stderr)
+        return 1
     kwargs = {}
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
