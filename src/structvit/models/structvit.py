@@ -102,8 +102,8 @@ class AttentionBlock(nn.Module):
     ``x + attn(norm1(x))`` and ``x + mlp(norm2(x))`` (pre-norm transformer block).
     """
 
-    def __init__(self, dim: int, num_heads: int, attn: nn.Module, mlp_ratio: float = 4.0, drop: float = 0.0,
-                 drop_path: float = 0.0, video: bool = False):
+    def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float = 4.0, drop: float = 0.0, drop_path: float = 0.0,
+                 video: bool = False):
         super().__init__()
         self.pos_embed = _conv_cls(video)(dim, dim, 3, padding=1, groups=dim)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -271,7 +271,7 @@ class StructViT(nn.Module):
                 else:
                     kinds.append("sa")
                     attn = SelfAttention(dim, heads, qkv_bias=qkv_bias, attn_drop=attn_drop_rate, proj_drop=drop_rate)
-                blocks.append(AttentionBlock(dim, heads, attn, mlp_ratio, drop_rate, dpr[offset + i], video))
+                blocks.append(AttentionBlock(dim, attn, mlp_ratio, drop_rate, dpr[offset + i], video))
             setattr(self, f"blocks{s + 1}", nn.ModuleList(blocks))
             self.block_kinds.append(kinds)
             self.feature_info.append(dict(num_chs=dim, reduction=2 ** (s + 2), module=f"blocks{s + 1}"))
