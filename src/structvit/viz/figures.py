@@ -1,0 +1,742 @@
+"""The paper's figures (Kim et al., CVPR 2024, Figs. 2-4) for any StructViT model.
+
+Every figure function takes a model, one input sample and an output path, writes the
+PNG there and the numbers behind it next to it (same name, ``.npz``), and returns the
+PNG path. The numbers are the layer's actual attention weights for the chosen query,
+recomputed from the captured input of the block (:mod:`structvit.viz.capture`).
+
+- :func:`attention_figure` (Fig. 2): the D attention maps of one query over the key
+  grid, the learned patterns U^K and U^V, and the dynamic kernels kappa at the most
+  attended keys, overlaid on the input.
+- :func:`kernels_figure` (Fig. 3): the attention over the space-time key grid frame by
+  frame and kappa over its (t, h, w) window at the most attended keys.
+- :func:`compare_figure` (Fig. 4): the attention of the same query in SA, ConvSA and
+  StructSA models side by side.
+- :func:`readings_figure`: one block's scores read with both softmax normalisations:
+  "joint" (one distribution over all (d, j): shares of one total, one colour scale)
+  and "per_pattern" (D distributions over j, each on its own scale).
+
+Notation: ``A`` has shape (heads, D, N) for the chosen query; token grids are shown as
+(T, H, W) (T = 1 for images); kappa[j] = sum_d A[d, j] U^V[d] has the window's shape
+(kt, kh, kw). Video inputs show, for each time step of the key grid, the input frame at
+its centre.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..nn.attention import SelfAttention, StructSA
+from .capture import AttentionCapture, attention_layers, capture, default_block, layer_kind, query_index
+
+__all__ = ["QueryAttention", "query_attention", "prepare_sample", "attention_figure", "kernels_figure",
+           "compare_figure", "readings_figure", "derive_variants", "write_demo_figures"]
+
+_KIND_LABEL = {"sa": "SA", "convsa": "ConvSA", "structsa": "StructSA"}
+
+
+def _plt():
+    import matplotlib
+
+    if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo"):
+        try:
+            matplotlib.use("Agg")
+        except Exception:  # pragma: no cover - an interactive backend already in use
+            pass
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def prepare_sample(model: nn.Module, sample: torch.Tensor) -> torch.Tensor:
+    """One sample as a batch of one on the model's device and dtype.
+
+    Accepts (C, H, W) / (1, C, H, W) for image models and (C, T, H, W) / (1, C, T, H, W)
+    for video models (``model.video``); a larger batch keeps its first element.
+    """
+    if not isinstance(sample, torch.Tensor):
+        raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
+    video = bool(getattr(model, "video", False))
+    want = 4 if video else 3
+    if sample.dim() == want:
+        sample = sample.unsqueeze(0)
+    if sample.dim() != want + 1:
+        layout = "(C, T, H, W)" if video else "(C, H, W)"
+        raise ValueError(f"sample must be {layout} or a batch of them for a {'video' if video else 'image'} model, "
+                         f"got shape {tuple(sample.shape)}")
+    p = next(model.parameters(), None)
+    if p is not None:
+        sample = sample.to(device=p.device, dtype=p.dtype)
+    return sample[:1]
+
+
+def _display_frames(x: torch.Tensor) -> np.ndarray:
+    """(1, C, [T,] H, W) normalised input -> (T, H, W, 3) in [0, 1] (min-max over the clip)."""
+    a = x[0].detach().float().cpu()
+    if a.dim() == 3:
+        a = a.unsqueeze(1)
+    a = a.permute(1, 2, 3, 0).numpy()  # (T, H, W, C)
+    if a.shape[-1] == 1:
+        a = np.repeat(a, 3, -1)
+    a = a[..., :3]
+    lo, hi = float(a.min()), float(a.max())
+    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+
+
+def _stride(size: int, cells: int) -> float:
+    """Pixels (frames) per token along one axis: the power of two s with size // s == cells."""
+    s = 1
+    while s <= size:
+        if size // s == cells:
+            return s
+        s *= 2
+    return size / cells
+
+
+@dataclass
+class _Canvas:
+    """Input frames aligned with a (T, H, W) token grid, laid out as one horizontal strip."""
+
+    frames: np.ndarray  # (T, Hc, Wc, 3), one per grid time step, cropped to the tokens' extent
+    grid: tuple[int, int, int]
+    sh: float
+    sw: float
+    frame_index: np.ndarray  # input frame shown for each grid time step
+
+    @classmethod
+    def make(cls, x: torch.Tensor, grid3) -> "_Canvas":
+        disp = _display_frames(x)
+        tin, h, w = disp.shape[:3]
+        T, gh, gw = grid3
+        st, sh, sw = _stride(tin, T), _stride(h, gh), _stride(w, gw)
+        idx = np.minimum((np.arange(T) * st).astype(int), tin - 1)
+        hc, wc = int(round(gh * sh)), int(round(gw * sw))
+        return cls(disp[idx, :hc, :wc], tuple(grid3), sh, sw, idx)
+
+    @property
+    def height(self) -> int:
+        return self.frames.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.frames.shape[2]
+
+    def strip(self, frames: Sequence[int] | None = None) -> np.ndarray:
+        sel = range(self.grid[0]) if frames is None else frames
+        return np.concatenate([self.frames[t] for t in sel], axis=1)
+
+    def cell(self, t: int, h: int, w: int, frame_slot: int | None = None) -> tuple[float, float]:
+        """Centre (x, y) of a token in strip coordinates."""
+        slot = t if frame_slot is None else frame_slot
+        return slot * self.width + (w + 0.5) * self.sw, (h + 0.5) * self.sh
+
+    def show(self, ax, heat: np.ndarray | None = None, frames: Sequence[int] | None = None, vmin=None, vmax=None,
+             cmap="magma", alpha=0.75):
+        """Frames (a strip) with an optional (T', H, W) token map on top; returns the heat image."""
+        sel = list(range(self.grid[0]) if frames is None else frames)
+        ax.imshow(self.strip(sel), extent=(0, len(sel) * self.width, self.height, 0), interpolation="nearest")
+        im = None
+        if heat is not None:
+            strip = np.concatenate([heat[t] for t in range(len(sel))], axis=1) if heat.ndim == 3 else heat
+            im = ax.imshow(strip, extent=(0, len(sel) * self.width, self.height, 0), cmap=cmap, alpha=alpha,
+                           vmin=vmin, vmax=vmax, interpolation="nearest")
+        for k in range(1, len(sel)):
+            ax.axvline(k * self.width, color="white", lw=1.5)
+        ax.set_xlim(0, len(sel) * self.width)
+        ax.set_ylim(self.height, 0)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return im
+
+    def mark(self, ax, t, h, w, frames: Sequence[int] | None = None, color="cyan", label=None, marker="s"):
+        sel = list(range(self.grid[0]) if frames is None else frames)
+        if t not in sel:
+            return
+        x, y = self.cell(t, h, w, sel.index(t))
+        ax.plot([x], [y], marker=marker, ms=9, mfc="none", mec=color, mew=2)
+        if label is not None:
+            ax.text(x + 0.5 * self.sw, y - 0.5 * self.sh, label, color=color, fontsize=8, fontweight="bold",
+                    ha="left", va="bottom")
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+@dataclass
+class QueryAttention:
+    """The attention of one query of one block, with what is needed to plot it."""
+
+    capture: AttentionCapture
+    sample: torch.Tensor  # (1, C, [T,] H, W)
+    query: tuple[int, int, int]  # (t, h, w) on the block's grid
+    query_index: int
+    head: int
+    normalize: str  # the reading of ``weights``
+    weights: np.ndarray  # (heads, D, T, H, W): A[head, d, j] for this query
+    u_k: np.ndarray | None  # (heads, D, kt, kh, kw) or None for SA
+    u_v: np.ndarray | None
+
+    @property
+    def grid3(self):
+        return self.capture.grid3
+
+    @property
+    def num_patterns(self) -> int:
+        return self.weights.shape[1]
+
+    def head_weights(self) -> np.ndarray:
+        """(D, T, H, W) for the chosen head."""
+        return self.weights[self.head]
+
+    def mass(self) -> np.ndarray:
+        """(T, H, W): attention on each key position, summed over patterns."""
+        return self.head_weights().sum(0)
+
+    def top_keys(self, k: int) -> list[tuple[int, int, int]]:
+        m = self.mass().reshape(-1)
+        order = np.argsort(-m, kind="stable")[:k]
+        T, H, W = self.grid3
+        return [(int(i // (H * W)), int(i // W % H), int(i % W)) for i in order]
+
+    def kappa(self, key: tuple[int, int, int]) -> np.ndarray:
+        """Dynamic kernel at key position ``key``: sum_d A[d, key] U^V[d], shape (kt, kh, kw)."""
+        if self.u_v is None:
+            raise TypeError("SA blocks have no dynamic kernels")
+        a = self.head_weights()[(slice(None),) + tuple(key)]  # (D,)
+        return np.tensordot(a, self.u_v[self.head], axes=(0, 0))
+
+
+def _check_head(head, heads: int, what: str) -> int:
+    if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < heads:
+        raise ValueError(f"head must be an int in [0, {heads}) ({what} has {heads} heads), got {head!r}")
+    return head
+
+
+def query_attention(model: nn.Module, sample: torch.Tensor, block: int | None = None, query=None, head: int = 0,
+                    normalize: str | None = None, captures: list[AttentionCapture] | None = None) -> QueryAttention:
+    """Capture ``block``'s input on ``sample`` and recompute one query's attention.
+
+    Args:
+        model: a StructViT (or any module with StructViT attention layers).
+        sample: one input, see :func:`prepare_sample`.
+        block: attention block index (see :func:`structvit.viz.capture.attention_layers`);
+            default: the structural block with the largest token grid.
+        query: (h, w) / (t, h, w) or "h,w" / "t,h,w" on the block's token grid; default the centre.
+        head: attention head.
+        normalize: softmax reading, "joint" or "per_pattern"; default the layer's own.
+    """
+    x = prepare_sample(model, sample)
+    if captures is None:
+        captures = capture(model, x, None if block is None else [block])
+    if block is None:
+        cap = default_block(captures)
+    else:
+        found = [c for c in captures if c.index == block]
+        if not found:
+            raise ValueError(f"block {block} was not captured")
+        cap = found[0]
+    qi, pos = query_index(query, cap.grid)
+    head = _check_head(head, cap.num_heads, f"block {cap.index}")
+    w = cap.weights(normalize)[0, :, qi]  # (heads, D, N)
+    T, H, W = cap.grid3
+    w = w.reshape(w.shape[0], w.shape[1], T, H, W).float().cpu().numpy()
+    u_k = u_v = None
+    if cap.kind != "sa":
+        uk, uv = cap.patterns()
+        u_k, u_v = uk.float().cpu().numpy(), uv.float().cpu().numpy()
+    reading = normalize or getattr(cap.module, "normalize", "joint")
+    return QueryAttention(cap, x, pos, qi, head, reading if cap.kind != "sa" else "softmax", w, u_k, u_v)
+
+
+def _common_npz(qa: QueryAttention, model_name: str | None = None) -> dict:
+    return dict(query=np.array(qa.query), query_index=np.array(qa.query_index), grid=np.array(qa.grid3),
+                block=np.array(qa.capture.index), block_name=np.array(qa.capture.name), head=np.array(qa.head),
+                kind=np.array(qa.capture.kind), normalize=np.array(qa.normalize))
+
+
+def _save(fig, path, arrays: dict) -> Path:
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        path = path.with_suffix(".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    np.savez(path.with_suffix(".npz"), **arrays)
+    return path
+
+
+def _kernel_strip(u: np.ndarray) -> np.ndarray:
+    """(kt, kh, kw) -> (kh, kt * (kw + 1) - 1) with NaN gaps between temporal slices."""
+    kt, kh, kw = u.shape
+    if kt == 1:
+        return u[0]
+    out = np.full((kh, kt * (kw + 1) - 1), np.nan)
+    for t in range(kt):
+        out[:, t * (kw + 1): t * (kw + 1) + kw] = u[t]
+    return out
+
+
+def _unit(vmax: float) -> float:
+    """Power of ten the annotations of small kernels are written in (1 if vmax >= 0.1)."""
+    if not vmax > 0 or vmax >= 0.1:
+        return 1.0
+    return 10.0 ** math.floor(math.log10(vmax))
+
+
+def _unit_text(unit: float) -> str:
+    return "" if unit == 1.0 else f" (x1e{int(round(math.log10(unit)))})"
+
+
+def _show_kernel(ax, u: np.ndarray, vmax: float, annotate: bool = True, cmap="RdBu_r", unit: float = 1.0):
+    strip = _kernel_strip(u)
+    cm = _plt().get_cmap(cmap).copy()
+    cm.set_bad("white")
+    im = ax.imshow(np.ma.masked_invalid(strip), cmap=cm, vmin=-vmax, vmax=vmax, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    kt, kh, kw = u.shape
+    if annotate and kh * kw <= 25:
+        fs = 7 if kh * kw <= 9 else 5
+        for t in range(kt):
+            for i in range(kh):
+                for j in range(kw):
+                    val = u[t, i, j]
+                    ax.text(t * (kw + 1) + j, i, f"{val / unit:.2f}" if unit == 1.0 else f"{val / unit:.1f}", ha="center", va="center", fontsize=fs,
+                            color="white" if abs(val) > 0.6 * vmax else "black")
+    return im
+
+
+def _label(qa: QueryAttention) -> str:
+    q = qa.query if qa.grid3[0] > 1 else qa.query[1:]
+    g = qa.grid3 if qa.grid3[0] > 1 else qa.grid3[1:]
+    return (f"block {qa.capture.index} ({qa.capture.name}, {_KIND_LABEL[qa.capture.kind]}), head {qa.head}, "
+            f"query {tuple(q)} on the {'x'.join(map(str, g))} token grid")
+
+
+def _reading_text(normalize: str) -> str:
+    if normalize == "joint":
+        return ("joint softmax: one distribution over all (pattern d, key j) pairs; "
+                "maps share one colour scale, titles give each pattern's share of the total")
+    if normalize == "per_pattern":
+        return "per-pattern softmax: each map is its own distribution over keys (sums to 1), own colour scale"
+    return "softmax over keys"
+
+
+def _pattern_maps(fig, gs, qa: QueryAttention, canvas: _Canvas, maps: np.ndarray, normalize: str, ncols: int,
+                  title_prefix: str = "") -> None:
+    """D attention maps (D, T, H, W) in a sub-grid of ``gs``, styled by their normalisation."""
+    d = maps.shape[0]
+    nrows = math.ceil(d / ncols)
+    sub = gs.subgridspec(nrows, ncols, wspace=0.08, hspace=0.3)
+    shares = maps.reshape(d, -1).sum(1)
+    joint = normalize != "per_pattern"
+    t, h, w = qa.query
+    axes = []
+    for i in range(d):
+        ax = fig.add_subplot(sub[i // ncols, i % ncols])
+        lo, hi = (float(maps.min()), float(maps.max())) if joint else (float(maps[i].min()), float(maps[i].max()))
+        im = canvas.show(ax, maps[i], vmin=lo, vmax=hi if hi > lo else None)
+        canvas.mark(ax, t, h, w)
+        axes.append(ax)
+        if normalize == "joint":
+            ax.set_title(f"{title_prefix}d={i}: share {100 * shares[i]:.1f}%", fontsize=8)
+        elif normalize == "per_pattern":
+            ax.set_title(f"{title_prefix}d={i}: {lo:.3g} to {hi:.3g}", fontsize=8)
+        else:
+            ax.set_title(f"{title_prefix}attention", fontsize=8)
+    if joint:
+        cb = fig.colorbar(im, ax=axes, fraction=0.02, pad=0.01, aspect=30)
+        cb.ax.tick_params(labelsize=6)
+
+
+# --------------------------------------------------------------------------- Fig. 2
+
+
+def attention_figure(model: nn.Module, sample: torch.Tensor, path, *, block: int | None = None, query=None,
+                     head: int = 0, normalize: str | None = None, top_k: int = 4) -> Path:
+    """Fig. 2: structural attention of one query, with the patterns and dynamic kernels.
+
+    Rows: the input with the query (cyan square); the D attention maps A[d, :] over the
+    key grid overlaid on the input (styled by the softmax reading, see
+    :func:`readings_figure`); the D pattern detectors U^K and aggregators U^V (small
+    kernels, blue < 0 < red); the dynamic kernels kappa at the ``top_k`` most attended
+    keys (by attention summed over d), drawn over the window they aggregate on the input
+    and, numbered, next to it. An SA block shows its one attention map only.
+
+    The ``.npz`` holds: ``attention`` (D, T, H, W) for the head, ``attention_all_heads``
+    (heads, D, T, H, W), ``u_k``/``u_v`` (D, kt, kh, kw), ``kappa`` (top_k, kt, kh, kw),
+    ``top_keys`` (top_k, 3), ``top_mass``, ``shares`` (D,), ``frames`` (the input frames
+    shown), and query/grid/block/head/kind/normalize.
+    """
+    plt = _plt()
+    qa = query_attention(model, sample, block, query, head, normalize)
+    canvas = _Canvas.make(qa.sample, qa.grid3)
+    maps = qa.head_weights()
+    d = maps.shape[0]
+    T = qa.grid3[0]
+    structural = qa.u_v is not None
+    if T == 1:
+        ncols = max(d, top_k + 2 if structural else 1)
+        map_cols, width = ncols, max(8.0, 1.9 * ncols)
+    else:  # video: attention maps are strips of T frames, two per row
+        ncols = map_cols = min(d, 2)
+        width = max(10.0, 2 * 1.6 * T + 1.0)
+    map_rows = math.ceil(d / map_cols)
+    heights = [1.0] + [map_rows] + ([0.75, 0.75, 1.1] if structural else [])
+    fig = plt.figure(figsize=(width, 2.1 * sum(heights) + 0.6))
+    gs = fig.add_gridspec(len(heights), 1, height_ratios=heights, hspace=0.45)
+    arrays = _common_npz(qa)
+    arrays.update(attention=maps, attention_all_heads=qa.weights, shares=maps.reshape(d, -1).sum(1),
+                  frames=canvas.frames, frame_index=canvas.frame_index)
+
+    top = gs[0].subgridspec(1, ncols if T == 1 else 2, wspace=0.3)
+    in_span = 1
+    ax = fig.add_subplot(top[0, 0:in_span])
+    canvas.show(ax)
+    canvas.mark(ax, *qa.query, label="q")
+    ax.set_title("input and query" + (" (frames of the key grid)" if T > 1 else ""), fontsize=8)
+    if d > 1:
+        ax = fig.add_subplot(top[0, in_span:in_span + (2 if T == 1 else 1)])
+        shares = maps.reshape(d, -1).sum(1)
+        ax.bar(range(d), 100 * shares, color="tab:orange")
+        ax.set_xticks(range(d))
+        ax.set_xlabel("pattern d", fontsize=7)
+        ax.set_ylabel("%", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.set_title("share of the query's attention per pattern" if qa.normalize != "per_pattern"
+                     else "mass per pattern (each map sums to 1)", fontsize=8)
+    _pattern_maps(fig, gs[1], qa, canvas, maps, qa.normalize, map_cols)
+
+    if structural:
+        h = qa.head
+        for row, (name, u) in enumerate((("U^K (pattern detectors)", qa.u_k[h]), ("U^V (aggregation patterns)", qa.u_v[h]))):
+            sub = gs[2 + row].subgridspec(1, max(d, ncols) if T == 1 else d, wspace=0.1)
+            vmax = float(np.abs(u).max()) or 1.0
+            for i in range(d):
+                ax = fig.add_subplot(sub[0, i])
+                _show_kernel(ax, u[i], vmax, annotate=u.shape[1] == 1)
+                ax.set_title(f"{name.split()[0]}[{i}]", fontsize=8)
+                if i == 0:
+                    ax.set_ylabel(name.split(" ", 1)[1], fontsize=7)
+        keys = qa.top_keys(top_k)
+        kappas = np.stack([qa.kappa(k) for k in keys])
+        mass = qa.mass()
+        top_mass = np.array([mass[k] for k in keys])
+        arrays.update(u_k=qa.u_k[h], u_v=qa.u_v[h], kappa=kappas, top_keys=np.array(keys), top_mass=top_mass)
+        kcols = ncols if T == 1 else top_k + 2
+        sub = gs[4].subgridspec(1, kcols, wspace=0.15)
+        kmax = float(np.abs(kappas).max()) or 1.0
+        unit = _unit(kmax)
+        frames_shown = sorted({k[0] for k in keys} | {qa.query[0]})
+        span = max(1, min(kcols - top_k, 2))
+        ax = fig.add_subplot(sub[0, 0:span])
+        canvas.show(ax, frames=frames_shown)
+        kt, kh, kw = kappas.shape[1:]
+        cm = plt.get_cmap("RdBu_r")
+        for n, (key, kap) in enumerate(zip(keys, kappas)):
+            slot = frames_shown.index(key[0])
+            cx, cy = canvas.cell(*key, frame_slot=slot)
+            x0, y0 = cx - kw / 2 * canvas.sw, cy - kh / 2 * canvas.sh
+            ax.imshow(kap[kt // 2], cmap=cm, vmin=-kmax, vmax=kmax, alpha=0.8, interpolation="nearest",
+                      extent=(x0, x0 + kw * canvas.sw, y0 + kh * canvas.sh, y0))
+            ax.add_patch(plt.Rectangle((x0, y0), kw * canvas.sw, kh * canvas.sh, fill=False, ec="lime", lw=1.2))
+            ax.text(cx, cy, str(n + 1), color="lime", fontsize=9, fontweight="bold", ha="center", va="center",
+                    clip_on=True)
+        canvas.mark(ax, *qa.query, frames=frames_shown)
+        ax.set_xlim(0, len(frames_shown) * canvas.width)
+        ax.set_ylim(canvas.height, 0)
+        ax.set_title("kappa of the top keys over their windows" + (" (centre frame)" if kt > 1 else ""), fontsize=8)
+        for n, (key, kap) in enumerate(zip(keys, kappas)):
+            ax = fig.add_subplot(sub[0, kcols - top_k + n])
+            _show_kernel(ax, kap, kmax, unit=unit, annotate=kt == 1)
+            pos = key if T > 1 else key[1:]
+            ax.set_title(f"kappa {n + 1} at {tuple(pos)}{_unit_text(unit)}\nmass {100 * top_mass[n]:.1f}%",
+                         fontsize=7)
+    fig.suptitle(f"Structural attention (Fig. 2) - {_label(qa)}\n{_reading_text(qa.normalize)}", fontsize=9)
+    return _save(fig, path, arrays)
+
+
+# --------------------------------------------------------------------------- Fig. 3
+
+
+def _require_structural(cap: AttentionCapture, model: nn.Module, what: str) -> None:
+    if cap.kind == "sa":
+        structural = [i for i, (_, m) in enumerate(attention_layers(model)) if isinstance(m, StructSA)]
+        raise ValueError(f"block {cap.index} ({cap.name}) is plain self-attention (SA): {what} needs a StructSA or "
+                         f"ConvSA block; structural blocks of this model: {structural or 'none'}")
+
+
+def kernels_figure(model: nn.Module, sample: torch.Tensor, path, *, block: int | None = None, query=None,
+                   head: int = 0, normalize: str | None = None, top_k: int = 4) -> Path:
+    """Fig. 3: dynamic kernels of one query over the space-time key grid.
+
+    Top row: the query's attention summed over patterns, over the key grid frame by frame
+    (one colour scale for all frames), with the query (cyan) and the ``top_k`` most
+    attended keys (numbered, lime). One row per top key: kappa over its (t, h, w) window,
+    one panel per temporal offset (images: one panel), one symmetric colour scale for all
+    kernels. Needs a StructSA or ConvSA block.
+
+    The ``.npz`` holds ``attention`` (T, H, W) summed over d, ``attention_patterns``
+    (D, T, H, W), ``kappa`` (top_k, kt, kh, kw), ``top_keys`` (top_k, 3), ``top_mass``,
+    ``u_v`` (D, kt, kh, kw), ``frames`` and query/grid/block/head/kind/normalize.
+    """
+    plt = _plt()
+    x = prepare_sample(model, sample)
+    caps = capture(model, x, None if block is None else [block])
+    cap = default_block(caps) if block is None else caps[0]
+    _require_structural(cap, model, "a kernels plot")
+    qa = query_attention(model, x, cap.index, query, head, normalize, captures=[cap])
+    canvas = _Canvas.make(qa.sample, qa.grid3)
+    T = qa.grid3[0]
+    mass = qa.mass()
+    keys = qa.top_keys(top_k)
+    kappas = np.stack([qa.kappa(k) for k in keys])
+    kt = kappas.shape[1]
+    top_mass = np.array([mass[k] for k in keys])
+    kmax = float(np.abs(kappas).max()) or 1.0
+    unit = _unit(kmax)
+    offsets = np.arange(kt) - kt // 2
+    if kt == 1:  # images: keys side by side (locations above their kernels)
+        ncols = max(T, top_k)
+        fig = plt.figure(figsize=(max(7.0, 2.2 * ncols), 7.4))
+        gs = fig.add_gridspec(3, ncols, hspace=0.45, wspace=0.2)
+    else:  # video: one row per key, one column per temporal offset of the window
+        ncols = max(T, kt + 1)
+        fig = plt.figure(figsize=(max(7.0, 2.1 * ncols), 2.2 * (1 + top_k) + 0.5))
+        gs = fig.add_gridspec(1 + top_k, ncols, hspace=0.55, wspace=0.15)
+    lo, hi = float(mass.min()), float(mass.max())
+    top_axes = []
+    for t in range(T):
+        ax = fig.add_subplot(gs[0, t])
+        im = canvas.show(ax, mass[t:t + 1], frames=[t], vmin=lo, vmax=hi if hi > lo else None)
+        canvas.mark(ax, *qa.query, frames=[t], label="q")
+        for n, key in enumerate(keys):
+            canvas.mark(ax, *key, frames=[t], color="lime", label=str(n + 1), marker="o")
+        ax.set_title(f"key frame t={t} (input frame {canvas.frame_index[t]})\nmass {100 * mass[t].sum():.1f}%"
+                     if T > 1 else "attention over keys (sum over d)", fontsize=8)
+        top_axes.append(ax)
+    fig.colorbar(im, ax=top_axes, fraction=0.02, pad=0.01).ax.tick_params(labelsize=6)
+    for n, (key, kap) in enumerate(zip(keys, kappas)):
+        pos = key if T > 1 else key[1:]
+        ax = fig.add_subplot(gs[1, n] if kt == 1 else gs[1 + n, 0])
+        canvas.show(ax, frames=[key[0]])
+        canvas.mark(ax, *key, frames=[key[0]], color="lime", label=str(n + 1), marker="o")
+        canvas.mark(ax, *qa.query, frames=[key[0]])
+        ax.set_title(f"key {n + 1} at {tuple(pos)}, mass {100 * top_mass[n]:.1f}%", fontsize=8)
+        for s in range(kt):
+            ax = fig.add_subplot(gs[2, n] if kt == 1 else gs[1 + n, 1 + s])
+            im = _show_kernel(ax, kap[s:s + 1], kmax, unit=unit)
+            name = f"kappa {n + 1}" + (f", dt={offsets[s]:+d}" if kt > 1 else "")
+            ax.set_title(name + _unit_text(unit), fontsize=8)
+        if n == 0:
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+    arrays = _common_npz(qa)
+    arrays.update(attention=mass, attention_patterns=qa.head_weights(), kappa=kappas, top_keys=np.array(keys),
+                  top_mass=top_mass, u_v=qa.u_v[qa.head], frames=canvas.frames, frame_index=canvas.frame_index)
+    kind = "Video dynamic kernels (Fig. 3)" if T > 1 else "Dynamic kernels"
+    fig.suptitle(f"{kind} - {_label(qa)}\nkappa[j] = sum_d A[d, j] U^V[d] over the "
+                 f"{'x'.join(map(str, kappas.shape[1:]))} (t, h, w) window of each key; "
+                 f"{_reading_text(qa.normalize).split(':')[0]}", fontsize=9)
+    return _save(fig, path, arrays)
+
+
+# --------------------------------------------------------------------------- Fig. 4
+
+
+@torch.no_grad()
+def derive_variants(model: nn.Module, seed: int = 0) -> dict[str, nn.Module]:
+    """SA / ConvSA / StructSA versions of one model that share all its other weights.
+
+    Every StructSA layer is replaced, in copies of ``model``, by (a) a SelfAttention with
+    the same qkv/proj weights ("SA") and (b) a ConvSA (one pattern) with the same
+    qkv/proj whose single pattern is the mean of the layer's D patterns (u_k and u_v),
+    a D = 1 summary of what the layer learned ("ConvSA"). A ConvSA model keeps its
+    pattern and gets the SA copy only. Without separately trained models this is the
+    closest like-for-like comparison: same tokens into the first attention block, same
+    q and k, only the structural part differs.
+    """
+    out = {}
+    sa = copy.deepcopy(model)
+    conv = copy.deepcopy(model)
+    has_struct = has_conv = False
+    for variant, kind in ((sa, "sa"), (conv, "convsa")):
+        for name, m in list(variant.named_modules()):
+            if not isinstance(m, StructSA):
+                continue
+            has_struct |= m.num_patterns > 1
+            has_conv |= m.num_patterns == 1
+            if kind == "sa":
+                new = SelfAttention(m.dim, m.num_heads, qkv_bias=m.qkv.bias is not None)
+            elif m.num_patterns > 1:
+                new = StructSA(m.dim, m.num_heads, window=m.window, num_patterns=1, normalize=m.normalize,
+                               share_patterns=m.share_patterns, qkv_bias=m.qkv.bias is not None, backend=m.backend)
+                new.u_k.copy_(m.u_k.mean(1, keepdim=True))
+                new.u_v.copy_(m.u_v.mean(1, keepdim=True) * (m.num_patterns if m.normalize == "per_pattern" else 1))
+            else:
+                continue
+            new.qkv.load_state_dict(m.qkv.state_dict())
+            new.proj.load_state_dict(m.proj.state_dict())
+            new.to(device=m.qkv.weight.device, dtype=m.qkv.weight.dtype)
+            parent_name, _, attr = name.rpartition(".")
+            parent = variant.get_submodule(parent_name) if parent_name else None
+            if parent is None:
+                variant = new
+            else:
+                setattr(parent, attr, new)
+        if kind == "sa":
+            sa = variant
+        else:
+            conv = variant
+    out["SA (same q, k)"] = sa
+    if has_struct:
+        out["ConvSA (mean pattern)"] = conv
+        out["StructSA"] = model
+    elif has_conv:
+        out["ConvSA"] = model
+    return out
+
+
+def compare_figure(models, sample: torch.Tensor, path, *, block: int | None = None, query=None, head: int = 0) -> Path:
+    """Fig. 4: the attention map of the same query in several models, side by side.
+
+    Args:
+        models: ``{label: model}`` (e.g. separately trained SA, ConvSA and StructSA
+            models of one architecture), or one model, whose SA/ConvSA versions are
+            derived with :func:`derive_variants`.
+        block: attention block index, the same in every model (default: the structural
+            block with the largest grid of the last model).
+
+    Each map is the query's attention over the key grid summed over patterns (for SA the
+    softmax itself), so all models show one distribution over keys; each has its own
+    colour scale (SA maps are flatter). Video: one row per model, one column per key frame.
+    The ``.npz`` holds ``attention`` (models, T, H, W), ``labels``, ``kinds`` and the query.
+    """
+    plt = _plt()
+    if isinstance(models, nn.Module):
+        models = derive_variants(models)
+    if not isinstance(models, Mapping) or not models:
+        raise TypeError("models must be a non-empty {label: model} mapping or one model")
+    labels = list(models)
+    last = models[labels[-1]]
+    x = prepare_sample(last, sample)
+    if block is None:
+        block = default_block(capture(last, x)).index
+    results = []
+    for label in labels:
+        m = models[label]
+        n_layers = len(attention_layers(m))
+        if not 0 <= block < n_layers:
+            raise ValueError(f"block must be an attention block index in [0, {n_layers}) for model {label!r}, "
+                             f"got {block}")
+        results.append(query_attention(m, x, block, query, head))
+    grids = {r.grid3 for r in results}
+    if len(grids) != 1:
+        raise ValueError(f"block {block} has different token grids in the models: {sorted(grids)}")
+    qa0 = results[0]
+    canvas = _Canvas.make(x, qa0.grid3)
+    T = qa0.grid3[0]
+    maps = np.stack([r.mass() for r in results])
+    if T == 1:
+        fig, axes = plt.subplots(1, len(labels) + 1, figsize=(2.6 * (len(labels) + 1), 3.2))
+        canvas.show(axes[0])
+        canvas.mark(axes[0], *qa0.query, label="q")
+        axes[0].set_title("input and query", fontsize=9)
+        for ax, label, r, mp in zip(axes[1:], labels, results, maps):
+            im = canvas.show(ax, mp, vmin=float(mp.min()), vmax=float(mp.max()))
+            canvas.mark(ax, *r.query)
+            ax.set_title(f"{label}\nmax {mp.max():.3f}", fontsize=9)
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+    else:
+        fig, axes = plt.subplots(len(labels), T, figsize=(2.3 * T, 2.3 * len(labels) + 0.4), squeeze=False)
+        for row, (label, r, mp) in enumerate(zip(labels, results, maps)):
+            for t in range(T):
+                ax = axes[row, t]
+                im = canvas.show(ax, mp[t:t + 1], frames=[t], vmin=float(mp.min()), vmax=float(mp.max()))
+                canvas.mark(ax, *r.query, frames=[t])
+                if row == 0:
+                    ax.set_title(f"key frame t={t}", fontsize=9)
+                if t == 0:
+                    ax.set_ylabel(label, fontsize=9)
+            fig.colorbar(im, ax=axes[row, T - 1], fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+    arrays = _common_npz(qa0)
+    arrays.update(attention=maps, labels=np.array(labels), kinds=np.array([r.capture.kind for r in results]),
+                  frames=canvas.frames, frame_index=canvas.frame_index)
+    del arrays["kind"], arrays["normalize"]
+    fig.suptitle(f"SA vs ConvSA vs StructSA (Fig. 4) - block {block}, head {qa0.head}, query "
+                 f"{tuple(qa0.query if T > 1 else qa0.query[1:])}\nattention over keys, summed over patterns; "
+                 f"each map on its own colour scale", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path, arrays)
+
+
+# --------------------------------------------------------------------------- readings
+
+
+def readings_figure(model: nn.Module, sample: torch.Tensor, path, *, block: int | None = None, query=None,
+                    head: int = 0) -> Path:
+    """The two softmax readings of sigma_jD on the same scores of one query.
+
+    Row 1, "joint": one distribution over all (d, j): the D maps share one colour scale
+    and each title gives the pattern's share of the query's total attention (shares sum
+    to 100 %). Row 2, "per_pattern": D distributions over j, each map summing to 1 and
+    shown on its own colour scale. The block's own reading is marked. Needs a StructSA or
+    ConvSA block. The ``.npz`` holds ``joint`` and ``per_pattern`` (D, T, H, W), ``shares``.
+    """
+    plt = _plt()
+    x = prepare_sample(model, sample)
+    caps = capture(model, x, None if block is None else [block])
+    cap = default_block(caps) if block is None else caps[0]
+    _require_structural(cap, model, "a readings plot")
+    res = {r: query_attention(model, x, cap.index, query, head, r, captures=[cap]) for r in ("joint", "per_pattern")}
+    qa = res["joint"]
+    canvas = _Canvas.make(x, qa.grid3)
+    d, T = qa.num_patterns, qa.grid3[0]
+    ncols = d if T == 1 else max(1, min(d, 8 // T))
+    rows = math.ceil(d / ncols)
+    fig = plt.figure(figsize=(max(8.0, (1.9 * max(T, 1)) * ncols), 2.2 * 2 * rows + 1.0))
+    gs = fig.add_gridspec(2, 1, hspace=0.35)
+    own = cap.module.normalize
+    for i, reading in enumerate(("joint", "per_pattern")):
+        _pattern_maps(fig, gs[i], qa, canvas, res[reading].head_weights(), reading, ncols)
+        sub_title = _reading_text(reading) + ("  [the block's own reading]" if reading == own else "")
+        fig.text(0.5, 0.93 - i * 0.47, sub_title, ha="center", fontsize=8, style="italic")
+    arrays = _common_npz(qa)
+    arrays.update(joint=res["joint"].head_weights(), per_pattern=res["per_pattern"].head_weights(),
+                  shares=res["joint"].head_weights().reshape(d, -1).sum(1), frames=canvas.frames)
+    arrays["normalize"] = np.array(own)
+    fig.suptitle(f"Both readings of sigma_jD - {_label(qa)}", fontsize=9, y=0.99)
+    return _save(fig, path, arrays)
+
+
+# --------------------------------------------------------------------------- all of them
+
+
+def write_demo_figures(model: nn.Module, sample: torch.Tensor, out_dir, *, block: int | None = None, query=None,
+                       head: int = 0, compare_models: Mapping[str, nn.Module] | None = None,
+                       prefix: str | None = None) -> list[Path]:
+    """One of each figure for ``model`` on ``sample``; returns the PNG paths (each with a .npz).
+
+    Files (``prefix`` default "image" or "video"): ``{prefix}_attention.png`` (Fig. 2),
+    ``{prefix}_kernels.png`` (Fig. 3; for a video model the space-time kernels),
+    ``{prefix}_compare.png`` (Fig. 4: ``compare_models`` if given, else the derived SA /
+    ConvSA variants of ``model``) and ``{prefix}_readings.png`` (joint vs per_pattern).
+    """
+    out_dir = Path(out_dir)
+    prefix = prefix or ("video" if getattr(model, "video", False) else "image")
+    kw = dict(block=block, query=query, head=head)
+    paths = [attention_figure(model, sample, out_dir / f"{prefix}_attention.png", **kw),
+             kernels_figure(model, sample, out_dir / f"{prefix}_kernels.png", **kw),
+             compare_figure(compare_models if compare_models is not None else model, sample,
+                            out_dir / f"{prefix}_compare.png", **kw),
+             readings_figure(model, sample, out_dir / f"{prefix}_readings.png", **kw)]
+    return paths
