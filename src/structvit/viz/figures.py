@@ -299,8 +299,7 @@ def _unit_text(unit: float) -> str:
 
 def _show_kernel(ax, u: np.ndarray, vmax: float, annotate: bool = True, cmap="RdBu_r", unit: float = 1.0):
     strip = _kernel_strip(u)
-    cm = _plt().get_cmap(cmap).copy()
-    cm.set_bad("white")
+    cm = _plt().get_cmap(cmap).with_extremes(bad="white")
     im = ax.imshow(np.ma.masked_invalid(strip), cmap=cm, vmin=-vmax, vmax=vmax, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
