@@ -61,7 +61,7 @@ def test_moving_digits_shapes_balance_split_and_speed():
     t0 = time.perf_counter()
     tr_clips, tr_labels, tr_src = make_moving_digits("train", seed=123)
     va_clips, va_labels, va_src = make_moving_digits("val", seed=123)
-    assert time.perf_counter() - t0 < 10
+    assert time.perf_counter() - t0 < 30  # ~2 s on 2 idle cores
     assert tr_clips.shape == (1438, 8, 32, 32, 3) and tr_clips.dtype == torch.uint8
     assert va_clips.shape == (359, 8, 32, 32, 3)
     counts = torch.bincount(tr_labels, minlength=10)

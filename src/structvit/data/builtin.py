@@ -30,6 +30,13 @@ order (e.g. averages frames) cannot beat 50 % on them; it can only tell the five
 apart.  The distractors (fragments of other digits, dimmer and smaller, drifting at
 random constant velocities) and the background clutter are drawn independently of the
 class, with time-symmetric distributions.  Everything is deterministic given ``seed``.
+
+Difficulty (defaults, 32x32 frames): the digit is 10-13 px and moves only 0.6-1.3 px per
+frame (less than one 4x4 patch of a StructViT stem), with 0.8 px of per-frame position
+jitter; zoom is 4-8 % per frame, rotation 6-12 degrees per frame; three distractors and
+Gaussian pixel noise (std 0.05).  ``num_distractors``, ``clutter`` and ``noise`` are
+arguments of :func:`make_moving_digits`.  Generating the 1,438 training clips takes
+about 2 s on one CPU core.
 """
 from __future__ import annotations
 
@@ -176,9 +183,9 @@ def make_moving_digits(
     num_frames: int = 8,
     size: int = 32,
     clips_per_image: int = 1,
-    num_distractors: int = 2,
+    num_distractors: int = 3,
     clutter: float = 0.25,
-    noise: float = 0.03,
+    noise: float = 0.05,
     labels=None,
     source_index=None,
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -218,16 +225,16 @@ def make_moving_digits(
     u = lambda lo, hi, shape=(n,): rng.uniform(lo, hi, size=shape)  # noqa: E731
     tt = np.arange(t, dtype=np.float64)[None, :]
     side = u(0.32, 0.42) * s  # digit side in pixels
-    speed = u(0.045, 0.075) * s  # pixels per frame
+    speed = u(0.02, 0.04) * s  # pixels per frame (0.6-1.3 px at 32 px: less than a 4x4 patch)
     perp = u(0.3, 0.7) * s  # coordinate across the motion
     frac = u(0, 1)  # where the travelled segment sits
     zoom_small = u(0.22, 0.28) * s
-    zoom_rate = u(1.08, 1.13)
+    zoom_rate = u(1.04, 1.08)
     zoom_c = u(0.4, 0.6, (2, n)) * s
-    rot_step = np.deg2rad(u(12, 22))
+    rot_step = np.deg2rad(u(6, 12))
     rot0 = np.deg2rad(u(-30, 30))
     rot_c = u(0.35, 0.65, (2, n)) * s
-    jitter = rng.normal(0, 0.02 * s, size=(2, n, t))
+    jitter = rng.normal(0, 0.025 * s, size=(2, n, t))
     tilt = np.deg2rad(u(-10, 10))
     color = u(0.65, 1.0, (n, 3))
     # --- canonical trajectories (class 0, 2, 4, 6, 8 of each pair) --------------------------
@@ -269,16 +276,16 @@ def make_moving_digits(
         other = rng.integers(0, len(images), size=n)
         oy, ox = rng.integers(0, 5, size=(2, n))
         frag = np.stack([images[o, y:y + 4, x:x + 4] for o, y, x in zip(other, oy, ox)])
-        d_side = u(0.18, 0.26) * s
+        d_side = u(0.2, 0.3) * s
         d0 = u(0.1, 0.9, (2, n)) * s
-        dv = rng.uniform(-0.06, 0.06, size=(2, n)) * s
+        dv = rng.uniform(-0.04, 0.04, size=(2, n)) * s
         d_ang = u(-math.pi, math.pi)
         dcx = torch.from_numpy(d0[0][:, None] + dv[0][:, None] * (tt - (t - 1) / 2)).float()
         dcy = torch.from_numpy(d0[1][:, None] + dv[1][:, None] * (tt - (t - 1) / 2)).float()
         alpha = render_sprites(torch.from_numpy(frag).float().unsqueeze(1), dcx, dcy,
                                torch.from_numpy(np.repeat(d_side[:, None], t, 1)).float(),
                                torch.from_numpy(np.repeat(d_ang[:, None], t, 1)).float(), size=size)
-        layers.append((alpha * torch.from_numpy(u(0.35, 0.7))[:, None, None, None].float(),
+        layers.append((alpha * torch.from_numpy(u(0.4, 0.8))[:, None, None, None].float(),
                        torch.from_numpy(u(0.4, 0.9, (n, 3))).float()))
     # --- background: static low-frequency clutter + per-frame noise -------------------------
     bg_col = torch.from_numpy(u(0.0, 0.35, (n, 3))).float()
@@ -330,7 +337,7 @@ class _ConstCount:
 
 def moving_digits_dataset(split: str = "train", *, sampler=None, transform=None, train: bool | None = None,
                           seed: int = 0, num_frames: int = 8, size: int = 32, clips_per_image: int = 1,
-                          num_distractors: int = 2, clutter: float = 0.25, noise: float = 0.03):
+                          num_distractors: int = 3, clutter: float = 0.25, noise: float = 0.05):
     """Moving digits as a :class:`~structvit.data.datasets.VideoDataset` (same interface and
     sample format as the real benchmarks: ``(clip (C, T, H, W), label)``).
 
