@@ -38,17 +38,21 @@ __all__ = ["flop_counter", "count_flops_by_block", "attention_flops_analytic", "
 
 def flop_counter(display: bool = False):
     """A FlopCounterMode that also counts CPU fused attention (see the module docstring)."""
-    from torch.utils.flop_counter import FlopCounterMode, flop_registry
+    from torch.utils import flop_counter as fc
 
-    aten = torch.ops.aten
+    def cpu_sdpa(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_flop_count(query, key, value)
+
+    def cpu_sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_backward_flop_count(grad_out, query, key, value)
+
     custom = {}
-    pairs = (("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention"),
-             ("_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_flash_attention_backward"))
-    for name, like in pairs:
-        op, ref = getattr(aten, name, None), getattr(aten, like, None)
-        if op is not None and ref in flop_registry and op not in flop_registry:
-            custom[op] = flop_registry[ref]
-    return FlopCounterMode(display=display, custom_mapping=custom)
+    for name, formula in (("_scaled_dot_product_flash_attention_for_cpu", cpu_sdpa),
+                          ("_scaled_dot_product_flash_attention_for_cpu_backward", cpu_sdpa_backward)):
+        op = getattr(torch.ops.aten, name, None)
+        if op is not None and op not in fc.flop_registry:
+            custom[op] = formula  # FlopCounterMode hands custom formulas the shapes of the arguments
+    return fc.FlopCounterMode(display=display, custom_mapping=custom)
 
 
 # --------------------------------------------------------------------------- analytic

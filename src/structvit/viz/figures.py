@@ -702,18 +702,20 @@ def readings_figure(model: nn.Module, sample: torch.Tensor, path, *, block: int 
     d, T = qa.num_patterns, qa.grid3[0]
     ncols = d if T == 1 else max(1, min(d, 8 // T))
     rows = math.ceil(d / ncols)
-    fig = plt.figure(figsize=(max(8.0, (1.9 * max(T, 1)) * ncols), 2.2 * 2 * rows + 1.0))
-    gs = fig.add_gridspec(2, 1, hspace=0.35)
+    strip_w = 1.9 if T == 1 else 1.5 * T  # a panel: one map, or a strip of T frames
+    row_h = strip_w / max(T, 1) * canvas.height / canvas.width + 0.4
+    fig = plt.figure(figsize=(strip_w * ncols + 0.8, row_h * 2 * rows + 0.9),
+                     layout="constrained" if T == 1 else None)
     own = cap.module.normalize
-    for i, reading in enumerate(("joint", "per_pattern")):
-        _pattern_maps(fig, gs[i], qa, canvas, res[reading].head_weights(), reading, ncols)
-        sub_title = _reading_text(reading) + ("  [the block's own reading]" if reading == own else "")
-        fig.text(0.5, 0.93 - i * 0.47, sub_title, ha="center", fontsize=8, style="italic")
+    for sub, reading in zip(fig.subfigures(2, 1, hspace=0.04), ("joint", "per_pattern")):
+        _pattern_maps(sub, sub.add_gridspec(1, 1)[0], qa, canvas, res[reading].head_weights(), reading, ncols)
+        sub.suptitle(f"{reading}: " + _reading_text(reading).split(": ", 1)[1]
+                     + ("  [the block's own reading]" if reading == own else ""), fontsize=8, style="italic")
     arrays = _common_npz(qa)
     arrays.update(joint=res["joint"].head_weights(), per_pattern=res["per_pattern"].head_weights(),
                   shares=res["joint"].head_weights().reshape(d, -1).sum(1), frames=canvas.frames)
     arrays["normalize"] = np.array(own)
-    fig.suptitle(f"Both readings of sigma_jD - {_label(qa)}", fontsize=9, y=0.99)
+    fig.suptitle(f"Both readings of sigma_jD - {_label(qa)}", fontsize=9, **({} if T == 1 else {"y": 1.02}))
     return _save(fig, path, arrays)
 
 
