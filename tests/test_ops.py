@@ -10,10 +10,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reference import random_inputs, reference_struct_attention
-from structvit.ops import choose_backend, estimate_cost, struct_attention
+from structvit.ops import choose_backend, estimate_cost, native, struct_attention
 from structvit.ops.backends import correlation
 
-BACKENDS = ["naive", "correlation", "keyconv", "auto"]
+# "fused" needs a C++ compiler to build its CPU kernel on first use; everything else always runs.
+HAS_NATIVE = native.available()
+BACKENDS = ["naive", "correlation", "keyconv", "auto"] + (["fused"] if HAS_NATIVE else [])
+EXPLICIT = [b for b in BACKENDS if b != "auto"]
 NORMALIZE = ["joint", "per_pattern"]
 
 # (grid, window): images and video, windows up to 5x5x5, grids smaller than the window.
@@ -103,7 +106,7 @@ def test_bfloat16_runs_and_is_close(backend):
     assert rel < 5e-2, f"{backend}: bf16 relative error {rel:.2e}"
 
 
-@pytest.mark.parametrize("backend", ["naive", "correlation", "keyconv"])
+@pytest.mark.parametrize("backend", EXPLICIT)
 @pytest.mark.parametrize("normalize", NORMALIZE)
 @pytest.mark.parametrize("grid,window,shared", [((3, 3), (3, 3), False), ((2, 2, 2), (3, 1, 3), True)])
 def test_gradcheck(backend, normalize, grid, window, shared):
@@ -115,12 +118,12 @@ def test_gradcheck(backend, normalize, grid, window, shared):
 def test_gradients_agree_across_backends():
     grid, window = (2, 3, 3), (3, 3, 3)
     grads = {}
-    for backend in ["naive", "correlation", "keyconv"]:
+    for backend in EXPLICIT:
         inputs = random_inputs(2, 2, grid, 4, 3, window, requires_grad=True)
         out = struct_attention(*inputs, grid, backend=backend)
         (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
         grads[backend] = [t.grad for t in inputs]
-    for backend in ["correlation", "keyconv"]:
+    for backend in EXPLICIT[1:]:
         for g, g_ref in zip(grads[backend], grads["naive"]):
             torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-10)
 
@@ -184,6 +187,30 @@ def test_keyconv_cannot_return_weights():
     q, k, v, u_k, u_v = random_inputs(1, 1, (3, 3), 4, 2, (3, 3))
     with pytest.raises(ValueError, match="return_weights.*keyconv"):
         struct_attention(q, k, v, u_k, u_v, (3, 3), backend="keyconv", return_weights=True)
+
+
+@pytest.mark.skipif(not HAS_NATIVE, reason="no C++ compiler for the fused CPU kernel")
+def test_fused_limits_and_chunking(monkeypatch):
+    from structvit.ops import backends
+
+    q, k, v, u_k, u_v = random_inputs(2, 3, (3, 4, 5), 4, 2, (3, 3, 3))
+    with pytest.raises(ValueError, match="return_weights.*fused"):
+        struct_attention(q, k, v, u_k, u_v, (3, 4, 5), backend="fused", return_weights=True)
+    with pytest.raises(ValueError, match="dropout_p > 0 is not supported by backend='fused'"):
+        struct_attention(q, k, v, u_k, u_v, (3, 4, 5), backend="fused", dropout_p=0.1)
+    # rows processed in many small chunks give the same values and gradients as one chunk
+    ref, _ = reference_struct_attention(q, k, v, u_k, u_v, (3, 4, 5))
+    monkeypatch.setattr(backends, "FUSED_CHUNK_ELEMENTS", 2 * 3 * 60 * 7)  # 7 rows a chunk, last chunk shorter
+    inputs = [t.requires_grad_() for t in (q, k, v, u_k, u_v)]
+    out = struct_attention(*inputs, (3, 4, 5), backend="fused")
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    out.pow(2).sum().backward()
+    grads = [t.grad.clone() for t in inputs]
+    for t in inputs:
+        t.grad = None
+    struct_attention(*inputs, (3, 4, 5), backend="naive").pow(2).sum().backward()
+    for g, t in zip(grads, inputs):
+        torch.testing.assert_close(g, t.grad, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("backend", ["naive", "correlation", "keyconv"])

@@ -228,8 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="what", required=True)
     op = sub.add_parser("op", help="StructSA backends vs SA, fwd+bwd time and peak memory")
     op.add_argument("--cases", nargs="+", default=["image", "video"], choices=sorted(OP_CASES))
-    op.add_argument("--backends", nargs="+", default=["naive", "correlation", "keyconv", "auto"],
-                    choices=["naive", "correlation", "keyconv", "auto"])
+    op.add_argument("--backends", nargs="+", default=["naive", "correlation", "keyconv", "fused", "auto"],
+                    choices=["naive", "correlation", "keyconv", "fused", "auto"])
     op.add_argument("--normalize", default="joint", choices=["joint", "per_pattern"])
     op.add_argument("--device", default="cpu")
     op.add_argument("--dtype", default="float32", choices=sorted(DTYPES))

@@ -14,9 +14,12 @@ See ../../../README.md and DESIGN.md section 1 for the equations.
 """
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .grid import Grid3, depthwise_pattern_weight, grid_conv, grid_conv_transpose, neighbour_index
 
 
@@ -133,3 +136,111 @@ def keyconv(q, k, v, u_k, u_v, grid: Grid3, normalize: str, scale: float, dropou
 
 
 BACKENDS = {"naive": naive, "correlation": correlation, "keyconv": keyconv}
+
+
+# ----------------------------------------------------------------------------- fused (CPU)
+
+# Query rows are processed in chunks of about this many correlation-map elements
+# (B * heads * rows * N), so the op holds O(chunk) instead of O(B heads N^2) memory.
+FUSED_CHUNK_ELEMENTS = 1 << 20
+
+
+def _ptr(t: torch.Tensor):
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _chunks(bh: int, n: int, chunk_elements: int):
+    rows = max(1, min(n, chunk_elements // max(1, bh * n)))
+    return [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
+
+
+class _FoldedCPU(torch.autograd.Function):
+    """Folded form with the key-grid convolution, softmax and transposed convolution of
+    each query row fused in one CPU kernel (``csrc/folded_cpu.cpp``); the GEMMs stay in
+    PyTorch. Nothing of size D*N^2 is stored: backward recomputes it from Q, K and the
+    per-row log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, u_k, u_v, grid, joint, scale):
+        lib = native.load()
+        b, h, n, c = q.shape
+        bh, d = b * h, u_k.shape[1]
+        hu = u_k.shape[0]
+        uk = u_k.flatten(2).transpose(1, 2).contiguous()  # (hu, M, D), offset-major
+        uv = u_v.flatten(2).transpose(1, 2).contiguous()
+        dims = torch.tensor(list(grid) + list(u_k.shape[2:]) + [d, h, hu], dtype=torch.int64)
+        q2, k2, v2 = q.reshape(bh, n, c), k.reshape(bh, n, c), v.reshape(bh, n, -1)
+        out = torch.empty(bh, n, v.shape[-1], dtype=q.dtype)
+        lse = torch.empty(bh, n, 1 if joint else d, dtype=q.dtype)
+        kt = k2.transpose(1, 2)
+        fwd = lib.structsa_folded_forward_f64 if q.dtype == torch.float64 else lib.structsa_folded_forward_f32
+        threads = torch.get_num_threads()
+        for r0, r1 in _chunks(bh, n, FUSED_CHUNK_ELEMENTS):
+            s0 = torch.matmul(q2[:, r0:r1] * scale, kt).contiguous()  # (BH, R, N)
+            at = torch.empty_like(s0)
+            lse_c = torch.empty(bh, r1 - r0, lse.shape[-1], dtype=q.dtype)
+            fwd(_ptr(s0), _ptr(uk), _ptr(uv), _ptr(at), _ptr(lse_c), bh, r1 - r0, _ptr(dims), int(joint), threads)
+            lse[:, r0:r1] = lse_c
+            torch.matmul(at, v2, out=out[:, r0:r1])
+        ctx.save_for_backward(q, k, v, uk, uv, out, lse, dims)
+        ctx.joint, ctx.scale, ctx.u_shape = joint, scale, u_k.shape
+        return out.reshape(b, h, n, -1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        lib = native.load()
+        q, k, v, uk, uv, out, lse, dims = ctx.saved_tensors
+        b, h, n, c = q.shape
+        bh = b * h
+        scale, joint = ctx.scale, ctx.joint
+        q2, k2, v2 = q.reshape(bh, n, c), k.reshape(bh, n, c), v.reshape(bh, n, -1)
+        dy = grad_out.reshape(bh, n, -1).contiguous()
+        # joint softmax: sum_{j,d} A dA = sum_j' At dAt = dY_i . Y_i (per pattern: done in the kernel)
+        rowdot = (dy * out).sum(-1, keepdim=True) if joint else torch.zeros(bh, n, 1, dtype=q.dtype)
+        dq, dk, dv = torch.empty_like(q2), torch.zeros_like(k2), torch.zeros_like(v2)
+        duk, duv = torch.zeros_like(uk), torch.zeros_like(uv)
+        kt, vt = k2.transpose(1, 2), v2.transpose(1, 2)
+        bwd = lib.structsa_folded_backward_f64 if q.dtype == torch.float64 else lib.structsa_folded_backward_f32
+        threads = torch.get_num_threads()
+        for r0, r1 in _chunks(bh, n, FUSED_CHUNK_ELEMENTS):
+            qc = q2[:, r0:r1]
+            s0 = torch.matmul(qc * scale, kt).contiguous()
+            dat = torch.matmul(dy[:, r0:r1], vt).contiguous()  # dAt = dY V^T
+            at, ds0 = torch.empty_like(s0), torch.empty_like(s0)
+            lse_c, rd_c = lse[:, r0:r1].contiguous(), rowdot[:, r0:r1].contiguous()
+            bwd(_ptr(s0), _ptr(dat), _ptr(lse_c), _ptr(rd_c), _ptr(uk), _ptr(uv), _ptr(at), _ptr(ds0), _ptr(duk),
+                _ptr(duv), bh, r1 - r0, _ptr(dims), int(joint), threads)
+            dv.baddbmm_(at.transpose(1, 2), dy[:, r0:r1])
+            torch.matmul(ds0, k2, out=dq[:, r0:r1])
+            dk.baddbmm_(ds0.transpose(1, 2), qc)
+        dq.mul_(scale)
+        dk.mul_(scale)
+        shape = ctx.u_shape
+        duk = duk.transpose(1, 2).reshape(shape)
+        duv = duv.transpose(1, 2).reshape(shape)
+        return (dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), duk, duv, None, None, None)
+
+
+def fused(q, k, v, u_k, u_v, grid: Grid3, normalize: str, scale: float, dropout_p: float, return_weights: bool):
+    """The folded form (form 4) with each query row's convolution, softmax and transposed
+    convolution fused in one CPU kernel, rows in chunks; O(N) memory beyond the inputs.
+
+    CPU only; float32 and float64 (bfloat16/float16 are computed in float32). No
+    attention dropout and no weights (use "correlation" for those).
+    """
+    if return_weights:
+        raise ValueError("return_weights=True is not supported by backend='fused' (the kernel never stores the "
+                         "weights); use backend='correlation' or 'naive'")
+    if dropout_p > 0:
+        raise ValueError("dropout_p > 0 is not supported by backend='fused'; use 'correlation' or 'keyconv'")
+    if q.device.type != "cpu":
+        raise ValueError(f"backend='fused' runs on the CPU only, got tensors on {q.device}")
+    dtype = q.dtype
+    if dtype not in (torch.float32, torch.float64):
+        q, k, v, u_k, u_v = (t.float() for t in (q, k, v, u_k, u_v))
+    q, k, v, u_k, u_v = (t.contiguous() for t in (q, k, v, u_k, u_v))
+    out = _FoldedCPU.apply(q, k, v, u_k, u_v, grid, normalize == "joint", scale)
+    return out.to(dtype), None
+
+
+BACKENDS["fused"] = fused

@@ -1,0 +1,83 @@
+"""Build and load the fused CPU kernel (``csrc/folded_cpu.cpp``) on first use.
+
+The kernel has a plain C ABI and no PyTorch headers, so it compiles in about a
+second with the system C++ compiler and loads with :mod:`ctypes`. The shared library
+is cached under ``$STRUCTVIT_CACHE`` (default ``~/.cache/structvit``), keyed by the
+source, the compiler flags and the CPU's feature flags (it is built with
+``-march=native``). Without a compiler the "fused" backend is simply unavailable and
+"auto" does not pick it.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("csrc") / "folded_cpu.cpp"
+FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+
+class NativeUnavailable(RuntimeError):
+    """The fused CPU kernel could not be built or loaded."""
+
+
+def _cpu_key() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("STRUCTVIT_CACHE", Path.home() / ".cache" / "structvit"))
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> ctypes.CDLL:
+    """The loaded kernel library; raises :class:`NativeUnavailable` with the reason."""
+    if os.environ.get("STRUCTVIT_DISABLE_NATIVE"):
+        raise NativeUnavailable("disabled by STRUCTVIT_DISABLE_NATIVE")
+    cxx = _compiler()
+    if cxx is None:
+        raise NativeUnavailable("no C++ compiler found (set CXX, or install g++)")
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join([cxx] + FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
+    lib_path = cache_dir() / f"structsa_folded_{key}.so"
+    if not lib_path.exists():
+        lib_path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
+            out = Path(tmp) / lib_path.name
+            res = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+            if res.returncode != 0:
+                raise NativeUnavailable(f"compiling {SOURCE.name} failed:\n{res.stderr[-3000:]}")
+            os.replace(out, lib_path)  # atomic: concurrent builders leave one complete file
+    lib = ctypes.CDLL(str(lib_path))
+    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    for suffix in ("f32", "f64"):
+        getattr(lib, f"structsa_folded_forward_{suffix}").argtypes = [ptr] * 5 + [i64, i64, ptr, cint, cint]
+        getattr(lib, f"structsa_folded_backward_{suffix}").argtypes = [ptr] * 10 + [i64, i64, ptr, cint, cint]
+    return lib
+
+
+def available() -> bool:
+    """Whether the fused CPU kernel can be used here (builds it on the first call)."""
+    try:
+        load()
+        return True
+    except NativeUnavailable:
+        return False
