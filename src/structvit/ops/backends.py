@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native
-from .grid import Grid3, depthwise_pattern_weight, grid_conv, grid_conv_transpose, neighbour_index
+from .grid import Grid3, depthwise_pattern_weight, grid_conv, neighbour_index
 
 
 def _normalise(scores: torch.Tensor, normalize: str) -> torch.Tensor:
@@ -98,7 +98,7 @@ def correlation(q, k, v, u_k, u_v, grid: Grid3, normalize: str, scale: float, dr
         value_side = "folded" if m * d <= d * cv else "shifted"
     if value_side == "folded":
         wv = depthwise_pattern_weight(u_v, h, n)  # (h * N * D, 1, k...): transposed-conv weight
-        folded = grid_conv_transpose(attn.reshape(b, h * n * d, n), wv, grid, groups=h * n)  # (B, h*N, N)
+        folded = grid_conv(attn.reshape(b, h * n * d, n), wv, grid, groups=h * n, transposed=True)  # (B, h*N, N)
         out = torch.matmul(folded.reshape(b, h, n, n), v)
     elif value_side == "shifted":
         v_pat = pattern_conv(v, u_v, grid).reshape(b, h, d * n, cv)  # [V^1 ... V^D]

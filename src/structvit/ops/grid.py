@@ -16,15 +16,18 @@ import torch.nn.functional as F
 Grid3 = tuple[int, int, int]
 
 
-def grid_conv(x: torch.Tensor, weight: torch.Tensor, grid: Grid3, groups: int) -> torch.Tensor:
-    """Zero-padded, size-preserving grouped cross-correlation over the grid.
+def grid_conv(x: torch.Tensor, weight: torch.Tensor, grid: Grid3, groups: int, transposed: bool = False) -> torch.Tensor:
+    """Zero-padded, size-preserving grouped (transposed) cross-correlation over the grid.
 
-    ``out[b, c_out, j] = sum_o weight[c_out, c_in, o] * x[b, c_in, j + o]`` (zero
-    outside the grid), the offset ``o`` running over the centred window.
+    ``transposed=False``: ``out[b, c_out, j] = sum_o weight[c_out, c_in, o] * x[b, c_in, j + o]``;
+    ``transposed=True``: ``out[b, c_out, j] = sum_o weight[c_in, c_out, o] * x[b, c_in, j - o]``,
+    the adjoint, used to fold the value side of StructSA. Zero outside the grid; the
+    offset ``o`` runs over the centred window.
 
     Args:
         x: (B', C_in, N) with N = T * H * W.
-        weight: (C_out, C_in // groups, kt, kh, kw), odd window sizes.
+        weight: (C_out, C_in // groups, kt, kh, kw), or (C_in, C_out // groups, kt, kh, kw)
+            when transposed; odd window sizes.
         grid: (T, H, W).
         groups: number of groups, as in ``torch.nn.functional.conv3d``.
 
@@ -37,36 +40,11 @@ def grid_conv(x: torch.Tensor, weight: torch.Tensor, grid: Grid3, groups: int) -
     if T == 1:
         # The temporal taps of a kt > 1 window only ever see zero padding when
         # T == 1, so only the centre slice contributes: a 2-D conv is exact.
-        w2 = weight[:, :, kt // 2]
-        y = F.conv2d(x.reshape(b, -1, H, W), w2, padding=(kh // 2, kw // 2), groups=groups)
+        conv = F.conv_transpose2d if transposed else F.conv2d
+        y = conv(x.reshape(b, -1, H, W), weight[:, :, kt // 2], padding=(kh // 2, kw // 2), groups=groups)
     else:
-        y = F.conv3d(x.reshape(b, -1, T, H, W), weight, padding=(kt // 2, kh // 2, kw // 2), groups=groups)
-    return y.reshape(b, y.shape[1], T * H * W)
-
-
-def grid_conv_transpose(x: torch.Tensor, weight: torch.Tensor, grid: Grid3, groups: int) -> torch.Tensor:
-    """Zero-padded, size-preserving grouped transposed convolution over the grid.
-
-    ``out[b, c_out, j] = sum_o sum_c_in weight[c_in, c_out, o] * x[b, c_in, j - o]``:
-    the adjoint of :func:`grid_conv`, used to fold the value side of StructSA.
-
-    Args:
-        x: (B', C_in, N).
-        weight: (C_in, C_out // groups, kt, kh, kw).
-        grid: (T, H, W).
-        groups: number of groups.
-
-    Returns:
-        (B', C_out, N).
-    """
-    T, H, W = grid
-    kt, kh, kw = weight.shape[-3:]
-    b = x.shape[0]
-    if T == 1:
-        w2 = weight[:, :, kt // 2]
-        y = F.conv_transpose2d(x.reshape(b, -1, H, W), w2, padding=(kh // 2, kw // 2), groups=groups)
-    else:
-        y = F.conv_transpose3d(x.reshape(b, -1, T, H, W), weight, padding=(kt // 2, kh // 2, kw // 2), groups=groups)
+        conv = F.conv_transpose3d if transposed else F.conv3d
+        y = conv(x.reshape(b, -1, T, H, W), weight, padding=(kt // 2, kh // 2, kw // 2), groups=groups)
     return y.reshape(b, y.shape[1], T * H * W)
 
 
