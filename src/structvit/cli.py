@@ -1,7 +1,7 @@
 """The ``structvit`` command.
 
-Each sub-command lives in its own module with a ``main(argv)`` entry point and is
-imported only when called, so ``structvit --help`` stays fast.
+Each sub-command lives in its own module with a ``main(argv)`` entry point (or a named
+function, ``"module:function"``) and is imported only when called, so ``structvit --help`` stays fast.
 """
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ COMMANDS = {
     "data": ("structvit.data.check", "dataset tools: `structvit data check --dataset NAME --root DIR`"),
     "viz": ("structvit.viz.cli", "figures: `structvit viz attention|kernels|compare ...`"),
     "report": ("structvit.report", "parameters, GFLOPs, activation memory and throughput of a model"),
+    "fit": ("structvit.engine.cli:fit", "train: `structvit fit --config configs/digits_structvit_tiny.yaml`"),
+    "validate": ("structvit.engine.cli:validate", "evaluate on the validation split (`--ckpt_path best|last|FILE`)"),
+    "test": ("structvit.engine.cli:test", "test, multi-view for video (`--ckpt_path best|last|FILE`)"),
+    "predict": ("structvit.engine.cli:predict", "write top-k predictions of the test split to a CSV"),
 }
 
 
@@ -41,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"structvit: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    target, _, func = COMMANDS[name][0].partition(":")  # "module" (its main) or "module:function"
+    module = importlib.import_module(target)
+    return int(getattr(module, func or "main")(rest) or 0)
 
 
 if __name__ == "__main__":

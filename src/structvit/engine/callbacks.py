@@ -1,0 +1,148 @@
+"""Callbacks of the engine.
+
+* :class:`StructViTCheckpoint`: Lightning's ``ModelCheckpoint`` (``dirpath`` defaults to
+  ``<default_root_dir>/checkpoints``, so ``--ckpt_path last`` finds the last checkpoint of
+  the run) that also exports every checkpoint it keeps as ``<name>.safetensors`` (the
+  model's weights; ``<name>.ema.safetensors`` for the EMA weights) with the model name,
+  its kwargs, the class names and the resolved run config as metadata, and saves
+  ``last`` once more when training ends.
+* :class:`DeterministicData`: swaps the data module's training loader for a
+  :class:`~structvit.engine.loaders.ResumableLoader` (exact resume, same global batches
+  on any number of processes) and, on several processes, its evaluation loaders for
+  unpadded shards.
+* :class:`Throughput`: logs ``train/samples_per_sec`` (and shows it in the progress bar).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from .loaders import ResumableLoader, ShardedEvalLoader
+from .weights import save_weights
+
+__all__ = ["StructViTCheckpoint", "DeterministicData", "Throughput", "export_safetensors"]
+
+
+def export_safetensors(trainer: "L.Trainer", pl_module: "L.LightningModule", path: str) -> list[str]:
+    """Write the module's model (and EMA) weights next to ``path`` as safetensors; all ranks
+    must call (the full state dict may need a collective), rank 0 writes."""
+    sd = trainer.strategy.lightning_module_state_dict()
+    base = path[:-len(".ckpt")] if path.endswith(".ckpt") else path
+    meta = pl_module.export_metadata() if hasattr(pl_module, "export_metadata") else {}
+    meta = dict(meta, step=str(trainer.global_step), epoch=str(trainer.current_epoch))
+    written = []
+    if trainer.is_global_zero:
+        for prefix, suffix in (("model.", ""), ("ema_model.", ".ema")):
+            part = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            if part:
+                out = f"{base}{suffix}.safetensors"
+                save_weights(out, part, dict(meta, weights="ema" if suffix else "model"))
+                written.append(out)
+    return written
+
+
+class StructViTCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` plus safetensors export (see the module docstring).
+
+    Same arguments as Lightning's ``ModelCheckpoint``; ``export`` turns the safetensors
+    copies off.
+    """
+
+    def __init__(self, *args, export: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.export = bool(export)
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        if self.dirpath is None:
+            self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+        super().setup(trainer, pl_module, stage)
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if self.export:
+            export_safetensors(trainer, trainer.lightning_module, filepath)
+
+    def _remove_checkpoint(self, trainer, filepath: str) -> None:
+        super()._remove_checkpoint(trainer, filepath)
+        if trainer.is_global_zero and str(filepath).endswith(".ckpt"):
+            base = str(filepath)[:-len(".ckpt")]
+            for suffix in ("", ".ema"):
+                p = f"{base}{suffix}.safetensors"
+                if os.path.exists(p):
+                    os.remove(p)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # save `last` at the very end too, not only at the last multiple of every_n_train_steps
+        if self.save_last and self._last_global_step_saved != trainer.global_step and not trainer.sanity_checking:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        else:
+            super().on_train_end(trainer, pl_module)
+
+
+class DeterministicData(Callback):
+    """Resumable, process-count-independent training order (see :mod:`structvit.engine.loaders`).
+
+    ``seed`` None: Lightning's global seed (``seed_everything``).
+    """
+
+    def __init__(self, seed: Optional[int] = None, shard_eval: bool = True):
+        self.seed = seed
+        self.shard_eval = shard_eval
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        dm = trainer.datamodule
+        if dm is None or getattr(dm, "_structvit_wrapped", False):
+            return
+        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        rank, world = trainer.global_rank, trainer.world_size
+        original = {name: getattr(dm, name) for name in ("train_dataloader", "val_dataloader", "test_dataloader",
+                                                        "predict_dataloader")}
+
+        def train_dataloader():
+            dl = original["train_dataloader"]()
+            return ResumableLoader(dl, seed=seed, rank=rank, world=world) if isinstance(
+                dl, torch.utils.data.DataLoader) else dl
+
+        dm.train_dataloader = train_dataloader
+        if world > 1 and self.shard_eval:
+            for name in ("val_dataloader", "test_dataloader", "predict_dataloader"):
+                def make(orig=original[name]):
+                    def loader():
+                        dl = orig()
+                        return ShardedEvalLoader(dl, rank, world) if isinstance(dl, torch.utils.data.DataLoader) else dl
+                    return loader
+                setattr(dm, name, make())
+        dm._structvit_wrapped = True
+
+
+class Throughput(Callback):
+    """``train/samples_per_sec`` over the training steps (data loading included), per process
+    times the number of processes."""
+
+    def __init__(self, window: int = 10):
+        self.window = window
+        self._t0: Optional[float] = None
+        self._n = 0
+        self._steps = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        self._n += int(x.shape[0]) * trainer.world_size
+        self._steps += 1
+        if self._steps >= self.window:
+            dt = time.perf_counter() - self._t0
+            pl_module.log("train/samples_per_sec", self._n / max(dt, 1e-9), on_step=True, on_epoch=False,
+                          prog_bar=True, batch_size=int(x.shape[0]))
+            self._t0, self._n, self._steps = time.perf_counter(), 0, 0
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._t0, self._n, self._steps = None, 0, 0

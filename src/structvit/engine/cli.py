@@ -1,0 +1,176 @@
+"""``structvit fit|validate|test|predict``: LightningCLI over :class:`ClassificationModule`
+and the StructViT data modules.
+
+Usage::
+
+    structvit fit --config configs/digits_structvit_tiny.yaml
+    structvit fit --config configs/ssv2_structvit_s_4_1.yaml --data.root /data/ssv2 \\
+        --model.model structvit_tiny_video --trainer.max_steps 2
+    structvit fit --config configs/digits_structvit_tiny.yaml --ckpt_path last      # resume
+    structvit test --config configs/digits_structvit_tiny.yaml --ckpt_path best
+
+A run writes into ``trainer.default_root_dir`` (default ``runs/default``):
+``checkpoints/`` (Lightning's ``last.ckpt``/``best.ckpt`` and their ``.safetensors``
+exports) and ``logs/version_N/`` (TensorBoard events, ``metrics.csv``, the resolved
+``config.yaml``). Errors in the input (unknown model, dataset or config key, empty dataset
+root, a checkpoint of another model) end with a one-line message; set
+``STRUCTVIT_TRACEBACK=1`` for the full traceback.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import sys
+from typing import Optional
+
+import lightning as L
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from .callbacks import DeterministicData, StructViTCheckpoint, Throughput
+from .module import ClassificationModule, NonFiniteLossError
+
+__all__ = ["StructViTCLI", "main", "SUBCOMMANDS", "default_loggers"]
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+class CLIError(Exception):
+    """A bad command line or config: reported in one line."""
+
+
+class _Parser(LightningArgumentParser):
+    """Parse errors as one line (``STRUCTVIT_TRACEBACK=1`` or ``JSONARGPARSE_DEBUG=1``: the usual output)."""
+
+    def error(self, message: str, ex: Optional[Exception] = None):  # noqa: D401
+        if os.environ.get("STRUCTVIT_TRACEBACK") or os.environ.get("JSONARGPARSE_DEBUG"):
+            return super().error(message, ex)
+        raise CLIError(_concise(message))
+
+
+def _concise(message: str) -> str:
+    lines = [ln.strip() for ln in str(message).strip().splitlines() if ln.strip()]
+    if not lines:
+        return "invalid arguments"
+    # jsonargparse nests the reasons; the most specific line usually names the key
+    keyed = [ln for ln in lines if "Key \"" in ln or "key \"" in ln or "Unrecognized" in ln or "not expected" in ln
+             or "does not exist" in ln or "No action" in ln]
+    head = keyed[0] if keyed else lines[0]
+    if head != lines[0] and len(lines[0]) < 120:
+        head = f"{lines[0].rstrip(':')}: {head}" if not head.startswith(lines[0]) else head
+    return head if len(head) < 400 else head[:400] + " ..."
+
+
+def default_loggers(root: str) -> list:
+    """TensorBoard and CSV loggers writing into the same ``<root>/logs/version_N`` folder."""
+    tb = TensorBoardLogger(root, name="logs", default_hp_metric=False)
+    return [tb, CSVLogger(root, name="logs", version=tb.version)]
+
+
+class StructViTCLI(LightningCLI):
+    """LightningCLI with the StructViT defaults (see the module docstring)."""
+
+    def __init__(self, args=None, run: bool = True, **kwargs):
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("trainer_defaults", {"callbacks": [DeterministicData(), Throughput()],
+                                               "default_root_dir": "runs/default", "log_every_n_steps": 10})
+        super().__init__(ClassificationModule, L.LightningDataModule, subclass_mode_data=True,
+                         parser_class=_Parser, auto_configure_optimizers=False, args=args, run=run, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(StructViTCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.filename": "step{step}", "checkpoint.save_last": True,
+                             "checkpoint.save_top_k": 0, "checkpoint.every_n_train_steps": 100,
+                             "checkpoint.auto_insert_metric_name": False})
+        parser.add_lightning_class_args(StructViTCheckpoint, "best_checkpoint")
+        parser.set_defaults({"best_checkpoint.filename": "best", "best_checkpoint.monitor": "val/acc1",
+                             "best_checkpoint.mode": "max", "best_checkpoint.save_top_k": 1,
+                             "best_checkpoint.auto_insert_metric_name": False})
+        parser.set_defaults({"data": {"class_path": "structvit.data.ImageDataModule",
+                                      "init_args": {"dataset": "digits"}}})
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if "weights_only" in self._subcommand_method_arguments.get(subcommand, []):
+            parser.set_defaults(weights_only=True)  # never unpickle arbitrary objects from a checkpoint
+        return parser
+
+    def instantiate_trainer(self, **kwargs):
+        cfg = self._get(self.config_init, "trainer", default={})
+        if cfg.get("logger") in (None, True):
+            kwargs["logger"] = default_loggers(cfg.get("default_root_dir") or "runs/default")
+        return super().instantiate_trainer(**kwargs)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            cfg = self.config[subcommand]
+            self.model.run_config = self._parser(subcommand).dump(cfg, skip_none=False, skip_check=True)
+        except Exception:  # noqa: BLE001 - the config in the metadata is a convenience
+            self.model.run_config = None
+        super()._run_subcommand(subcommand)
+
+    def predict(self, **kwargs) -> None:
+        self.predictions = self.trainer.predict(**kwargs, return_predictions=True)
+        trainer = self.trainer
+        out_dir = trainer.log_dir or trainer.default_root_dir
+        os.makedirs(out_dir, exist_ok=True)
+        name = "predictions.csv" if trainer.world_size == 1 else f"predictions_rank{trainer.global_rank}.csv"
+        path = os.path.join(out_dir, name)
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["index", "pred", "topk", "topk_prob", "target"])
+            i = 0
+            for batch in self.predictions or []:
+                for j in range(len(batch["pred"])):
+                    w.writerow([i, int(batch["pred"][j]), " ".join(str(int(v)) for v in batch["topk"][j]),
+                                " ".join(f"{float(v):.4f}" for v in batch["topk_prob"][j]),
+                                int(batch["target"][j]) if "target" in batch else ""])
+                    i += 1
+        print(f"predictions of {i} samples written to {path}")
+
+
+def main(argv: Optional[list[str]] = None, subcommand: Optional[str] = None) -> int:
+    """``structvit SUBCOMMAND ...`` (``subcommand`` given) or ``python -m structvit.engine.cli SUBCOMMAND ...``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = ([subcommand] if subcommand else []) + argv
+    name = f"structvit {args[0]}" if args and args[0] in SUBCOMMANDS else "structvit"
+    try:
+        StructViTCLI(args=args)
+    except CLIError as err:
+        print(f"{name}: error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        print(f"{name}: error: {err}; training stopped, checkpoints are those saved before this step "
+              "(resume with --ckpt_path last, or set --model.nonfinite_loss skip)", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError, ImportError) as err:
+        if os.environ.get("STRUCTVIT_TRACEBACK"):
+            raise
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, KeyError):
+            msg = msg.strip("'\"")
+        print(f"{name}: error: {msg} (STRUCTVIT_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def fit(argv=None) -> int:
+    return main(argv, "fit")
+
+
+def validate(argv=None) -> int:
+    return main(argv, "validate")
+
+
+def test(argv=None) -> int:
+    return main(argv, "test")
+
+
+def predict(argv=None) -> int:
+    return main(argv, "predict")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""``ClassificationModule``: the training recipe of the paper as a LightningModule.
+
+Any timm-registered model (the StructViT family and its SA/ConvSA variants through
+``model_kwargs``), trained with AdamW (no weight decay on norms, biases, position
+encodings and StructSA patterns), a per-step cosine schedule with linear warmup, label
+smoothing, timm Mixup/CutMix (videos are mixed with one box for all frames), stochastic
+depth (``model_kwargs.drop_path_rate``), an EMA of the weights evaluated next to the
+weights themselves, torchmetrics top-1/top-5 accuracy, and multi-view testing (the
+softmax scores of the ``V`` views of a video are averaged). Gradient clipping, mixed
+precision and the distributed strategy belong to Lightning's ``Trainer``.
+
+Randomness is a function of ``(seed, step)``: the generators are reseeded before every
+training step, so a run resumed from a checkpoint draws the same drop-path masks and
+mixup boxes as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import warnings
+from typing import Any, Optional, Sequence
+
+import lightning as L
+import numpy as np
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from .. import models as _models  # noqa: F401  (registers the StructViT models with timm)
+from .loaders import sample_seed
+from .optim import WarmupCosine, param_groups
+from .weights import load_weights
+
+__all__ = ["ClassificationModule", "NonFiniteLossError", "available_models"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss was NaN or infinite (training stops; checkpoints are left as they were)."""
+
+
+def available_models() -> list[str]:
+    return timm.list_models()
+
+
+def _check_model_name(name: str) -> None:
+    if not isinstance(name, str) or name not in timm.list_models():
+        ours = ", ".join(timm.list_models("structvit*"))
+        raise ValueError(f"unknown model {name!r}; StructViT models: {ours} (or any timm model name)")
+
+
+class ClassificationModule(L.LightningModule):
+    """Image/video classification with the StructViT recipe.
+
+    Args:
+        model: a timm model name, e.g. ``structvit_tiny``, ``structvit_b_4_1``.
+        model_kwargs: keyword arguments of the model (``struct_blocks``, ``attention``,
+            ``num_patterns``, ``drop_path_rate``, ``num_frames``, ...).
+        num_classes: classifier outputs; the command line links it to the data module's.
+        pretrained: weights to start from (``.safetensors`` or a weights-only torch
+            file): a StructViT or UniFormer/SA state dict; StructSA blocks missing from it
+            get the SA-equivalent patterns (see ``structvit.convert.load_uniformer``).
+        pretrained_inflate: ``"center"``/``"average"``: spread 2-D (image) kernels over
+            time (video from image weights); None: shapes must match.
+        pretrained_ignore_head: skip the checkpoint's classifier (another label set).
+        lr, weight_decay, betas, eps: AdamW.
+        warmup_steps / warmup_epochs: linear warmup length (steps win if both given).
+        min_lr: the cosine schedule's final learning rate.
+        label_smoothing: for the plain cross-entropy (and inside Mixup's soft targets).
+        mixup, cutmix, mixup_prob, mixup_switch_prob, mixup_mode: timm Mixup/CutMix
+            (off when both alphas are 0).
+        ema_decay: keep an exponential moving average of the weights (e.g. 0.9998) and
+            report ``val/ema_acc1`` next to ``val/acc1``; None: no EMA.
+        ema_warmup: ramp the EMA decay as ``min(decay, (1 + n) / (10 + n))``.
+        ema_test: test/predict with the EMA weights instead of the raw ones.
+        view_average: ``"softmax"`` (average the probabilities of the views, default) or
+            ``"logits"``.
+        nonfinite_loss: ``"stop"`` (raise :class:`NonFiniteLossError` naming the step)
+            or ``"skip"`` (skip that batch's optimiser step and go on; single process).
+        grad_checkpointing: activation checkpointing in the model (memory for compute).
+    """
+
+    def __init__(
+        self,
+        model: str = "structvit_tiny",
+        model_kwargs: Optional[dict] = None,
+        num_classes: int = 10,
+        pretrained: Optional[str] = None,
+        pretrained_inflate: Optional[str] = None,
+        pretrained_ignore_head: bool = False,
+        lr: float = 1e-4,
+        weight_decay: float = 0.05,
+        betas: Sequence[float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        warmup_steps: Optional[int] = None,
+        warmup_epochs: float = 0.0,
+        min_lr: float = 1e-6,
+        label_smoothing: float = 0.1,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        mixup_mode: str = "batch",
+        ema_decay: Optional[float] = None,
+        ema_warmup: bool = True,
+        ema_test: bool = False,
+        view_average: str = "softmax",
+        nonfinite_loss: str = "stop",
+        grad_checkpointing: bool = False,
+    ):
+        super().__init__()
+        _check_model_name(model)
+        model_kwargs = dict(model_kwargs or {})
+        if "num_classes" in model_kwargs:
+            raise ValueError("give num_classes as --model.num_classes (or let the data module set it), "
+                             "not inside model_kwargs")
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if nonfinite_loss not in ("stop", "skip"):
+            raise ValueError(f"nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}")
+        if view_average not in ("softmax", "logits"):
+            raise ValueError(f"view_average must be 'softmax' or 'logits', got {view_average!r}")
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) or None, got {ema_decay!r}")
+        if lr <= 0 or weight_decay < 0 or not 0 <= label_smoothing < 1:
+            raise ValueError(f"need lr > 0, weight_decay >= 0, 0 <= label_smoothing < 1; got {lr}, "
+                             f"{weight_decay}, {label_smoothing}")
+        self.save_hyperparameters()
+        self.hparams.model_kwargs = model_kwargs
+        self.model = timm.create_model(model, num_classes=num_classes, **model_kwargs)
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        if pretrained:
+            self._load_pretrained(pretrained, pretrained_inflate, pretrained_ignore_head)
+        self.ema_model = None
+        if ema_decay is not None:
+            self.ema_model = copy.deepcopy(self.model).requires_grad_(False)  # only evaluated (eval mode there)
+            self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+        self.mixup_fn = None
+        if mixup > 0 or cutmix > 0:
+            from timm.data import Mixup
+
+            self.mixup_fn = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob,
+                                  switch_prob=mixup_switch_prob, mode=mixup_mode,
+                                  label_smoothing=label_smoothing, num_classes=num_classes)
+        k = min(5, num_classes)
+        self.topk = k
+        self.train_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_metrics = self._metric_set(num_classes, k)
+        self.test_metrics = self._metric_set(num_classes, k)
+        self.val_ema_metrics = self._metric_set(num_classes, k) if ema_decay is not None else None
+        self.test_ema_metrics = self._metric_set(num_classes, k) if ema_decay is not None else None
+        self.run_config: Optional[str] = None  # the resolved YAML config, set by the command line
+
+    @staticmethod
+    def _metric_set(num_classes: int, k: int) -> nn.ModuleDict:
+        return nn.ModuleDict({"acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+                              f"acc{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro")})
+
+    # ------------------------------------------------------------------ weights
+    def _load_pretrained(self, path: str, inflate: Optional[str], ignore_head: bool) -> None:
+        from ..convert import load_uniformer
+
+        sd, meta = load_weights(path)
+        if meta.get("model") and meta["model"] != self.hparams.model and inflate is None:
+            other = meta["model"]
+            if _video_of(other) != _video_of(self.hparams.model):
+                raise ValueError(f"pretrained weights {path} are of model {other!r}, not {self.hparams.model!r}; "
+                                 "pass --model.pretrained_inflate center to start a video model from image weights")
+        report = load_uniformer(self.model, sd, inflate=inflate, strict=False, ignore_head=ignore_head)
+        if report.unexpected:
+            raise ValueError(f"pretrained weights {path} do not fit {self.hparams.model!r}: unexpected keys "
+                             f"{', '.join(report.unexpected[:5])}{' ...' if len(report.unexpected) > 5 else ''}")
+        self.pretrained_report = report
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        hp = checkpoint.get("hyper_parameters") or {}
+        mine = (self.hparams.model, self.hparams.num_classes)
+        theirs = (hp.get("model"), hp.get("num_classes"))
+        if theirs[0] is not None and theirs != mine:
+            raise ValueError(f"the checkpoint is of model {theirs[0]!r} with {theirs[1]} classes, this run builds "
+                             f"{mine[0]!r} with {mine[1]} classes; pass --model.model {theirs[0]} or another checkpoint")
+        own = self.state_dict()
+        sd = checkpoint.get("state_dict", {})
+        bad = [k for k in own if k not in sd or tuple(sd[k].shape) != tuple(own[k].shape)]
+        extra = [k for k in sd if k not in own]
+        if bad or extra:
+            name = (bad or extra)[0]
+            raise ValueError(f"the checkpoint does not fit model {mine[0]!r} ({len(bad)} missing or differently "
+                             f"shaped tensors, {len(extra)} unexpected; first: {name}); were model_kwargs "
+                             f"{json.dumps(hp.get('model_kwargs'))} in the checkpoint's run?")
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    @property
+    def is_video(self) -> bool:
+        return bool(getattr(self.model, "video", False))
+
+    def _check_batch(self, x: torch.Tensor) -> None:
+        want = 5 if self.is_video else 4
+        if x.dim() not in (want, want + 1):
+            kind = "video" if self.is_video else "image"
+            other = "a video model (e.g. structvit_tiny_video)" if x.dim() >= 5 and not self.is_video else \
+                "an image model (e.g. structvit_tiny)"
+            raise ValueError(f"model {self.hparams.model!r} is an {kind} model but the data gives batches of shape "
+                             f"{tuple(x.shape)}; use {other} or other data")
+
+    def _views_forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Scores (B, K): log-probabilities averaged over views for (B, V, ...) inputs."""
+        want = 5 if self.is_video else 4
+        if x.dim() == want + 1:  # (B, V, C, [T,] H, W): average the views of each sample
+            b, v = x.shape[:2]
+            logits = model(x.flatten(0, 1)).float().view(b, v, -1)
+            if self.hparams.view_average == "softmax":
+                return logits.softmax(-1).mean(1).clamp_min(1e-12).log()
+            return logits.mean(1)
+        return model(x).float()
+
+    # ------------------------------------------------------------------ training
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # the random draws of this step (drop path, mixup) depend on (seed, step, rank) only
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        s = sample_seed(seed, 1_000_000 + self.trainer.global_step, self.global_rank)
+        torch.manual_seed(s)
+        np.random.seed(s % (2 ** 32))
+        random.seed(s)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self._check_batch(x)
+        target = y
+        if self.mixup_fn is not None:
+            if x.shape[0] % 2 == 0:
+                shape = x.shape
+                xm, target = self.mixup_fn(x.flatten(1, 2) if x.dim() == 5 else x, y)  # one box for all frames
+                x = xm.view(shape)
+            else:
+                target = F.one_hot(y, self.hparams.num_classes).float()
+                k = self.hparams.num_classes
+                target = target * (1 - self.hparams.label_smoothing) + self.hparams.label_smoothing / k
+        logits = self.model(x).float()
+        if target.dim() == 2:
+            loss = torch.sum(-target * F.log_softmax(logits, -1), -1).mean()
+        else:
+            loss = F.cross_entropy(logits, target, label_smoothing=self.hparams.label_smoothing)
+        if not torch.isfinite(loss):
+            step = self.trainer.global_step
+            msg = (f"non-finite loss ({loss.item()}) at step {step} (epoch {self.current_epoch}, batch {batch_idx})")
+            if self.hparams.nonfinite_loss == "skip":
+                warnings.warn(msg + ": batch skipped", RuntimeWarning, stacklevel=1)
+                self.log("train/skipped_batches", 1.0, on_step=False, on_epoch=True, reduce_fx="sum")
+                return None
+            raise NonFiniteLossError(msg)
+        self.train_acc(logits.detach(), y)
+        bs = x.shape[0]
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
+        self.log("train/acc1", self.train_acc, on_step=True, on_epoch=True, batch_size=bs)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
+                 prog_bar=True, batch_size=bs)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema_model is None or outputs is None:
+            return
+        self.ema_updates += 1
+        decay = self.hparams.ema_decay
+        if self.hparams.ema_warmup:
+            n = float(self.ema_updates.item())
+            decay = min(decay, (1.0 + n) / (10.0 + n))
+        with torch.no_grad():
+            ema_p = [p for p in self.ema_model.parameters()]
+            cur_p = [p.detach() for p in self.model.parameters()]
+            torch._foreach_lerp_(ema_p, cur_p, 1.0 - decay)
+            for eb, b in zip(self.ema_model.buffers(), self.model.buffers()):
+                eb.copy_(b)
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_step(self, batch, metrics: nn.ModuleDict, ema_metrics: Optional[nn.ModuleDict], prefix: str):
+        x, y = batch
+        self._check_batch(x)
+        bs = x.shape[0]
+        main_model = self.ema_model if (prefix == "test" and self.hparams.ema_test and self.ema_model is not None) \
+            else self.model
+        scores = self._views_forward(main_model, x)
+        loss = F.nll_loss(scores, y) if x.dim() == (6 if self.is_video else 5) and \
+            self.hparams.view_average == "softmax" else F.cross_entropy(scores, y)
+        self.log(f"{prefix}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=bs)
+        for name, m in metrics.items():
+            m(scores, y)
+            self.log(f"{prefix}/{name}", m, on_step=False, on_epoch=True, prog_bar=name == "acc1", batch_size=bs)
+        if ema_metrics is not None and main_model is self.model:
+            ema_scores = self._views_forward(self.ema_model, x)
+            for name, m in ema_metrics.items():
+                m(ema_scores, y)
+                self.log(f"{prefix}/ema_{name}", m, on_step=False, on_epoch=True, batch_size=bs)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, self.val_metrics, self.val_ema_metrics, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, self.test_metrics, self.test_ema_metrics, "test")
+
+    def predict_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        self._check_batch(x)
+        model = self.ema_model if (self.hparams.ema_test and self.ema_model is not None) else self.model
+        prob = self._views_forward(model, x).exp() if self.hparams.view_average == "softmax" else \
+            self._views_forward(model, x).softmax(-1)
+        top_p, top_i = prob.topk(self.topk, dim=-1)
+        out = {"pred": top_i[:, 0], "topk": top_i, "topk_prob": top_p}
+        if isinstance(batch, (tuple, list)) and len(batch) > 1:
+            out["target"] = batch[1]
+        return out
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas),
+                                eps=hp.eps)
+        total = int(self.trainer.estimated_stepping_batches)
+        if not math.isfinite(total) or total < 1:
+            total = max(1, int(self.trainer.max_steps)) if self.trainer.max_steps > 0 else 1
+        if hp.warmup_steps is not None:
+            warmup = int(hp.warmup_steps)
+        else:
+            warmup = int(round(hp.warmup_epochs * self._steps_per_epoch(total)))
+        warmup = min(warmup, total)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, WarmupCosine(total, warmup, min_ratio=min(1.0, hp.min_lr / hp.lr)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def _steps_per_epoch(self, fallback: int) -> float:
+        try:
+            n = self.trainer.num_training_batches
+            if math.isfinite(n) and n > 0:
+                return n / max(1, self.trainer.accumulate_grad_batches)
+        except Exception:  # noqa: BLE001 - not known yet
+            pass
+        return float(fallback)
+
+    # ------------------------------------------------------------------ export
+    def export_metadata(self) -> dict[str, str]:
+        """safetensors metadata: model name, kwargs, classes and the run's config."""
+        hp = self.hparams
+        meta = {"format": "structvit", "model": hp.model, "model_kwargs": json.dumps(hp.model_kwargs, default=list),
+                "num_classes": str(hp.num_classes), "hparams": json.dumps(dict(hp), default=str)}
+        if self.run_config:
+            meta["config"] = self.run_config
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        classes = getattr(dm, "classes", None) if dm is not None else None
+        if classes is not None:
+            try:
+                meta["classes"] = json.dumps(list(classes))
+            except Exception:  # noqa: BLE001
+                pass
+        return meta
+
+
+def _video_of(name: str) -> bool:
+    return "video" in name or name.endswith("_4_1")
