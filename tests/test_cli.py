@@ -44,3 +44,12 @@ def test_bench_op_rows(capsys):
 def test_bench_rejects_unknown_case():
     with pytest.raises(SystemExit):
         bench.main(["op", "--cases", "huge"])
+
+
+def test_bench_model_inference_table(capsys):
+    assert bench.main(["model", "--what", "infer", "--models", "structvit_tiny", "--repeats", "1",
+                       "--image-batch", "1"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| structvit_tiny |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "1x3x112x112" and float(cells[3]) > 0 and float(cells[4]) > 0

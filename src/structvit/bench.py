@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m structvit.bench op`` (or ``structvit bench op``).
+"""Benchmarks: ``python -m structvit.bench op|model`` (or ``structvit bench op|model``).
 
 Times forward + backward of every StructSA backend and of plain attention
 (``scaled_dot_product_attention``, "SA") on the same inputs in the same run, and
@@ -222,6 +222,103 @@ def run_op(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- model level
+
+
+def _model(name: str, **kwargs):
+    import timm
+
+    from . import models  # noqa: F401  (registers the StructViT models)
+
+    return timm.create_model(name, **kwargs)
+
+
+def train_step_seconds(model, shape, repeats: int, device: torch.device) -> float:
+    """Median seconds of one forward + backward + AdamW step on random data of ``shape``."""
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(shape, device=device)
+    y = torch.randint(0, model.num_classes, (shape[0],), device=device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return time_call(step, repeats, device)
+
+
+def inference_seconds(model, shape, repeats: int, device: torch.device) -> float:
+    """Median seconds of one no-grad eval forward pass on random data of ``shape``."""
+    model.to(device).eval()
+    x = torch.randn(shape, device=device)
+
+    def fwd():
+        with torch.no_grad():
+            model(x)
+
+    return time_call(fwd, repeats, device)
+
+
+def time_call(fn, repeats: int, device: torch.device, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run_model(args) -> int:
+    from .models import MODEL_NAMES
+    from .models.summary import default_input_shape
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"# StructViT model benchmark: device={device}"
+          f"{'' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}, torch {torch.__version__}, "
+          f"backend={args.backend}\n")
+    if "train" in args.what:
+        print("### Training step (fwd + bwd + AdamW), StructSA in the last (4, 1) blocks vs all-SA (0, 0)\n")
+        print("| model | input | SA step | StructSA (4, 1) step | x SA |")
+        print("|---|---|---|---|---|")
+        for name, batch in (("structvit_small", args.image_batch), ("structvit_small_video", args.video_batch)):
+            if args.models and name not in args.models:
+                continue
+            times = {}
+            for blocks in ((0, 0), (4, 1)):
+                model = _model(name, struct_blocks=blocks, backend=args.backend)
+                shape = default_input_shape(model, batch)
+                times[blocks] = train_step_seconds(model, shape, args.repeats, device)
+                del model
+            shape_s = "x".join(map(str, shape[1:]))
+            print(f"| {name} | {batch}x{shape_s} | {times[(0, 0)]:.2f} s | {times[(4, 1)]:.2f} s | "
+                  f"{times[(4, 1)] / times[(0, 0)]:.2f}x |", flush=True)
+        print()
+    if "infer" in args.what:
+        print("### Inference throughput (eval, no grad), each model vs the same model with all-SA\n")
+        print("| model | input | StructSA blocks | samples/s | all-SA samples/s | x SA time |")
+        print("|---|---|---|---|---|---|")
+        for name in args.models or MODEL_NAMES:
+            model = _model(name, backend=args.backend)
+            video = getattr(model, "video", False)
+            batch = args.video_batch if video else args.image_batch
+            shape = default_input_shape(model, batch)
+            t = inference_seconds(model, shape, args.repeats, device)
+            blocks = getattr(model, "struct_blocks", "?")
+            del model
+            t_sa = inference_seconds(_model(name, struct_blocks=(0, 0)), shape, args.repeats, device)
+            shape_s = "x".join(map(str, shape[1:]))
+            print(f"| {name} | {batch}x{shape_s} | {blocks} | {batch / t:.2f} | {batch / t_sa:.2f} | {t / t_sa:.2f}x |",
+                  flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="structvit bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -236,6 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--repeats", type=int, default=5)
     op.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     op.set_defaults(func=run_op)
+    model = sub.add_parser("model", help="training-step time vs all-SA, and inference throughput of registered models")
+    model.add_argument("--what", nargs="+", default=["train", "infer"], choices=["train", "infer"])
+    model.add_argument("--models", nargs="+", default=None, help="registered names (default: all)")
+    model.add_argument("--image-batch", type=int, default=4)
+    model.add_argument("--video-batch", type=int, default=1)
+    model.add_argument("--backend", default="auto", help="StructSA backend of the models")
+    model.add_argument("--device", default="cpu")
+    model.add_argument("--repeats", type=int, default=3)
+    model.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    model.set_defaults(func=run_model)
     return p
 
 
