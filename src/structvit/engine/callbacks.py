@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from typing import Any, Optional
 
 import lightning as L
@@ -119,30 +120,33 @@ class DeterministicData(Callback):
                 setattr(dm, name, make())
         dm._structvit_wrapped = True
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        # an epoch may be shorter than the loader (limit_train_batches): tell the loader where it ends
+        loader = trainer.fit_loop._combined_loader
+        n = trainer.num_training_batches
+        for dl in (loader.flattened if loader is not None else []):
+            if isinstance(dl, ResumableLoader) and isinstance(n, int):
+                dl.epoch_batches = n
+
 
 class Throughput(Callback):
-    """``train/samples_per_sec`` over the training steps (data loading included), per process
-    times the number of processes."""
+    """``train/samples_per_sec``: samples (all processes) per second over the last ``window``
+    training steps, data loading included; logged every step (written every
+    ``log_every_n_steps``) and shown in the progress bar."""
 
     def __init__(self, window: int = 10):
-        self.window = window
-        self._t0: Optional[float] = None
-        self._n = 0
-        self._steps = 0
+        self.window = int(window)
+        self._marks: deque = deque(maxlen=self.window + 1)
 
-    def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
-        if self._t0 is None:
-            self._t0 = time.perf_counter()
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._marks.clear()
+        self._marks.append((time.perf_counter(), 0))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        self._n += int(x.shape[0]) * trainer.world_size
-        self._steps += 1
-        if self._steps >= self.window:
-            dt = time.perf_counter() - self._t0
-            pl_module.log("train/samples_per_sec", self._n / max(dt, 1e-9), on_step=True, on_epoch=False,
+        total = self._marks[-1][1] + int(x.shape[0]) * trainer.world_size if self._marks else 0
+        self._marks.append((time.perf_counter(), total))
+        (t0, n0), (t1, n1) = self._marks[0], self._marks[-1]
+        if len(self._marks) > 1 and t1 > t0:
+            pl_module.log("train/samples_per_sec", (n1 - n0) / (t1 - t0), on_step=True, on_epoch=False,
                           prog_bar=True, batch_size=int(x.shape[0]))
-            self._t0, self._n, self._steps = time.perf_counter(), 0, 0
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._t0, self._n, self._steps = None, 0, 0

@@ -48,10 +48,22 @@ class _Parser(LightningArgumentParser):
         raise CLIError(_concise(message))
 
 
+def _reason(message: str) -> str:
+    """The informative line of a (possibly nested, multi-line) jsonargparse/constructor error."""
+    lines = [ln.strip() for ln in str(message).strip().splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    reasons = [ln[2:].strip() for ln in lines if ln.startswith("- ")
+               and "NoneType" not in ln and not ln.startswith("- Expected a <class")]
+    return reasons[0] if reasons else lines[0]
+
+
 def _concise(message: str) -> str:
     lines = [ln.strip() for ln in str(message).strip().splitlines() if ln.strip()]
     if not lines:
         return "invalid arguments"
+    if any(ln.startswith("- ") for ln in lines):
+        return _reason(message)
     # jsonargparse nests the reasons; the most specific line usually names the key
     keyed = [ln for ln in lines if "Key \"" in ln or "key \"" in ln or "Unrecognized" in ln or "not expected" in ln
              or "does not exist" in ln or "No action" in ln]
@@ -103,7 +115,33 @@ class StructViTCLI(LightningCLI):
             kwargs["logger"] = default_loggers(cfg.get("default_root_dir") or "runs/default")
         return super().instantiate_trainer(**kwargs)
 
+    def _resolve_ckpt_path(self, subcommand: str) -> None:
+        """``best``/``last`` name the files of this run's checkpoint folder (also in a new process)."""
+        cfg = self.config_init[subcommand]
+        path = cfg.get("ckpt_path")
+        if path not in ("best", "last"):
+            if path is not None and not os.path.exists(str(path)):
+                raise FileNotFoundError(f"checkpoint not found: {path}")
+            return
+        folders = [cb.dirpath for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+        folders.append(os.path.join(self.trainer.default_root_dir, "checkpoints"))
+        for folder in folders:
+            if not os.path.isdir(folder):
+                continue
+            found = sorted((os.path.join(folder, f) for f in os.listdir(folder)
+                            if f.endswith(".ckpt") and (f == "best.ckpt" or f.startswith("best-v") if path == "best"
+                                                        else f.startswith("last"))), key=os.path.getmtime)
+            if found:
+                cfg["ckpt_path"] = found[-1]
+                return
+        if subcommand == "fit" and path == "last":  # nothing to resume: start from scratch
+            print(f"structvit fit: no last checkpoint under {folders[-1]}; starting from scratch", file=sys.stderr)
+            cfg["ckpt_path"] = None
+            return
+        raise FileNotFoundError(f"no {path!r} checkpoint under {', '.join(dict.fromkeys(folders))}")
+
     def _run_subcommand(self, subcommand: str) -> None:
+        self._resolve_ckpt_path(subcommand)
         try:
             cfg = self.config[subcommand]
             self.model.run_config = self._parser(subcommand).dump(cfg, skip_none=False, skip_check=True)
@@ -112,7 +150,8 @@ class StructViTCLI(LightningCLI):
         super()._run_subcommand(subcommand)
 
     def predict(self, **kwargs) -> None:
-        self.predictions = self.trainer.predict(**kwargs, return_predictions=True)
+        kwargs["return_predictions"] = True
+        self.predictions = self.trainer.predict(**kwargs)
         trainer = self.trainer
         out_dir = trainer.log_dir or trainer.default_root_dir
         os.makedirs(out_dir, exist_ok=True)
@@ -148,7 +187,7 @@ def main(argv: Optional[list[str]] = None, subcommand: Optional[str] = None) -> 
     except (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError, ImportError) as err:
         if os.environ.get("STRUCTVIT_TRACEBACK"):
             raise
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        msg = _reason(str(err)) or type(err).__name__
         if isinstance(err, KeyError):
             msg = msg.strip("'\"")
         print(f"{name}: error: {msg} (STRUCTVIT_TRACEBACK=1 shows the traceback)", file=sys.stderr)

@@ -123,6 +123,8 @@ class ResumableLoader:
         self.epoch = 0
         self._yielded = 0
         self._resume_at = None  # (epoch, batches) to skip at the next __iter__
+        #: batches that make an epoch for the trainer (``limit_train_batches``); None: all
+        self.epoch_batches = None
 
     def __len__(self) -> int:
         return self.sampler.num_batches()
@@ -135,7 +137,9 @@ class ResumableLoader:
             if self._yielded:  # a new epoch after a finished (or abandoned) one
                 self.epoch += 1
             start = 0
-        if start >= self.sampler.num_batches():  # the saved epoch was complete: start the next one
+        end = self.sampler.num_batches() if self.epoch_batches is None else min(self.epoch_batches,
+                                                                               self.sampler.num_batches())
+        if start >= end:  # the saved epoch was complete: start the next one
             self.epoch, start = self.epoch + 1, 0
         self.sampler.epoch, self.sampler.start = self.epoch, start
         self._yielded = start

@@ -29,6 +29,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from .. import models as _models  # noqa: F401  (registers the StructViT models with timm)
@@ -159,7 +160,8 @@ class ClassificationModule(L.LightningModule):
     @staticmethod
     def _metric_set(num_classes: int, k: int) -> nn.ModuleDict:
         return nn.ModuleDict({"acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-                              f"acc{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro")})
+                              f"acc{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro"),
+                              "loss": MeanMetric()})  # sample-weighted over all processes
 
     # ------------------------------------------------------------------ weights
     def _load_pretrained(self, path: str, inflate: Optional[str], ignore_head: bool) -> None:
@@ -202,9 +204,9 @@ class ClassificationModule(L.LightningModule):
     def is_video(self) -> bool:
         return bool(getattr(self.model, "video", False))
 
-    def _check_batch(self, x: torch.Tensor) -> None:
+    def _check_batch(self, x: torch.Tensor, views: bool = True) -> None:
         want = 5 if self.is_video else 4
-        if x.dim() not in (want, want + 1):
+        if x.dim() not in ((want, want + 1) if views else (want,)):
             kind = "video" if self.is_video else "image"
             other = "a video model (e.g. structvit_tiny_video)" if x.dim() >= 5 and not self.is_video else \
                 "an image model (e.g. structvit_tiny)"
@@ -233,7 +235,7 @@ class ClassificationModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        self._check_batch(x)
+        self._check_batch(x, views=False)
         target = y
         if self.mixup_fn is not None:
             if x.shape[0] % 2 == 0:
@@ -290,15 +292,21 @@ class ClassificationModule(L.LightningModule):
         scores = self._views_forward(main_model, x)
         loss = F.nll_loss(scores, y) if x.dim() == (6 if self.is_video else 5) and \
             self.hparams.view_average == "softmax" else F.cross_entropy(scores, y)
-        self.log(f"{prefix}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=bs)
-        for name, m in metrics.items():
-            m(scores, y)
-            self.log(f"{prefix}/{name}", m, on_step=False, on_epoch=True, prog_bar=name == "acc1", batch_size=bs)
+        self._update(metrics, scores, y, loss, prefix, "")
         if ema_metrics is not None and main_model is self.model:
             ema_scores = self._views_forward(self.ema_model, x)
-            for name, m in ema_metrics.items():
-                m(ema_scores, y)
-                self.log(f"{prefix}/ema_{name}", m, on_step=False, on_epoch=True, batch_size=bs)
+            ema_loss = F.nll_loss(ema_scores, y) if x.dim() == (6 if self.is_video else 5) and \
+                self.hparams.view_average == "softmax" else F.cross_entropy(ema_scores, y)
+            self._update(ema_metrics, ema_scores, y, ema_loss, prefix, "ema_")
+
+    def _update(self, metrics: nn.ModuleDict, scores, y, loss, prefix: str, tag: str) -> None:
+        for name, m in metrics.items():
+            if name == "loss":
+                m.update(loss.detach(), weight=y.shape[0])
+            else:
+                m.update(scores, y)
+            self.log(f"{prefix}/{tag}{name}", m, on_step=False, on_epoch=True, prog_bar=not tag and name == "acc1",
+                     batch_size=y.shape[0])
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, self.val_metrics, self.val_ema_metrics, "val")

@@ -1,0 +1,245 @@
+"""The `structvit fit|validate|test|predict` command: runs, checkpoints, exact resume after
+SIGKILL, DDP on CPU, the paper's configs, one-line errors, and the training demo."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine_helpers import tiny_config
+from structvit import cli, demo
+from structvit.engine import load_weights
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+TESTS = Path(__file__).resolve().parent
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+def _structvit(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "structvit.cli", *map(str, args)], capture_output=True, text=True,
+                          env=_env(), timeout=timeout, cwd=str(REPO))
+
+
+# ------------------------------------------------------------------------------ a run
+def test_fit_validate_test_predict_resume(tmp_path, capsys):
+    cfg = tiny_config(tmp_path / "tiny.yaml", root_dir=tmp_path / "run", max_steps=4, every=2)
+    assert cli.main(["fit", "--config", cfg]) == 0
+    ck = tmp_path / "run" / "checkpoints"
+    for name in ("last.ckpt", "last.safetensors", "best.ckpt", "best.safetensors"):
+        assert (ck / name).is_file(), name
+    sd, meta = load_weights(str(ck / "last.safetensors"))
+    assert meta["model"] == "structvit_tiny" and meta["step"] == "4" and "embed_dims" in meta["model_kwargs"]
+    assert "seed_everything: 0" in meta["config"] and meta["classes"].startswith('["0"')
+    assert "head.weight" in sd and not any(k.startswith("model.") for k in sd)
+    logs = tmp_path / "run" / "logs" / "version_0"
+    assert (logs / "config.yaml").is_file() and list(logs.glob("events.out.tfevents.*"))
+    rows = list(csv.DictReader(open(logs / "metrics.csv")))
+    cols = set(rows[0])
+    assert {"train/loss_step", "train/lr", "train/acc1_step", "train/samples_per_sec", "val/acc1", "val/acc5"} <= cols
+    assert any(r["train/samples_per_sec"] and float(r["train/samples_per_sec"]) > 0 for r in rows)
+
+    assert cli.main(["validate", "--config", cfg, "--ckpt_path", "best"]) == 0
+    assert cli.main(["test", "--config", cfg, "--ckpt_path", "last"]) == 0
+    assert cli.main(["predict", "--config", cfg, "--ckpt_path", "last"]) == 0
+    preds = list((tmp_path / "run" / "logs").glob("version_*/predictions.csv"))
+    assert preds and len(list(csv.DictReader(open(preds[0])))) == 16
+    # resume: the loops continue from step 4 up to 6
+    assert cli.main(["fit", "--config", cfg, "--ckpt_path", "last", "--trainer.max_steps", "6"]) == 0
+    _, meta = load_weights(str(ck / "last.safetensors"))
+    assert meta["step"] == "6"
+
+
+# ------------------------------------------------------------------------------ exact resume
+def test_sigkill_and_resume_gives_the_same_weights(tmp_path):
+    """8 steps over 3 epochs of 3 batches (mixup, drop path, random shifts), checkpoints every
+    2 steps; killed after step 5 (resume from mid-epoch step 4) and after step 7 (resume from
+    step 6, an epoch end): the final weights equal an uninterrupted run's bit for bit."""
+    extra = "  limit_train_batches: 3\n"
+    common = dict(max_steps=8, every=2)
+    ref = tiny_config(tmp_path / "ref.yaml", root_dir=tmp_path / "ref", **common)
+    run = tiny_config(tmp_path / "run.yaml", root_dir=tmp_path / "run", **common)
+    for p in (ref, run):  # limit the epoch, add mixup
+        text = Path(p).read_text().replace("  deterministic: true\n", "  deterministic: true\n" + extra)
+        Path(p).write_text(text.replace("  warmup_steps: 2\n", "  warmup_steps: 2\n  mixup: 0.8\n  cutmix: 1.0\n"))
+    kill = tmp_path / "kill{}.yaml"
+    for s in (5, 7):
+        Path(str(kill).format(s)).write_text(
+            f"trainer:\n  callbacks:\n    - class_path: engine_helpers.KillAtStep\n      init_args: {{step: {s}}}\n")
+    r = _structvit("fit", "--config", ref)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _structvit("fit", "--config", run, "--config", str(kill).format(5))
+    assert r.returncode == -9, r.stderr[-2000:]
+    ck = tmp_path / "run" / "checkpoints"
+    assert load_weights(str(ck / "last.safetensors"))[1]["step"] == "4"
+    r = _structvit("fit", "--config", run, "--config", str(kill).format(7), "--ckpt_path", "last")
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert load_weights(str(ck / "last.safetensors"))[1]["step"] == "6"
+    r = _structvit("fit", "--config", run, "--ckpt_path", "last")
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, ma = load_weights(str(tmp_path / "ref" / "checkpoints" / "last.safetensors"))
+    b, mb = load_weights(str(ck / "last.safetensors"))
+    assert ma["step"] == mb["step"] == "8"
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+
+
+# ------------------------------------------------------------------------------ DDP
+VIT = """seed_everything: 0
+trainer:
+  default_root_dir: {root}
+  accelerator: cpu
+  devices: {devices}
+  strategy: {strategy}
+  max_steps: 3
+  val_check_interval: 3
+  check_val_every_n_epoch: null
+  num_sanity_val_steps: 0
+  enable_progress_bar: false
+  enable_model_summary: false
+  deterministic: true
+model:
+  model: vit_tiny_patch16_224
+  model_kwargs: {{img_size: 32, patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}}
+  lr: 0.001
+  warmup_steps: 1
+data:
+  class_path: structvit.data.ImageDataModule
+  init_args: {{dataset: digits, batch_size: {batch}}}
+"""
+
+
+def test_ddp_two_processes_match_one_process(tmp_path):
+    """A LayerNorm-only model (timm ViT), so that BatchNorm's per-process statistics do not
+    enter: 2 gloo processes x batch 4 train and validate like 1 process x batch 8."""
+    res = {}
+    for name, devices, strategy, batch in (("one", 1, "auto", 8), ("ddp", 2, "ddp", 4)):
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(VIT.format(root=tmp_path / name, devices=devices, strategy=strategy, batch=batch))
+        r = _structvit("fit", "--config", p)
+        assert r.returncode == 0, r.stderr[-3000:]
+        res[name] = load_weights(str(tmp_path / name / "checkpoints" / "last.safetensors"))[0]
+        rows = list(csv.DictReader(open(tmp_path / name / "logs" / "version_0" / "metrics.csv")))
+        res[name + "_val"] = [(float(r["val/acc1"]), float(r["val/loss"])) for r in rows if r.get("val/acc1")]
+    a, b = res["one"], res["ddp"]
+    # equal up to float summation order (Adam magnifies that noise on zero-gradient entries such
+    # as the key biases up to ~lr, hence atol well below the 3e-3 the weights move)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=2e-5) for k in a)
+    (acc1, loss1), = res["one_val"]  # the whole validation split (359 digits, no padding), synced
+    (acc2, loss2), = res["ddp_val"]
+    assert acc1 == pytest.approx(acc2, abs=1e-6) and loss1 == pytest.approx(loss2, rel=1e-4)
+    assert acc1 > 0.0
+
+
+# ------------------------------------------------------------------------------ configs
+@pytest.fixture(scope="module")
+def fake_roots(tmp_path_factory):
+    from PIL import Image
+
+    from structvit.data.fixtures import FIXTURE_WRITERS
+
+    base = tmp_path_factory.mktemp("roots")
+    roots = {}
+    for name, writer in FIXTURE_WRITERS.items():
+        roots[name] = base / name
+        roots[name].mkdir()
+        writer(str(roots[name]), frames=20, size=(32, 64))
+    roots["imagenet"] = base / "imagenet"
+    for split in ("train", "val"):
+        for c in ("n01440764", "n01443537"):
+            d = roots["imagenet"] / split / c
+            d.mkdir(parents=True)
+            Image.new("RGB", (40, 40), (10, 200, 30)).save(d / "a.JPEG")
+    return roots
+
+
+def _dataset_of(cfg: Path) -> str:
+    import yaml
+
+    return yaml.safe_load(cfg.read_text())["data"]["init_args"]["dataset"]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_config_parses_and_builds(cfg, fake_roots, tmp_path):
+    from structvit.engine.cli import StructViTCLI
+
+    ds = _dataset_of(cfg)
+    args = ["--config", str(cfg), "--trainer.default_root_dir", str(tmp_path)]
+    if ds in fake_roots:
+        args += ["--data.root", str(fake_roots[ds])]
+    c = StructViTCLI(args=args, run=False)
+    assert c.model.hparams.model == __import__("yaml").safe_load(cfg.read_text())["model"]["model"]
+    assert c.model.model.num_classes == c.datamodule.num_classes > 1
+    assert c.trainer.max_epochs > 0 or c.trainer.max_steps > 0
+    assert any(type(cb).__name__ == "StructViTCheckpoint" for cb in c.trainer.callbacks)
+
+
+def test_issue_command_on_fake_ssv2(fake_roots, tmp_path):
+    r = _structvit("fit", "--config", "configs/ssv2_structvit_s_4_1.yaml", "--data.root", fake_roots["ssv2"],
+                   "--model.model", "structvit_tiny_video", "--trainer.max_steps", "2",
+                   "--trainer.default_root_dir", tmp_path, "--trainer.enable_progress_bar", "false")
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, meta = load_weights(str(tmp_path / "checkpoints" / "last.safetensors"))
+    assert meta["model"] == "structvit_tiny_video" and meta["step"] == "2" and "ssv2" in meta["config"]
+
+
+# ------------------------------------------------------------------------------ errors
+def _one_line_error(capsys, argv, *needles, code=None):
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc != 0 and (code is None or rc == code)
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(lines) == 1, err[-2000:]
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def test_bad_input_gives_one_line_errors(tmp_path, capsys, fake_roots):
+    cfg = tiny_config(tmp_path / "tiny.yaml", root_dir=tmp_path / "run", max_steps=2, every=2)
+    _one_line_error(capsys, ["fit", "--config", cfg, "--model.model", "nope"], "unknown model 'nope'",
+                    "structvit_tiny_video")
+    _one_line_error(capsys, ["fit", "--config", cfg, "--data.dataset", "mnist"], "mnist", "digits")
+    _one_line_error(capsys, ["fit", "--config", cfg, "--model.frobnicate", "1"], "frobnicate", code=2)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _one_line_error(capsys, ["fit", "--config", str(REPO / "configs" / "ssv2_structvit_s_4_1.yaml"),
+                             "--data.root", str(empty), "--trainer.default_root_dir", str(tmp_path / "e")], str(empty))
+    # a checkpoint of another model
+    assert cli.main(["fit", "--config", cfg]) == 0
+    capsys.readouterr()
+    _one_line_error(capsys, ["validate", "--config", cfg, "--model.model", "structvit_small",
+                             "--model.model_kwargs", "{}", "--ckpt_path", "last"],
+                    "structvit_tiny", "structvit_small")
+
+
+# ------------------------------------------------------------------------------ demo
+def test_demo_end_to_end_reduced(tmp_path, capsys):
+    res = demo.run(tmp_path / "demo", digits_steps=3, video_steps=2, val_batches=1)
+    out = capsys.readouterr().out
+    assert "StructViT demo report" in out and "val top-1" in out and "total time" in out
+    for name in ("digits", "moving_digits"):
+        r = res["results"][name]
+        assert r["steps"] > 0 and 0.0 <= r["metrics"]["val/acc1"] <= 1.0
+        assert (r["checkpoints"] / "last.safetensors").is_file() and (r["checkpoints"] / "best.ckpt").is_file()
+        assert (r["logs"] / "metrics.csv").is_file()
+        assert str(r["checkpoints"]) in out
+    assert res["figure_error"] is None and res["figures"] and all(p.is_file() for p in res["figures"])
+    assert "figures" in out
+
+
+def test_demo_op_tour(capsys):
+    assert cli.main(["demo", "--op", "--grid", "3", "4", "--patterns", "2"]) == 0
+    assert "op tour OK" in capsys.readouterr().out
