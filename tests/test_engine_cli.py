@@ -238,8 +238,3 @@ def test_demo_end_to_end_reduced(tmp_path, capsys):
         assert str(r["checkpoints"]) in out
     assert res["figure_error"] is None and res["figures"] and all(p.is_file() for p in res["figures"])
     assert "figures" in out
-
-
-def test_demo_op_tour(capsys):
-    assert cli.main(["demo", "--op", "--grid", "3", "4", "--patterns", "2"]) == 0
-    assert "op tour OK" in capsys.readouterr().out
