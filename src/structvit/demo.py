@@ -27,12 +27,12 @@ import torch
 DIGITS = dict(model="structvit_tiny",
               model_kwargs=dict(struct_blocks="all", attention="structsa", num_patterns=4),
               lr=2e-3, weight_decay=0.05, warmup_steps=20, min_lr=1e-5, label_smoothing=0.1, ema_decay=0.99,
-              batch_size=64, max_steps=300, max_seconds=80)
+              batch_size=64, max_steps=300, max_seconds=60)
 MOVING = dict(model="structvit_tiny_video",
               model_kwargs=dict(num_frames=8, struct_blocks="all", attention="structsa", num_patterns=4,
-                                embed_dims=(24, 48, 96, 192), head_dim=24),
+                                embed_dims=(24, 48, 96, 192), head_dim=24, drop_path_rate=0.1),
               lr=2e-3, weight_decay=0.05, warmup_steps=20, min_lr=1e-5, label_smoothing=0.1, ema_decay=0.99,
-              batch_size=32, max_steps=300, max_seconds=150)
+              batch_size=32, max_steps=1000, max_seconds=180)
 
 
 def _train(name: str, cfg: dict, out: Path, *, video: bool, max_steps: int | None, seed: int,
@@ -47,10 +47,10 @@ def _train(name: str, cfg: dict, out: Path, *, video: bool, max_steps: int | Non
     steps = int(max_steps if max_steps is not None else cfg["max_steps"])
     if video:
         dm = VideoDataModule("moving_digits", num_frames=cfg["model_kwargs"]["num_frames"],
-                             batch_size=cfg["batch_size"])
+                             batch_size=cfg["batch_size"], **cfg.get("data", {}))
     else:
         dm = ImageDataModule("digits", batch_size=cfg["batch_size"])
-    hp = {k: v for k, v in cfg.items() if k not in ("batch_size", "max_steps", "max_seconds")}
+    hp = {k: v for k, v in cfg.items() if k not in ("batch_size", "max_steps", "max_seconds", "data")}
     module = ClassificationModule(num_classes=dm.num_classes, **hp)
     root = out / name
     last = StructViTCheckpoint(dirpath=str(root / "checkpoints"), filename="step{step}", save_last=True,
@@ -86,10 +86,17 @@ def _report_line(r: dict) -> str:
 
 def run(out="runs/demo", *, digits_steps: int | None = None, video_steps: int | None = None, seed: int = 0,
         figures: bool = True, video: bool = True, val_every: int | None = None,
-        val_batches: int | None = None) -> dict:
-    """Train on digits (and moving digits), evaluate, write figures; returns the results."""
+        val_batches: int | None = None, threads: int | None = 1) -> dict:
+    """Train on digits (and moving digits), evaluate, write figures; returns the results.
+
+    ``threads``: intra-op CPU threads. One by default: these models are too small to gain
+    from more, and OpenMP threads that spin-wait make a step 10-30x slower as soon as
+    anything else runs on the machine (measured on 2 cores).
+    """
     import warnings
 
+    if threads:
+        torch.set_num_threads(int(threads))
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
     warnings.filterwarnings("ignore", ".*is smaller than the logging interval.*")
@@ -185,10 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-video", action="store_true", help="digits only")
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1; 0: torch's default)")
     p.add_argument("--op", action="store_true", help="the op tour instead (SA vs ConvSA vs StructSA on a grid)")
     args = p.parse_args(argv)
     res = run(args.out, digits_steps=args.digits_steps, video_steps=args.video_steps, seed=args.seed,
-              figures=not args.no_figures, video=not args.no_video)
+              figures=not args.no_figures, video=not args.no_video, threads=args.threads)
     return 1 if res["figure_error"] else 0
 
 

@@ -196,6 +196,12 @@ class ClassificationModule(L.LightningModule):
                              f"shaped tensors, {len(extra)} unexpected; first: {name}); were model_kwargs "
                              f"{json.dumps(hp.get('model_kwargs'))} in the checkpoint's run?")
 
+    def setup(self, stage: str) -> None:
+        strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""
+        if self.ema_model is not None and "FSDP" in strategy:
+            raise ValueError("ema_decay is not supported with the FSDP strategy (the EMA copy is not sharded); "
+                             "use --trainer.strategy ddp or --model.ema_decay null")
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -251,7 +257,10 @@ class ClassificationModule(L.LightningModule):
             loss = torch.sum(-target * F.log_softmax(logits, -1), -1).mean()
         else:
             loss = F.cross_entropy(logits, target, label_smoothing=self.hparams.label_smoothing)
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if self.trainer.world_size > 1:  # all processes stop or skip together (no one left in a collective)
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
             step = self.trainer.global_step
             msg = (f"non-finite loss ({loss.item()}) at step {step} (epoch {self.current_epoch}, batch {batch_idx})")
             if self.hparams.nonfinite_loss == "skip":
@@ -318,8 +327,9 @@ class ClassificationModule(L.LightningModule):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         self._check_batch(x)
         model = self.ema_model if (self.hparams.ema_test and self.ema_model is not None) else self.model
-        prob = self._views_forward(model, x).exp() if self.hparams.view_average == "softmax" else \
-            self._views_forward(model, x).softmax(-1)
+        scores = self._views_forward(model, x)
+        prob = scores.exp() if self.hparams.view_average == "softmax" and x.dim() == (6 if self.is_video else 5) \
+            else scores.softmax(-1)
         top_p, top_i = prob.topk(self.topk, dim=-1)
         out = {"pred": top_i[:, 0], "topk": top_i, "topk_prob": top_p}
         if isinstance(batch, (tuple, list)) and len(batch) > 1:
