@@ -313,6 +313,26 @@ def test_auto_choice_rules():
     assert cost["correlation"]["macs"] == 16 * 5 * 196 ** 2 * (64 + 72 + 72 + 64)
 
 
+def test_auto_fused_rule():
+    # the fused CPU kernel wins for small windows, keyconv (SDPA) for 3x3x3 windows (measured)
+    assert choose_backend(16, 5, 196, 64, 8, 9, fused_ok=True) == "fused"
+    assert choose_backend(2, 5, 1568, 64, 8, 27, fused_ok=True) == "keyconv"
+    assert choose_backend(16, 5, 196, 64, 8, 9, fused_ok=False) != "fused"
+    assert choose_backend(16, 5, 196, 64, 8, 9, fused_ok=True, return_weights=True) == "correlation"
+
+
+@pytest.mark.skipif(not HAS_NATIVE, reason="no C++ compiler for the fused CPU kernel")
+def test_auto_avoids_fused_with_dropout_and_tracing():
+    from structvit.ops.functional import _fused_can_serve
+
+    q = torch.randn(1, 1, 4, 4)
+    assert _fused_can_serve(q, 0.0)
+    assert not _fused_can_serve(q, 0.1)
+    seen = []
+    torch.jit.trace(lambda x: seen.append(_fused_can_serve(x, 0.0)) or x, q, check_trace=False)
+    assert seen == [False]
+
+
 def test_auto_with_return_weights_matches_correlation():
     q, k, v, u_k, u_v = random_inputs(1, 2, (3, 4), 4, 2, (3, 3))
     _, w_auto = struct_attention(q, k, v, u_k, u_v, (3, 4), return_weights=True)

