@@ -194,6 +194,13 @@ def test_config_parses_and_builds(cfg, fake_roots, tmp_path):
     assert c.model.model.num_classes == c.datamodule.num_classes > 1
     assert c.trainer.max_epochs > 0 or c.trainer.max_steps > 0
     assert any(type(cb).__name__ == "StructViTCheckpoint" for cb in c.trainer.callbacks)
+    kinds = {k for stage in c.model.model.block_kinds for k in stage} - {"conv"}
+    if "_sa_" in cfg.stem:
+        assert kinds == {"sa"}
+    elif "convsa" in cfg.stem:
+        assert kinds == {"convsa"}
+    else:  # StructViT: StructSA everywhere, or in the last 4 + 1 blocks (S-4-1, B-4-1)
+        assert "structsa" in kinds and (kinds == {"structsa"}) == ("_4_1" not in cfg.stem)
 
 
 def test_issue_command_on_fake_ssv2(fake_roots, tmp_path):
