@@ -75,6 +75,11 @@ def _concise(message: str) -> str:
 
 def default_loggers(root: str) -> list:
     """TensorBoard and CSV loggers writing into the same ``<root>/logs/version_N`` folder."""
+    import warnings
+
+    # the CSV logger warns about the folder the TensorBoard logger has just made; it only
+    # (re)writes its own metrics.csv / hparams.yaml there
+    warnings.filterwarnings("ignore", ".*Experiment logs directory .* exists and is not empty.*")
     tb = TensorBoardLogger(root, name="logs", default_hp_metric=False)
     return [tb, CSVLogger(root, name="logs", version=tb.version)]
 
