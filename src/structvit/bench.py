@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops import choose_backend, struct_attention
+from .ops.functional import _fused_can_serve
 
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -172,7 +173,7 @@ def bench_op_case(case_key: str, case: OpCase, backends: list[str], *, device: s
     (q, k, v), (u_k, u_v) = make_op_inputs(case, dev, DTYPES[dtype])
     m = math.prod(case.window)
     auto = choose_backend(case.batch, case.heads, case.tokens, case.head_dim, case.patterns, m,
-                          element_size=q.element_size())
+                          element_size=q.element_size(), fused_ok=_fused_can_serve(q, 0.0))
     labels, fns, skipped = {}, {}, {}
     for backend in ["sa"] + backends:
         label = {"sa": "SA (sdpa)", "auto": f"auto ({auto})"}.get(backend, backend)
