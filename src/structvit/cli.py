@@ -21,6 +21,7 @@ COMMANDS = {
     "validate": ("structvit.engine.cli:validate", "evaluate on the validation split (`--ckpt_path best|last|FILE`)"),
     "test": ("structvit.engine.cli:test", "test, multi-view for video (`--ckpt_path best|last|FILE`)"),
     "predict": ("structvit.engine.cli:predict", "write top-k predictions of the test split to a CSV"),
+    "study": ("structvit.study", "the SA/ConvSA/StructSA ablation: `structvit study ablation [--seeds 0 1 2]`"),
 }
 
 
