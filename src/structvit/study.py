@@ -71,7 +71,9 @@ class Run:
 
     @property
     def spec_hash(self) -> str:
-        text = json.dumps({"spec": self.spec, "seed": self.seed}, sort_keys=True, default=list)
+        spec = copy.deepcopy(self.spec)  # where the data lies is not a setting of the run
+        ((spec.get("data") or {}).get("init_args") or {}).pop("root", None)
+        text = json.dumps({"spec": spec, "seed": self.seed}, sort_keys=True, default=list)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -493,6 +495,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps of every run (default: the task's)")
     p.add_argument("--out", default="runs/study/ablation", help="output folder (default runs/study/ablation)")
     p.add_argument("--resume", action="store_true", help="keep finished runs in --out and train the rest")
+    p.add_argument("--data-root", default=None,
+                   help="dataset folder of every selected task (sets data.init_args.root; SSv2/K400 need it)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per run (default: the study's, 1; 0: torch's default)")
     p.add_argument("--plan", action="store_true", help="print the runs and their model sizes, train nothing")
@@ -514,6 +518,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         study = load_study(args.config)
         runs = expand_plan(study, seeds=args.seeds, tasks=args.tasks, variants=args.variants, steps=args.steps)
+        if args.data_root is not None:
+            for r in runs:
+                r.spec["data"].setdefault("init_args", {})["root"] = args.data_root
         command = "structvit study " + " ".join(argv)
         if args.plan:
             for task in dict.fromkeys(r.task for r in runs):

@@ -1,0 +1,262 @@
+"""``structvit study ablation``: plan, resume, aggregation, tables and plot, reproducibility, errors."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from structvit import study as S
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = ROOT / "configs" / "study" / "ablation.yaml"
+PAPER = [ROOT / "configs" / "study" / "ablation_ssv2.yaml", ROOT / "configs" / "study" / "ablation_k400.yaml"]
+
+TINY_STUDY = """
+name: tiny
+seeds: [0]
+threads: 1
+tasks:
+  moving_digits:
+    model: structvit_tiny_video
+    input_shape: [3, 4, 32, 32]
+    model_kwargs: {num_frames: 4, depths: [1, 1, 1, 1], embed_dims: [8, 16, 32, 64], head_dim: 8,
+                   drop_path_rate: 0.1, struct_blocks: all, attention: structsa, num_patterns: 2}
+    recipe: {lr: 2.0e-3, warmup_steps: 1, ema_decay: 0.9}
+    data:
+      class_path: structvit.data.VideoDataModule
+      init_args: {dataset: moving_digits, num_frames: 4, batch_size: 4, num_workers: 0}
+    steps: 3
+    val_every: 2
+    val_batches: 4
+    variants:
+      - {name: sa, label: SA, model_kwargs: {struct_blocks: [0, 0]}}
+      - {name: structsa_d2, label: StructSA D=2, model_kwargs: {num_patterns: 2}}
+"""
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _tiny(tmp_path) -> Path:
+    p = tmp_path / "tiny.yaml"
+    p.write_text(TINY_STUDY)
+    return p
+
+
+# ------------------------------------------------------------------ plan
+def test_default_plan_has_every_variant_seed_and_equal_budget():
+    study = S.load_study(DEFAULT)
+    runs = S.expand_plan(study)
+    video = {r.variant for r in runs if r.task == "moving_digits"}
+    image = {r.variant for r in runs if r.task == "digits"}
+    assert {"sa", "convsa", "structsa_d2", "structsa_d4", "structsa_d8", "structsa_d4_w5",
+            "structsa_d4_per_pattern"} == video
+    assert video - image == {"structsa_d4_w5"}  # windows 3x3 only for images
+    assert len(runs) == (len(video) + len(image)) * 3 and sorted({r.seed for r in runs}) == [0, 1, 2]
+    for task in ("moving_digits", "digits"):  # equal budget: everything but the model's attention is shared
+        specs = [r.spec for r in runs if r.task == task]
+        for key in ("steps", "recipe", "data", "model", "input_shape", "val_every"):
+            assert all(s[key] == specs[0][key] for s in specs), key
+    by = {(r.task, r.variant): r for r in runs}
+    assert S.variant_D(by["moving_digits", "sa"].spec["model_kwargs"]) == 0
+    assert S.variant_D(by["moving_digits", "convsa"].spec["model_kwargs"]) == 1
+    assert [S.variant_D(by["digits", f"structsa_d{d}"].spec["model_kwargs"]) for d in (2, 4, 8)] == [2, 4, 8]
+    w5 = by["moving_digits", "structsa_d4_w5"].spec["model_kwargs"]
+    assert w5["window"] == [5, 5, 5] and w5["embed_dims"] == [24, 48, 96, 192]  # variant merged over the task
+    assert by["digits", "structsa_d4_per_pattern"].spec["model_kwargs"]["normalize"] == "per_pattern"
+
+
+def test_plan_selection_and_steps_override():
+    study = S.load_study(DEFAULT)
+    runs = S.expand_plan(study, seeds=[3, 5], variants=["sa", "moving_digits/structsa_d8"], steps=7)
+    assert [(r.task, r.variant, r.seed) for r in runs] == [
+        ("moving_digits", "sa", 3), ("moving_digits", "sa", 5), ("moving_digits", "structsa_d8", 3),
+        ("moving_digits", "structsa_d8", 5), ("digits", "sa", 3), ("digits", "sa", 5)]
+    assert all(r.spec["steps"] == 7 for r in runs)
+    only = S.expand_plan(study, tasks=["digits"], seeds=[0])
+    assert {r.task for r in only} == {"digits"} and len(only) == 6
+    # the spec hash changes with the budget and the seed (a resumed study never mixes budgets)
+    a, b = S.expand_plan(study, variants=["digits/sa"], seeds=[0], steps=7)[0], runs[4]
+    assert a.spec_hash != b.spec_hash and a.spec_hash != S.expand_plan(study, variants=["digits/sa"], seeds=[0],
+                                                                         steps=8)[0].spec_hash
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(variants=["structsa_d16"]), ["structsa_d16", "moving_digits/sa"]),
+    (dict(variants=["digits/structsa_d4_w5"]), ["digits/structsa_d4_w5"]),
+    (dict(tasks=["ssv2"]), ["ssv2", "moving_digits, digits"]),
+    (dict(seeds=[0, 0]), ["distinct"]),
+    (dict(seeds=[-1]), ["non-negative"]),
+    (dict(seeds=[]), ["non-empty"]),
+    (dict(steps=0), ["--steps"]),
+])
+def test_bad_choices_are_named(kwargs, words):
+    with pytest.raises(S.StudyError) as err:
+        S.expand_plan(S.load_study(DEFAULT), **kwargs)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_bad_study_files_are_named(tmp_path):
+    with pytest.raises(S.StudyError, match="nope.yaml.*not found"):
+        S.load_study(tmp_path / "nope.yaml")
+    p = tmp_path / "s.yaml"
+    p.write_text(TINY_STUDY.replace("    val_every: 2\n", "    val_evry: 2\n"))
+    with pytest.raises(S.StudyError, match="val_evry"):
+        S.load_study(p)
+    p.write_text(TINY_STUDY.replace("{name: structsa_d2,", "{name: sa,"))
+    with pytest.raises(S.StudyError, match="duplicate variant names.*sa"):
+        S.load_study(p)
+    p.write_text(TINY_STUDY.replace("    steps: 3\n", ""))
+    with pytest.raises(S.StudyError, match="needs 'steps'"):
+        S.load_study(p)
+
+
+def test_command_line_errors(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        S.main(["ablation", "--variants", "structsa_d3", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "structsa_d3" in capsys.readouterr().err
+    assert S.main(["ablations"]) == 2 and "unknown study 'ablations'" in capsys.readouterr().err
+    from structvit.cli import main as cli_main
+
+    assert cli_main(["study", "ablation", "--plan", "--variants", "digits/sa", "--seeds", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "digits/sa" in out and "1 runs" in out and "M params" in out
+
+
+@pytest.mark.parametrize("path", PAPER, ids=lambda p: p.stem)
+def test_paper_scale_configs_build(path):
+    study = S.load_study(path)
+    runs = S.expand_plan(study, seeds=[0])
+    assert len(runs) == 7
+    for r in runs:
+        assert r.spec["input_shape"] == [3, 16, 224, 224] and r.spec["model"] == "structvit_s_4_1"
+        m = S.build_model(r.spec, "meta")
+        assert m.num_frames == 16 and m.embed_dims[0] == 64  # StructViT-S, 16 frames
+        kw = r.spec["model_kwargs"]
+        assert m.struct_blocks == ((0, 0) if r.variant == "sa" else (4, 1))
+        assert m.window == tuple(kw.get("window", (3, 3, 3)))
+        assert m.attention == kw["attention"]
+    by = {r.variant: r for r in runs}
+    sa, d8 = S.model_cost(by["sa"].spec), S.model_cost(by["structsa_d8"].spec)
+    assert 20e6 < sa["params"] < d8["params"] < 23e6
+    assert 80 < sa["gflops"] < d8["gflops"]  # UniFormer-S 16x224: ~42 GMACs = ~84 GFLOPs
+
+
+# ------------------------------------------------------------------ aggregation, tables, plot
+def _fake_result(task, variant, seed, acc, D=4, secs=10.0):
+    return {"task": task, "variant": variant, "label": variant.upper(), "seed": seed, "D": D, "steps": 5,
+            "acc1": acc, "ema_acc1": acc + 0.01, "val_loss": 1.0, "train_seconds": secs, "params": 1000,
+            "gflops": 0.5, "threads": 1, "spec_hash": "x",
+            "spec": {"model_kwargs": {"num_patterns": D}}}
+
+
+def test_aggregate_mean_and_sample_std():
+    rows = [_fake_result("t", "a", s, acc, secs=s + 1.0) for s, acc in enumerate([0.5, 0.6, 0.7])]
+    rows += [_fake_result("t", "b", 0, 0.9, D=0)]
+    summ = {s["variant"]: s for s in S.aggregate(rows, order=[("t", "b"), ("t", "a")])}
+    assert list(summ) == ["b", "a"]  # the study file's order
+    a = summ["a"]
+    assert a["seeds"] == 3 and math.isclose(a["acc1_mean"], 0.6) and math.isclose(a["acc1_std"], 0.1)
+    assert math.isclose(a["ema_acc1_mean"], 0.61) and math.isclose(a["train_seconds"], 2.0)
+    assert summ["b"]["acc1_std"] == 0.0 and summ["b"]["seed_list"] == "0"
+
+
+def test_tables_and_plot_from_finished_runs(tmp_path):
+    for variant, D, accs in (("sa", 0, [0.5, 0.7]), ("convsa", 1, [0.6, 0.6]), ("structsa_d4", 4, [0.8, 0.9])):
+        for seed, acc in enumerate(accs):
+            folder = tmp_path / "vid" / variant / f"seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / S.RESULT).write_text(json.dumps(_fake_result("vid", variant, seed, acc, D=D)))
+            with open(folder / "metrics.csv", "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["epoch", "step", "train/loss", "val/acc1"])
+                for step in (1, 3, 5):
+                    w.writerow([0, step, 1.0, ""])
+                    w.writerow([0, step, "", acc * step / 5])
+    res = S.report(tmp_path, command="structvit study ablation --x")
+    assert [s["variant"] for s in res["summary"]] == ["convsa", "sa", "structsa_d4"]  # no plan: sorted
+    md = res["md"].read_text()
+    assert "`structvit study ablation --x`" in md and "| 60.0 ± 14.1 |" in md and "| 85.0 ± 7.1 |" in md
+    with open(res["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and {r["variant"] for r in rows} == {"sa", "convsa", "structsa_d4"}
+    assert S._curve(tmp_path / "vid" / "sa" / "seed1") == ([2, 4, 6], pytest.approx([0.14, 0.42, 0.7]))
+    assert res["png"].is_file() and res["png"].stat().st_size > 10_000
+    assert res["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(S.StudyError, match="no finished runs"):
+        S.report(tmp_path / "empty")
+
+
+# ------------------------------------------------------------------ resume
+def test_resume_skips_finished_runs_and_retrains_unfinished(tmp_path):
+    runs = S.expand_plan(S.load_study(_tiny(tmp_path)), seeds=[0, 1])
+    calls = []
+
+    def fake_train(run, folder, threads=1):
+        calls.append(run.key)
+        folder.mkdir(parents=True, exist_ok=True)
+        res = _fake_result(run.task, run.variant, run.seed, 0.5)
+        res["spec_hash"] = run.spec_hash
+        (folder / S.RESULT).write_text(json.dumps(res))
+        return res
+
+    out = tmp_path / "out"
+    S.run_study(runs[:2], out, trainer_fn=fake_train, log=lambda m: None)  # "killed" after two runs
+    (runs[2].folder(out)).mkdir(parents=True)  # the third had started: a folder without result.json
+    assert calls == [r.key for r in runs[:2]]
+    with pytest.raises(S.StudyError, match="--resume"):
+        S.run_study(runs, out, trainer_fn=fake_train, log=lambda m: None)
+    calls.clear()
+    log = []
+    results = S.run_study(runs, out, resume=True, trainer_fn=fake_train, log=log.append)
+    assert calls == [r.key for r in runs[2:]] and len(results) == 4
+    assert sum("skipped" in m for m in log) == 2
+    # a finished run with another budget is not silently reused
+    other = S.expand_plan(S.load_study(_tiny(tmp_path)), seeds=[0], steps=9)
+    with pytest.raises(S.StudyError, match="other settings"):
+        S.run_study(other, out, resume=True, trainer_fn=fake_train, log=lambda m: None)
+
+
+# ------------------------------------------------------------------ real runs
+def test_same_seed_same_accuracy_and_weights(tmp_path):
+    from structvit.engine.weights import load_weights
+
+    run = S.expand_plan(S.load_study(_tiny(tmp_path)), variants=["structsa_d2"], seeds=[0])[0]
+    a = S.train_run(run, tmp_path / "a")
+    b = S.train_run(run, tmp_path / "b")
+    assert a["steps"] == b["steps"] == 3
+    assert a["acc1"] == b["acc1"] and a["ema_acc1"] == b["ema_acc1"] and a["val_loss"] == b["val_loss"]
+    wa, _ = load_weights(str(tmp_path / "a" / "final.safetensors"))
+    wb, _ = load_weights(str(tmp_path / "b" / "final.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    other = S.Run(run.task, run.variant, run.label, 1, run.spec)
+    c = S.train_run(other, tmp_path / "c")
+    wc, _ = load_weights(str(tmp_path / "c" / "final.safetensors"))
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)  # the seed matters
+    assert c["val_loss"] != a["val_loss"]
+
+
+def test_one_command_end_to_end_and_resume(tmp_path, capsys):
+    cfg, out = _tiny(tmp_path), tmp_path / "out"
+    assert S.main(["ablation", "--config", str(cfg), "--out", str(out), "--steps", "2"]) == 0
+    text = capsys.readouterr().out
+    for f in ("results.csv", "results.md", "ablation.png"):
+        assert (out / f).is_file(), f
+    assert (out / "moving_digits" / "sa" / "seed0" / "metrics.csv").is_file()
+    md = (out / "results.md").read_text()
+    assert "| SA | 0 |" in md and "| StructSA D=2 | 2 |" in md and "### moving_digits" in md
+    assert "top-1" in text
+    res = json.loads((out / "moving_digits" / "structsa_d2" / "seed0" / S.RESULT).read_text())
+    assert res["steps"] == 2 and 0.0 <= res["acc1"] <= 1.0 and res["params"] > 0 and res["gflops"] > 0
+    assert S.main(["ablation", "--config", str(cfg), "--out", str(out), "--steps", "2", "--resume"]) == 0
+    assert capsys.readouterr().out.count("(skipped)") == 2
