@@ -113,6 +113,16 @@ def load_model(name: str | None = None, checkpoint=None, model_kwargs: dict | No
                     except (ValueError, SyntaxError):
                         pass
                 kwargs[key] = val
+    # the training engine's exports (and Lightning checkpoints) record the model's kwargs
+    saved = meta.get("model_kwargs")
+    if isinstance(saved, str):
+        try:
+            saved = json.loads(saved)
+        except json.JSONDecodeError:
+            saved = None
+    if isinstance(saved, dict) and meta.get("model", name) == name:
+        for key, val in saved.items():
+            kwargs.setdefault(key, tuple(val) if isinstance(val, list) else val)
     if name not in models.MODEL_NAMES:
         raise ArgumentError(f"--model must be one of {', '.join(models.MODEL_NAMES)}, got {name!r}")
     if tensors is not None and "num_classes" not in kwargs:
