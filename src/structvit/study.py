@@ -392,7 +392,9 @@ def write_tables(rows: list[dict], summary: list[dict], out: Path | str, *, comm
                          f"| {s['train_seconds']:.0f} |")
         lines.append("")
     lines.append("top-1: final validation accuracy after the last step (raw weights; EMA: the EMA weights), "
-                 "mean ± sample std over seeds. GFLOPs: one clip/image, StructSA in its fewest-FLOP form.")
+                 "mean ± sample std over seeds. GFLOPs: one clip/image, StructSA in its fewest-FLOP form. "
+                 "Train time: wall time of one run's Trainer.fit (training and the periodic validations), "
+                 "mean over seeds, with the threads of results.csv.")
     md_path = out / "results.md"
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
