@@ -28,14 +28,15 @@ def test_demo_op_tour_checks_equivalence(capsys):
 
 
 def test_bench_op_rows(capsys):
-    rows = bench.bench_op_case("tiny", bench.OP_CASES["tiny"], ["naive", "keyconv", "auto"], device="cpu",
-                               dtype="float32", repeats=1)
-    assert [r["backend"].split()[0] for r in rows] == ["SA", "naive", "keyconv", "auto"]
+    rows = bench.bench_op_case("tiny", bench.OP_CASES["tiny"], ["naive", "keyconv", "auto", "auto-mem"], device="cpu",
+                               dtype="float32", repeats=1, memory_limit=4096)
+    assert [r["backend"].split()[0] for r in rows] == ["SA", "naive", "keyconv", "auto", "auto,"]
+    assert rows[-1]["backend"].startswith("auto, memory_limit 0.00390625 MiB (")
     assert rows[0]["time_ratio"] == 1.0
     assert all(r["seconds"] > 0 for r in rows)
     assert all(r["peak"] is None or r["peak"] >= 0 for r in rows)
     table = bench.format_op_table(bench.OP_CASES["tiny"], rows)
-    assert table.count("\n| ") == 5  # column header and 4 rows
+    assert table.count("\n| ") == 6  # column header and 5 rows
     assert bench.main(["op", "--cases", "tiny", "--backends", "correlation", "--repeats", "1"]) == 0
     assert "| correlation |" in capsys.readouterr().out
 

@@ -198,19 +198,49 @@ def test_fused_limits_and_chunking(monkeypatch):
         struct_attention(q, k, v, u_k, u_v, (3, 4, 5), backend="fused", return_weights=True)
     with pytest.raises(ValueError, match="dropout_p > 0 is not supported by backend='fused'"):
         struct_attention(q, k, v, u_k, u_v, (3, 4, 5), backend="fused", dropout_p=0.1)
-    # rows processed in many small chunks give the same values and gradients as one chunk
-    ref, _ = reference_struct_attention(q, k, v, u_k, u_v, (3, 4, 5))
-    monkeypatch.setattr(backends, "FUSED_CHUNK_ELEMENTS", 2 * 3 * 60 * 7)  # 7 rows a chunk, last chunk shorter
-    inputs = [t.requires_grad_() for t in (q, k, v, u_k, u_v)]
-    out = struct_attention(*inputs, (3, 4, 5), backend="fused")
+
+
+def test_fused_chunks_cover_every_row_once():
+    from structvit.ops.backends import _chunks
+
+    for bh, heads, n, limit in [(6, 3, 60, 10 ** 6), (6, 3, 60, 3 * 3600), (12, 3, 60, 7 * 3600), (6, 3, 60, 2520),
+                                (4, 2, 60, 1), (5, 1, 7, 50)]:
+        chunks = _chunks(bh, heads, n, limit)
+        covered = torch.zeros(bh, n, dtype=torch.int64)
+        for b0, b1, r0, r1 in chunks:
+            covered[b0:b1, r0:r1] += 1
+            # at most the limit (or one row), and head groups never split a batch item's heads
+            assert (b1 - b0) * (r1 - r0) * n <= max(limit, n)
+            assert b1 - b0 == 1 or (b0 % heads == 0 and (b1 - b0) % heads == 0 or b1 == bh)
+        assert (covered == 1).all(), (bh, heads, n, limit)
+    assert _chunks(6, 3, 60, 10 ** 6) == [(0, 6, 0, 60)]
+    assert _chunks(12, 3, 60, 7 * 3600) == [(0, 6, 0, 60), (6, 12, 0, 60)]  # two batch items a chunk
+    assert _chunks(6, 3, 60, 2520)[:2] == [(0, 1, 0, 42), (0, 1, 42, 60)]
+
+
+@pytest.mark.skipif(not HAS_NATIVE, reason="no C++ compiler for the fused CPU kernel")
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("memory_limit", [4 * 8 * 3 * 3600, 4 * 8 * 2520, 4 * 8 * 60])  # head groups, rows, 1 row
+def test_fused_memory_limit_chunks_match_naive(shared, memory_limit):
+    """Any chunking (whole batch items, single heads in row blocks, single rows) gives the
+    values and gradients of one chunk, with per-head and shared patterns."""
+    grid = (3, 4, 5)
+    inputs = random_inputs(2, 3, grid, 4, 2, (3, 3, 3), shared=shared, requires_grad=True)
+    out = struct_attention(*inputs, grid, backend="fused", memory_limit=memory_limit)
+    ref = struct_attention(*inputs, grid, backend="naive")
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
-    out.pow(2).sum().backward()
-    grads = [t.grad.clone() for t in inputs]
-    for t in inputs:
-        t.grad = None
-    struct_attention(*inputs, (3, 4, 5), backend="naive").pow(2).sum().backward()
-    for g, t in zip(grads, inputs):
-        torch.testing.assert_close(g, t.grad, rtol=0, atol=1e-10)
+    g_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, g_out)
+    grads_ref = torch.autograd.grad(ref, inputs, g_out)
+    for name, g, r in zip(("q", "k", "v", "u_k", "u_v"), grads, grads_ref):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-10, msg=name)
+
+
+def test_memory_limit_argument():
+    q, k, v, u_k, u_v = random_inputs(1, 1, (3, 3), 4, 2, (3, 3))
+    for bad in (0, -5, 1.5, True, "1GB"):
+        with pytest.raises(ValueError, match="memory_limit must be a positive int"):
+            struct_attention(q, k, v, u_k, u_v, (3, 3), memory_limit=bad)
 
 
 @pytest.mark.parametrize("backend", ["naive", "correlation", "keyconv"])
@@ -304,7 +334,10 @@ def test_auto_choice_rules():
     # weights requested -> a backend that can return them
     assert choose_backend(1, 1, 16, 8, 2, 9, return_weights=True) == "correlation"
     # correlation memory over the limit -> keyconv
+    assert choose_backend(2, 5, 1568, 64, 8, 27, memory_limit=1 << 28) == "keyconv"
+    # nothing fits and no fused kernel -> the backend with the least memory
     assert choose_backend(2, 5, 1568, 64, 8, 27, memory_limit=1 << 20) == "keyconv"
+    assert choose_backend(1, 1, 4, 512, 8, 1, memory_limit=1) == "correlation"
     # tiny maps with a large head dim: the correlation form is far cheaper than D attentions
     assert choose_backend(1, 1, 4, 512, 8, 1) == "correlation"
     cost = estimate_cost(16, 5, 196, 64, 8, 9)
@@ -319,6 +352,9 @@ def test_auto_fused_rule():
     assert choose_backend(2, 5, 1568, 64, 8, 27, fused_ok=True) == "keyconv"
     assert choose_backend(16, 5, 196, 64, 8, 9, fused_ok=False) != "fused"
     assert choose_backend(16, 5, 196, 64, 8, 9, fused_ok=True, return_weights=True) == "correlation"
+    # memory is the limit: the fused kernel (chunks shrink to fit) instead of keyconv's D-times keys
+    assert choose_backend(2, 5, 1568, 64, 8, 27, fused_ok=True, memory_limit=8 << 20) == "fused"
+    assert estimate_cost(2, 5, 1568, 64, 8, 27)["keyconv"]["bytes"] > 8 << 20
 
 
 @pytest.mark.skipif(not HAS_NATIVE, reason="no C++ compiler for the fused CPU kernel")

@@ -111,15 +111,19 @@ def make_op_inputs(case: OpCase, device: torch.device, dtype: torch.dtype):
     return qkv, us
 
 
-def op_fn(case: OpCase, backend: str):
-    """The function benchmarked for a backend ("sa" is plain scaled_dot_product_attention)."""
+def op_fn(case: OpCase, backend: str, memory_limit: int | None = None):
+    """The function benchmarked for a backend ("sa" is plain scaled_dot_product_attention;
+    "auto-mem" is "auto" told to keep its working memory under ``memory_limit`` bytes)."""
     if backend == "sa":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
+    limit = memory_limit if backend == "auto-mem" else None
+    backend = "auto" if backend == "auto-mem" else backend
     return lambda q, k, v, u_k, u_v: struct_attention(q, k, v, u_k, u_v, case.grid, normalize=case.normalize,
-                                                      backend=backend)
+                                                      backend=backend, memory_limit=limit)
 
 
-def peak_memory_in_subprocess(case_key: str, normalize: str, backend: str, device: str, dtype: str) -> int | None:
+def peak_memory_in_subprocess(case_key: str, normalize: str, backend: str, device: str, dtype: str,
+                              memory_limit: int | None = None) -> int | None:
     """Peak memory of one fwd+bwd, measured in a fresh process.
 
     A fresh process has no allocator caches from earlier measurements, and with a
@@ -127,7 +131,8 @@ def peak_memory_in_subprocess(case_key: str, normalize: str, backend: str, devic
     resident-set high-water mark follows the live tensors.
     """
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    cmd = [sys.executable, "-m", "structvit.bench", "_peak", case_key, normalize, backend, device, dtype]
+    cmd = [sys.executable, "-m", "structvit.bench", "_peak", case_key, normalize, backend, device, dtype,
+           str(memory_limit or 0)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"peak-memory measurement failed for {backend} on {case_key}:\n{res.stderr[-2000:]}")
@@ -135,13 +140,13 @@ def peak_memory_in_subprocess(case_key: str, normalize: str, backend: str, devic
     return None if value == "None" else int(value)
 
 
-def _peak_main(case_key: str, normalize: str, backend: str, device: str, dtype: str) -> int:
+def _peak_main(case_key: str, normalize: str, backend: str, device: str, dtype: str, memory_limit: str = "0") -> int:
     case = OpCase(**{**OP_CASES[case_key].__dict__, "normalize": normalize})
     dev = torch.device(device)
     (q, k, v), (u_k, u_v) = make_op_inputs(case, dev, DTYPES[dtype])
     inputs = (q, k, v) if backend == "sa" else (q, k, v, u_k, u_v)
     with PeakMemory(dev) as mem:
-        op_fn(case, backend)(*inputs).float().sum().backward()
+        op_fn(case, backend, int(memory_limit) or None)(*inputs).float().sum().backward()
     print(mem.peak)
     return 0
 
@@ -167,16 +172,18 @@ def interleaved_medians(fns: dict, repeats: int, device: torch.device, warmup: i
 
 
 def bench_op_case(case_key: str, case: OpCase, backends: list[str], *, device: str, dtype: str, repeats: int,
-                  naive_limit: int = 2 << 30) -> list[dict]:
+                  naive_limit: int = 2 << 30, memory_limit: int = 8 << 20) -> list[dict]:
     """Rows of {backend, seconds, peak bytes, ratios} for one shape, SA first."""
     dev = torch.device(device)
     (q, k, v), (u_k, u_v) = make_op_inputs(case, dev, DTYPES[dtype])
     m = math.prod(case.window)
-    auto = choose_backend(case.batch, case.heads, case.tokens, case.head_dim, case.patterns, m,
-                          element_size=q.element_size(), fused_ok=_fused_can_serve(q, 0.0))
+    auto, auto_mem = (choose_backend(case.batch, case.heads, case.tokens, case.head_dim, case.patterns, m,
+                                     element_size=q.element_size(), fused_ok=_fused_can_serve(q, 0.0), memory_limit=lim)
+                      for lim in (None, memory_limit))
     labels, fns, skipped = {}, {}, {}
     for backend in ["sa"] + backends:
-        label = {"sa": "SA (sdpa)", "auto": f"auto ({auto})"}.get(backend, backend)
+        label = {"sa": "SA (sdpa)", "auto": f"auto ({auto})",
+                 "auto-mem": f"auto, memory_limit {memory_limit / 2**20:g} MiB ({auto_mem})"}.get(backend, backend)
         labels[backend] = label
         if backend == "naive":
             need = case.batch * case.heads * case.tokens ** 2 * m * q.element_size() * 4
@@ -184,14 +191,15 @@ def bench_op_case(case_key: str, case: OpCase, backends: list[str], *, device: s
                 skipped[backend] = f"needs ~{need / 2**30:.0f} GiB"
                 continue
         inputs = (q, k, v) if backend == "sa" else (q, k, v, u_k, u_v)
-        fns[backend] = lambda fn=op_fn(case, backend), inputs=inputs: fn(*inputs).float().sum().backward()
+        fns[backend] = (lambda fn=op_fn(case, backend, memory_limit), inputs=inputs:
+                        fn(*inputs).float().sum().backward())
     seconds = interleaved_medians(fns, repeats, dev)
     rows = []
     for backend, label in labels.items():
         if backend in skipped:
             rows.append({"backend": label, "skipped": skipped[backend]})
             continue
-        peak = peak_memory_in_subprocess(case_key, case.normalize, backend, device, dtype)
+        peak = peak_memory_in_subprocess(case_key, case.normalize, backend, device, dtype, memory_limit)
         rows.append({"backend": label, "seconds": seconds[backend], "peak": peak})
     sa = rows[0]
     for row in rows:
@@ -228,7 +236,8 @@ def run_op(args) -> int:
         case = OP_CASES[name]
         if args.normalize != "joint":
             case = OpCase(**{**case.__dict__, "normalize": args.normalize})
-        rows = bench_op_case(name, case, args.backends, device=args.device, dtype=args.dtype, repeats=args.repeats)
+        rows = bench_op_case(name, case, args.backends, device=args.device, dtype=args.dtype, repeats=args.repeats,
+                             memory_limit=int(args.memory_limit * 2**20))
         print(format_op_table(case, rows), "\n", flush=True)
     return 0
 
@@ -336,8 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="what", required=True)
     op = sub.add_parser("op", help="StructSA backends vs SA, fwd+bwd time and peak memory")
     op.add_argument("--cases", nargs="+", default=["image", "video"], choices=sorted(OP_CASES))
-    op.add_argument("--backends", nargs="+", default=["naive", "correlation", "keyconv", "fused", "auto"],
-                    choices=["naive", "correlation", "keyconv", "fused", "auto"])
+    op.add_argument("--backends", nargs="+", default=["naive", "correlation", "keyconv", "fused", "auto", "auto-mem"],
+                    choices=["naive", "correlation", "keyconv", "fused", "auto", "auto-mem"],
+                    help="auto-mem: auto with --memory-limit")
+    op.add_argument("--memory-limit", type=float, default=8.0,
+                    help="working-memory limit in MiB given to auto for the auto-mem row (default 8)")
     op.add_argument("--normalize", default="joint", choices=["joint", "per_pattern"])
     op.add_argument("--device", default="cpu")
     op.add_argument("--dtype", default="float32", choices=sorted(DTYPES))

@@ -140,21 +140,51 @@ BACKENDS = {"naive": naive, "correlation": correlation, "keyconv": keyconv}
 
 # ----------------------------------------------------------------------------- fused (CPU)
 
-# Query rows are processed in chunks of about this many correlation-map elements
-# (B * heads * rows * N), so the op holds O(chunk) instead of O(B heads N^2) memory.
-# Smaller chunks save memory but cost speed: below ~256 rows a chunk, the batched GEMMs
-# around the kernel slow down sharply on CPU (measured: 8 ms for 10 x 66 x 64 x 1568 and
-# for 10 x 256 x 64 x 1568 alike).
+# The kernel works on chunks of (batch*head, query row) pairs of about this many
+# correlation-map elements, so the op holds O(chunk) instead of O(B heads N^2) memory:
+# whole heads when they fit, else single heads in blocks of rows. Each chunk keeps at most
+# four such buffers alive (backward: S0, dAt, At, dS0). Smaller chunks save memory but the
+# GEMMs around the kernel get less efficient (measured on CPU: a 10 x 66 x 64 x 1568 batched
+# GEMM takes as long as a 10 x 256 x 64 x 1568 one), which is why chunks split heads before
+# rows: a single head's (R x 64) x (64 x N) GEMM stays efficient down to a few hundred rows.
 FUSED_CHUNK_ELEMENTS = 1 << 22
+FUSED_BUFFERS = 4
+
+
+def fused_chunk_elements(memory_limit: int | None, element_size: int = 4) -> int:
+    """Chunk size (elements) for a working-memory budget in bytes (None: the default)."""
+    if memory_limit is None:
+        return FUSED_CHUNK_ELEMENTS
+    return max(1, int(memory_limit) // (FUSED_BUFFERS * element_size))
 
 
 def _ptr(t: torch.Tensor):
     return ctypes.c_void_p(t.data_ptr())
 
 
-def _chunks(bh: int, n: int, chunk_elements: int):
-    rows = max(1, min(n, chunk_elements // max(1, bh * n)))
-    return [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
+def _chunks(bh: int, heads: int, n: int, chunk_elements: int) -> list[tuple[int, int, int, int]]:
+    """(bh0, bh1, r0, r1) blocks covering (BH, N) query rows, each of at most about
+    ``chunk_elements`` correlation-map elements (at least one row). A block spans either
+    a whole number of heads' groups (bh0 and bh1 multiples of ``heads``) or one (b, h)."""
+    per_bh = n * n
+    if bh * per_bh <= chunk_elements:
+        return [(0, bh, 0, n)]
+    if heads * per_bh <= chunk_elements:
+        g = chunk_elements // (heads * per_bh) * heads
+        return [(b0, min(bh, b0 + g), 0, n) for b0 in range(0, bh, g)]
+    rows = max(1, min(n, chunk_elements // n))
+    return [(b, b + 1, r0, min(n, r0 + rows)) for b in range(bh) for r0 in range(0, n, rows)]
+
+
+def _chunk_patterns(dims: torch.Tensor, uk, uv, duk, duv, bh0: int, bh1: int, heads: int):
+    """The kernel's view of the patterns for a chunk: per-head patterns of a single-(b, h)
+    chunk are passed as that head's slice with heads = hu = 1."""
+    if uk.shape[0] == 1 or bh1 - bh0 != 1 or heads == 1:
+        return dims, uk, uv, duk, duv
+    head = bh0 % heads
+    one = dims.clone()
+    one[7:9] = 1
+    return one, uk[head], uv[head], (None if duk is None else duk[head]), (None if duv is None else duv[head])
 
 
 class _FoldedCPU(torch.autograd.Function):
@@ -164,7 +194,7 @@ class _FoldedCPU(torch.autograd.Function):
     per-row log-sum-exp."""
 
     @staticmethod
-    def forward(ctx, q, k, v, u_k, u_v, grid, joint, scale):
+    def forward(ctx, q, k, v, u_k, u_v, grid, joint, scale, chunk_elements):
         lib = native.load()
         b, h, n, c = q.shape
         bh, d = b * h, u_k.shape[1]
@@ -175,18 +205,20 @@ class _FoldedCPU(torch.autograd.Function):
         q2, k2, v2 = q.reshape(bh, n, c), k.reshape(bh, n, c), v.reshape(bh, n, -1)
         out = torch.empty(bh, n, v.shape[-1], dtype=q.dtype)
         lse = torch.empty(bh, n, 1 if joint else d, dtype=q.dtype)
-        kt = k2.transpose(1, 2)
         fwd = lib.structsa_folded_forward_f64 if q.dtype == torch.float64 else lib.structsa_folded_forward_f32
         threads = torch.get_num_threads()
-        for r0, r1 in _chunks(bh, n, FUSED_CHUNK_ELEMENTS):
-            s0 = torch.matmul(q2[:, r0:r1] * scale, kt).contiguous()  # (BH, R, N)
+        for b0, b1, r0, r1 in _chunks(bh, h, n, chunk_elements):
+            dims_c, uk_c, uv_c, _, _ = _chunk_patterns(dims, uk, uv, None, None, b0, b1, h)
+            s0 = torch.matmul(q2[b0:b1, r0:r1] * scale, k2[b0:b1].transpose(1, 2)).contiguous()  # (bh', R, N)
             at = torch.empty_like(s0)
-            lse_c = torch.empty(bh, r1 - r0, lse.shape[-1], dtype=q.dtype)
-            fwd(_ptr(s0), _ptr(uk), _ptr(uv), _ptr(at), _ptr(lse_c), bh, r1 - r0, _ptr(dims), int(joint), threads)
-            lse[:, r0:r1] = lse_c
-            out[:, r0:r1] = torch.bmm(at, v2)  # (bmm into a strided slice with out= is ~9x slower)
+            lse_c = torch.empty(b1 - b0, r1 - r0, lse.shape[-1], dtype=q.dtype)
+            fwd(_ptr(s0), _ptr(uk_c), _ptr(uv_c), _ptr(at), _ptr(lse_c), b1 - b0, r1 - r0, _ptr(dims_c), int(joint),
+                threads)
+            lse[b0:b1, r0:r1] = lse_c
+            out[b0:b1, r0:r1] = torch.bmm(at, v2[b0:b1])  # (bmm into a strided slice with out= is ~9x slower)
+            del s0, at
         ctx.save_for_backward(q, k, v, uk, uv, out, lse, dims)
-        ctx.joint, ctx.scale, ctx.u_shape = joint, scale, u_k.shape
+        ctx.joint, ctx.scale, ctx.u_shape, ctx.chunk_elements = joint, scale, u_k.shape, chunk_elements
         return out.reshape(b, h, n, -1)
 
     @staticmethod
@@ -202,31 +234,35 @@ class _FoldedCPU(torch.autograd.Function):
         rowdot = (dy * out).sum(-1, keepdim=True) if joint else torch.zeros(bh, n, 1, dtype=q.dtype)
         dq, dk, dv = torch.empty_like(q2), torch.zeros_like(k2), torch.zeros_like(v2)
         duk, duv = torch.zeros_like(uk), torch.zeros_like(uv)
-        kt, vt = k2.transpose(1, 2), v2.transpose(1, 2)
         bwd = lib.structsa_folded_backward_f64 if q.dtype == torch.float64 else lib.structsa_folded_backward_f32
         threads = torch.get_num_threads()
-        for r0, r1 in _chunks(bh, n, FUSED_CHUNK_ELEMENTS):
-            qc = q2[:, r0:r1]
-            s0 = torch.matmul(qc * scale, kt).contiguous()
-            dat = torch.matmul(dy[:, r0:r1], vt).contiguous()  # dAt = dY V^T
+        for b0, b1, r0, r1 in _chunks(bh, h, n, ctx.chunk_elements):
+            dims_c, uk_c, uv_c, duk_c, duv_c = _chunk_patterns(dims, uk, uv, duk, duv, b0, b1, h)
+            qc, kc = q2[b0:b1, r0:r1], k2[b0:b1]
+            s0 = torch.matmul(qc * scale, kc.transpose(1, 2)).contiguous()
+            dat = torch.matmul(dy[b0:b1, r0:r1], v2[b0:b1].transpose(1, 2)).contiguous()  # dAt = dY V^T
             at, ds0 = torch.empty_like(s0), torch.empty_like(s0)
-            lse_c, rd_c = lse[:, r0:r1].contiguous(), rowdot[:, r0:r1].contiguous()
-            bwd(_ptr(s0), _ptr(dat), _ptr(lse_c), _ptr(rd_c), _ptr(uk), _ptr(uv), _ptr(at), _ptr(ds0), _ptr(duk),
-                _ptr(duv), bh, r1 - r0, _ptr(dims), int(joint), threads)
-            dv.baddbmm_(at.transpose(1, 2), dy[:, r0:r1])
-            dq[:, r0:r1] = torch.bmm(ds0, k2)
-            dk.baddbmm_(ds0.transpose(1, 2), qc)
+            lse_c, rd_c = lse[b0:b1, r0:r1].contiguous(), rowdot[b0:b1, r0:r1].contiguous()
+            bwd(_ptr(s0), _ptr(dat), _ptr(lse_c), _ptr(rd_c), _ptr(uk_c), _ptr(uv_c), _ptr(at), _ptr(ds0),
+                _ptr(duk_c), _ptr(duv_c), b1 - b0, r1 - r0, _ptr(dims_c), int(joint), threads)
+            del s0, dat
+            dv[b0:b1].baddbmm_(at.transpose(1, 2), dy[b0:b1, r0:r1])
+            dq[b0:b1, r0:r1] = torch.bmm(ds0, kc)
+            dk[b0:b1].baddbmm_(ds0.transpose(1, 2), qc)
+            del at, ds0
         dq.mul_(scale)
         dk.mul_(scale)
         shape = ctx.u_shape
         duk = duk.transpose(1, 2).reshape(shape)
         duv = duv.transpose(1, 2).reshape(shape)
-        return (dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), duk, duv, None, None, None)
+        return (dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), duk, duv, None, None, None, None)
 
 
-def fused(q, k, v, u_k, u_v, grid: Grid3, normalize: str, scale: float, dropout_p: float, return_weights: bool):
+def fused(q, k, v, u_k, u_v, grid: Grid3, normalize: str, scale: float, dropout_p: float, return_weights: bool,
+          memory_limit: int | None = None):
     """The folded form (form 4) with each query row's convolution, softmax and transposed
-    convolution fused in one CPU kernel, rows in chunks; O(N) memory beyond the inputs.
+    convolution fused in one CPU kernel, rows in chunks; O(N) memory beyond the inputs plus
+    the chunk buffers, at most about ``memory_limit`` bytes (default: 4 x 4M elements).
 
     CPU only; float32 and float64 (bfloat16/float16 are computed in float32). No
     attention dropout and no weights (use "correlation" for those).
@@ -242,7 +278,8 @@ def fused(q, k, v, u_k, u_v, grid: Grid3, normalize: str, scale: float, dropout_
     if dtype not in (torch.float32, torch.float64):
         q, k, v, u_k, u_v = (t.float() for t in (q, k, v, u_k, u_v))
     q, k, v, u_k, u_v = (t.contiguous() for t in (q, k, v, u_k, u_v))
-    out = _FoldedCPU.apply(q, k, v, u_k, u_v, grid, normalize == "joint", scale)
+    chunk = fused_chunk_elements(memory_limit, q.element_size())
+    out = _FoldedCPU.apply(q, k, v, u_k, u_v, grid, normalize == "joint", scale, chunk)
     return out.to(dtype), None
 
 

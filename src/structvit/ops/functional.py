@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from . import native
-from .backends import BACKENDS
+from .backends import BACKENDS, FUSED_BUFFERS, FUSED_CHUNK_ELEMENTS
 
 NORMALIZE = ("joint", "per_pattern")
 BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
@@ -27,9 +27,10 @@ MEMORY_BOUND_WEIGHT = 100
 FUSED_KERNEL_WEIGHT = 5.0
 KEYCONV_WEIGHT = 1.2
 
-# "auto" keeps the D*N^2 attention of the correlation form only while the buffers it
-# holds for backward stay under this many bytes (per call); above it, the
-# key-convolution form on scaled_dot_product_attention (O(N) memory) is used.
+# "auto" only picks a backend whose attention-sized working memory (beyond q, k, v, the
+# output and their gradients) stays under this many bytes per call, unless told otherwise
+# with ``memory_limit``: the correlation form's D*N^2 buffers, the key-convolution form's
+# D-times convolved keys and values, the fused kernel's chunk buffers (which shrink to fit).
 DEFAULT_MEMORY_LIMIT = 1 << 30
 
 
@@ -92,33 +93,42 @@ def estimate_cost(b: int, heads: int, n: int, c: int, d: int, m: int, *, element
         # attention of N queries over D*N convolved keys; only O(N) state with a fused kernel.
         "keyconv": {"macs": bh * (d * n * n * (c + cv) + n * m * d * (c + cv)), "bytes": 2 * bh * d * n * (c + cv) * element_size},
         "naive": {"macs": bh * (n * n * m * c + n * n * m * d * 2 + n * n * m * cv), "bytes": 2 * bh * n * n * m * element_size},
-        # the folded form's FLOPs; rows in chunks and recomputed in backward: O(N) state.
-        "fused": {"macs": bh * (n * n * (c + cv) + 2 * n * n * m * d), "bytes": 2 * bh * n * (c + cv) * element_size},
+        # the folded form's FLOPs; rows in chunks and recomputed in backward: O(N) state
+        # plus FUSED_BUFFERS chunk buffers (default chunk size; they shrink to a memory limit).
+        "fused": {"macs": bh * (n * n * (c + cv) + 2 * n * n * m * d),
+                  "bytes": FUSED_BUFFERS * min(bh * n * n, FUSED_CHUNK_ELEMENTS) * element_size},
     }
 
 
 def choose_backend(b: int, heads: int, n: int, c: int, d: int, m: int, *, return_weights: bool = False,
-                   element_size: int = 4, memory_limit: int = DEFAULT_MEMORY_LIMIT, fused_ok: bool = False) -> str:
+                   element_size: int = 4, memory_limit: int | None = None, fused_ok: bool = False) -> str:
     """The backend "auto" picks (DESIGN.md section 1, calibrated by ``structvit bench op``).
 
     - ``return_weights`` needs the weights: "correlation".
+    - Only backends whose working memory (``estimate_cost(...)[name]["bytes"]``) fits in
+      ``memory_limit`` bytes (default ``DEFAULT_MEMORY_LIMIT``, 1 GiB) are candidates. The
+      fused kernel always fits: its chunks shrink to the limit (down to one query row).
+      If nothing fits (no fused kernel: CUDA, dropout, tracing), the backend with the
+      least memory.
     - ``fused_ok`` (a CPU call the fused kernel can serve: built here, no dropout, not
-      being traced or exported): "fused" when its measured cost model,
-      ``1 + FUSED_KERNEL_WEIGHT * M * D / C`` times SA, beats keyconv's
-      ``KEYCONV_WEIGHT * D`` (on a 2-core CPU: 3x3 windows yes, 3x3x3 no).
-    - The correlation form holds O(B h D N^2) memory: if that exceeds ``memory_limit``
-      bytes, "keyconv" (O(N) with a fused attention kernel).
+      being traced or exported): "fused" when it is the only candidate or when its
+      measured cost model, ``1 + FUSED_KERNEL_WEIGHT * M * D / C`` times SA, beats
+      keyconv's ``KEYCONV_WEIGHT * D`` (on a 2-core CPU: 3x3 windows yes, 3x3x3 no).
     - Otherwise the cheaper of correlation and keyconv by multiply-adds, where each
       element of the correlation form's D*N^2 maps costs ``MEMORY_BOUND_WEIGHT`` more
       (memory-bound convolution and softmax passes). "naive" is never picked.
     """
     if return_weights:
         return "correlation"
-    if fused_ok and 1 + FUSED_KERNEL_WEIGHT * m * d / c < KEYCONV_WEIGHT * d:
-        return "fused"
+    limit = DEFAULT_MEMORY_LIMIT if memory_limit is None else memory_limit
     cost = estimate_cost(b, heads, n, c, d, m, element_size=element_size)
-    if cost["correlation"]["bytes"] > memory_limit:
-        return "keyconv"
+    fits = {name for name in ("correlation", "keyconv") if cost[name]["bytes"] <= limit}
+    if fused_ok and ("keyconv" not in fits or 1 + FUSED_KERNEL_WEIGHT * m * d / c < KEYCONV_WEIGHT * d):
+        return "fused"
+    if not fits:
+        return min(("keyconv", "correlation"), key=lambda name: cost[name]["bytes"])
+    if fits == {"keyconv"} or fits == {"correlation"}:
+        return fits.pop()
     corr = cost["correlation"]["macs"] + MEMORY_BOUND_WEIGHT * b * heads * d * n * n
     return "correlation" if corr < cost["keyconv"]["macs"] else "keyconv"
 
@@ -137,7 +147,8 @@ def _fused_can_serve(q: torch.Tensor, dropout_p: float) -> bool:
 
 def struct_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u_k: torch.Tensor, u_v: torch.Tensor,
                      grid: Sequence[int], *, normalize: str = "joint", backend: str = "auto",
-                     scale: float | None = None, dropout_p: float = 0.0, return_weights: bool = False):
+                     scale: float | None = None, dropout_p: float = 0.0, return_weights: bool = False,
+                     memory_limit: int | None = None):
     """Structural self-attention (StructSA) over a (T, H, W) token grid.
 
     For every query i, key position j and pattern d (per head)::
@@ -172,6 +183,11 @@ def struct_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u_k: tor
         scale: score scale, default C ** -0.5.
         dropout_p: dropout on the attention weights (pass 0 at evaluation).
         return_weights: also return A, (B, heads, N, D, N). Not with "keyconv".
+        memory_limit: bytes of attention-sized working memory the op may hold beyond its
+            inputs, outputs and their gradients (None: ``DEFAULT_MEMORY_LIMIT``, 1 GiB).
+            "auto" only picks a backend that fits (see :func:`choose_backend`), and the
+            fused kernel sizes its chunks to it, so a small limit (e.g. 8 MiB) gives O(N)
+            peak memory close to SA's at some cost in speed.
 
     Returns:
         (B, heads, N, Cv), or (out, A) with ``return_weights=True``.
@@ -206,8 +222,14 @@ def struct_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u_k: tor
         raise ValueError(f"scale must be a positive number or None, got {scale!r}")
     if not (isinstance(dropout_p, Real) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if memory_limit is not None and (not isinstance(memory_limit, int) or isinstance(memory_limit, bool)
+                                     or memory_limit <= 0):
+        raise ValueError(f"memory_limit must be a positive int (bytes) or None, got {memory_limit!r}")
     if backend == "auto":
         backend = choose_backend(b, heads, n, c, uk.shape[1], uk[0, 0].numel(), return_weights=return_weights,
-                                 element_size=q.element_size(), fused_ok=_fused_can_serve(q, dropout_p))
-    out, weights = BACKENDS[backend](q, k, v, uk, uv, grid3, normalize, float(scale), float(dropout_p), return_weights)
+                                 element_size=q.element_size(), memory_limit=memory_limit,
+                                 fused_ok=_fused_can_serve(q, dropout_p))
+    extra = {"memory_limit": memory_limit} if backend == "fused" else {}
+    out, weights = BACKENDS[backend](q, k, v, uk, uv, grid3, normalize, float(scale), float(dropout_p), return_weights,
+                                     **extra)
     return (out, weights) if return_weights else out
