@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <thread>
 #include <vector>
 
@@ -152,140 +153,230 @@ void conv_planes(const T* __restrict x, const T* __restrict U, T* __restrict y, 
 }
 
 // y[p] = sum_o sum_d U[o, d] a[d][p - sh[o]] for p in [lo, hi): the transposed convolution
-// (a: D planes of stride as, zero outside the grid).
+// (a: D planes of stride as, zero outside the grid and in the buffers' slack). FMA latency
+// is hidden by independent accumulators: one per pattern and NB blocks at once, at least 8
+// chains (D = 8: one block; D = 1: eight). Blocks may run up to NB * BLK past hi: y has the
+// slack, and what is written there is never read.
 template <int DD, typename T>
 void conv_transpose_planes(const T* __restrict a, int64_t as, const T* __restrict U, T* __restrict y, const Geometry& g,
                            const int64_t* sh) {
     using V = typename Vec<T>::type;
     const int64_t D = patterns<DD>(g), M = g.M(), lo = g.lo(), hi = g.hi();
-    for (int64_t p0 = lo; p0 < hi; p0 += BLK) {
-        V acc0 = V{}, acc1 = V{};  // two chains hide the FMA latency
-        for (int64_t o = 0; o < M; ++o) {
-            const T* u = U + o * D;
-            const T* ao = a + p0 - sh[o];
-            int64_t d = 0;
-            for (; d + 1 < D; d += 2) {
-                acc0 += load_vec(ao + d * as) * u[d];
-                acc1 += load_vec(ao + (d + 1) * as) * u[d + 1];
+    if constexpr (DD > 0) {
+        constexpr int NB = DD >= 8 ? 1 : 8 / DD;
+        for (int64_t p0 = lo; p0 < hi; p0 += NB * BLK) {
+            V acc[NB][DD];
+#pragma GCC unroll 16
+            for (int b = 0; b < NB; ++b)
+#pragma GCC unroll 16
+                for (int d = 0; d < DD; ++d) acc[b][d] = V{};
+            for (int64_t o = 0; o < M; ++o) {
+                const T* u = U + o * DD;
+                const T* ao = a + p0 - sh[o];
+#pragma GCC unroll 16
+                for (int b = 0; b < NB; ++b)
+#pragma GCC unroll 16
+                    for (int d = 0; d < DD; ++d) acc[b][d] += load_vec(ao + d * as + b * BLK) * u[d];
             }
-            if (d < D) acc0 += load_vec(ao + d * as) * u[d];
+#pragma GCC unroll 16
+            for (int b = 0; b < NB; ++b) {
+                V sum = acc[b][0];
+#pragma GCC unroll 16
+                for (int d = 1; d < DD; ++d) sum += acc[b][d];
+                store_vec(y + p0 + b * BLK, sum);
+            }
         }
-        store_vec(y + p0, acc0 + acc1);
+    } else {
+        for (int64_t p0 = lo; p0 < hi; p0 += BLK) {
+            V acc0 = V{}, acc1 = V{};  // two chains hide some of the FMA latency
+            for (int64_t o = 0; o < M; ++o) {
+                const T* u = U + o * D;
+                const T* ao = a + p0 - sh[o];
+                int64_t d = 0;
+                for (; d + 1 < D; d += 2) {
+                    acc0 += load_vec(ao + d * as) * u[d];
+                    acc1 += load_vec(ao + (d + 1) * as) * u[d + 1];
+                }
+                if (d < D) acc0 += load_vec(ao + d * as) * u[d];
+            }
+            store_vec(y + p0, acc0 + acc1);
+        }
     }
 }
 
-// G[o, d] += sum_p a[d][p] x[p + sh[o]] over [lo, hi): the gradient of a pattern
-// (a is zero off the grid, so the padding adds nothing).
+template <typename T>
+inline T hsum(typename Vec<T>::type v) {
+    T s = 0;
+    for (int64_t i = 0; i < BLK; ++i) s += v[i];
+    return s;
+}
+
+// G[o, d] += sum_p a[d][p] x[p + sh[o]] over the grid: the gradient of a pattern (a is
+// zero off the grid, so the padding and the block tail up to hi_blk add nothing). A dot
+// product per (o, d) would be one FMA chain, latency-bound; instead OG offsets x D patterns
+// accumulate at once in registers (D = 8: 2 x 8 chains, the D blocks of a loaded once and
+// used OG times). G holds BLK partial sums per (o, d), (M, D, BLK): the sum across them is
+// taken once per worker at the end, not per row.
 template <int DD, typename T>
 void pattern_grad_planes(const T* __restrict a, int64_t as, const T* __restrict x, T* __restrict G, const Geometry& g,
                          const int64_t* sh) {
-    const int64_t D = patterns<DD>(g), M = g.M(), lo = g.lo(), hi = g.hi();
-    for (int64_t o = 0; o < M; ++o) {
-        const T* xs = x + sh[o];
-        for (int64_t d = 0; d < D; ++d) {
-            const T* ad = a + d * as;
-            T sum = 0;
+    using V = typename Vec<T>::type;
+    const int64_t D = patterns<DD>(g), M = g.M(), lo = g.lo(), hi = g.hi_blk();
+    if constexpr (DD > 0) {
+        constexpr int OG = DD >= 8 ? 2 : 24 / DD;
+        for (int64_t o0 = 0; o0 < M; o0 += OG) {
+            int64_t shg[OG];
+            for (int i = 0; i < OG; ++i) shg[i] = o0 + i < M ? sh[o0 + i] : 0;  // spare slots: discarded
+            V acc[OG][DD];
+#pragma GCC unroll 32
+            for (int i = 0; i < OG; ++i)
+#pragma GCC unroll 16
+                for (int d = 0; d < DD; ++d) acc[i][d] = V{};
+            // from lo aligned down to a whole block: a is zero below lo, and the loads of a are
+            // then single cache lines
+            for (int64_t p0 = lo / BLK * BLK; p0 < hi; p0 += BLK) {
+                V av[DD];
+#pragma GCC unroll 16
+                for (int d = 0; d < DD; ++d) av[d] = load_vec(a + d * as + p0);
+#pragma GCC unroll 32
+                for (int i = 0; i < OG; ++i) {
+                    const V xv = load_vec(x + p0 + shg[i]);
+#pragma GCC unroll 16
+                    for (int d = 0; d < DD; ++d) acc[i][d] += av[d] * xv;
+                }
+            }
+            for (int i = 0; i < OG && o0 + i < M; ++i)
+                for (int d = 0; d < DD; ++d) {
+                    T* gv = G + ((o0 + i) * DD + d) * BLK;
+                    store_vec(gv, load_vec(gv) + acc[i][d]);
+                }
+        }
+    } else {
+        for (int64_t o = 0; o < M; ++o) {
+            const T* xs = x + sh[o];
+            for (int64_t d = 0; d < D; ++d) {
+                const T* ad = a + d * as;
+                T sum = 0;
 #pragma omp simd reduction(+ : sum)
-            for (int64_t p = lo; p < hi; ++p) sum += ad[p] * xs[p];
-            G[o * D + d] += sum;
+                for (int64_t p = lo; p < hi; ++p) sum += ad[p] * xs[p];
+                G[(o * D + d) * BLK] += sum;
+            }
         }
     }
 }
 
-// exp(x) for x <= 0 (softmax arguments after subtracting the maximum), written so that
-// the compiler vectorises it (std::exp is a scalar libm call without -ffast-math):
-// x = k ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor series (degree 7 for float,
-// 13 for double: truncation below 1e-8 and 1e-17 relative), 2^k built in the exponent
-// bits. Arguments below the smallest normal number's log are clamped: their weight is
-// < 1e-37 (float) / 1e-300 (double) of the largest term.
+// exp(x) for x <= 0 (softmax arguments after subtracting the maximum) on a whole block,
+// written with vector types so that it is vectorised without -ffast-math (std::exp is a
+// scalar libm call): x = k ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor series
+// (degree 7 for float, 13 for double: truncation below 1e-8 and 1e-17 relative), 2^k
+// built in the exponent bits, k rounded with the add-and-subtract-2^(mantissa+1) trick.
+// Arguments below the smallest normal number's log are clamped: their weight is < 1e-37
+// (float) / 1e-300 (double) of the largest term.
 template <typename T>
 struct ExpTraits;
 template <>
 struct ExpTraits<float> {
     using Int = int32_t;
-    static constexpr float lo = -87.0f;
+    static constexpr float lo = -87.0f, round = 12582912.0f;  // 1.5 * 2^23
     static constexpr int degree = 7, mantissa = 23, bias = 127;
 };
 template <>
 struct ExpTraits<double> {
     using Int = int64_t;
-    static constexpr double lo = -708.0;
+    static constexpr double lo = -708.0, round = 6755399441055744.0;  // 1.5 * 2^52
     static constexpr int degree = 13, mantissa = 52, bias = 1023;
 };
 
 template <typename T>
-inline T exp_nonpositive(T x) {
+constexpr T inv_factorial(int n) {
+    T f = 1;
+    for (int i = 2; i <= n; ++i) f *= T(i);
+    return T(1) / f;
+}
+
+template <typename T>
+inline typename Vec<T>::type exp_nonpositive(typename Vec<T>::type x) {
     using Tr = ExpTraits<T>;
-    x = x < Tr::lo ? Tr::lo : x;
-    const T kf = std::floor(x * T(1.4426950408889634) + T(0.5));  // round(x / ln2)
+    using V = typename Vec<T>::type;
+    typedef typename Tr::Int IV __attribute__((vector_size(BLK * sizeof(T))));
+    const V lo = V{} + Tr::lo;
+    x = x < lo ? lo : x;
+    const V kf = (x * T(1.4426950408889634) + Tr::round) - Tr::round;  // round(x / ln2)
     // Cody-Waite: ln2 split so that kf * ln2_hi is exact
-    const T r = (x - kf * T(0.693145751953125)) - kf * T(1.4286068203094173e-06);
-    T p = T(1);
-    // Horner form of sum r^n / n! (multiplying by 1/n: a division does not vectorise as well)
-    for (int n = Tr::degree; n >= 1; --n) p = T(1) + p * r * (T(1) / T(n));
-    const typename Tr::Int bits = (static_cast<typename Tr::Int>(kf) + Tr::bias) << Tr::mantissa;
-    return p * __builtin_bit_cast(T, bits);
+    const V r = (x - kf * T(0.693145751953125)) - kf * T(1.4286068203094173e-06);
+    // Horner form of sum r^n / n!: one FMA per degree (the coefficients fold to constants)
+    V p = V{} + inv_factorial<T>(Tr::degree);
+#pragma GCC unroll 16
+    for (int n = Tr::degree - 1; n >= 0; --n) p = p * r + inv_factorial<T>(n);
+    const IV bits = (__builtin_convertvector(kf, IV) + Tr::bias) << Tr::mantissa;
+    return p * reinterpret_cast<const V&>(bits);
+}
+
+template <typename T>
+inline T hmax(typename Vec<T>::type v) {
+    T m = v[0];
+    for (int64_t i = 1; i < BLK; ++i) m = v[i] > m ? v[i] : m;
+    return m;
 }
 
 // Softmax over the grid positions of D score planes (stride ps), in place, giving the
 // weights A (zero on padding), and the log-sum-exp (1 value joint, D per pattern).
-// With lse given (backward), A = exp(s - lse) without the reductions.
+// With lse given (backward), A = exp(s - lse) without the reductions. Works on whole
+// blocks over [lo, hi_blk): the mask is 0 past hi. With inv given (forward), the planes are
+// left unnormalised, exp(s - max), and inv[d] receives each plane's normaliser (1 / sum), so
+// that the caller folds it into the transposed convolution's weights instead of a pass.
 template <typename T>
-void softmax_planes(T* s, int64_t ps, const T* mask, T* lse, const Geometry& g, bool joint, bool from_lse) {
+void softmax_planes(T* s, int64_t ps, const T* mask, T* lse, const Geometry& g, bool joint, bool from_lse,
+                    T* inv = nullptr) {
+    using V = typename Vec<T>::type;
     const int64_t D = g.D, lo = g.lo(), hi = g.hi_blk();
     const T neg = -std::numeric_limits<T>::infinity();
+    const V zero = V{};
     if (from_lse) {
         for (int64_t d = 0; d < D; ++d) {
             T* sd = s + d * ps;
             const T l = lse[joint ? 0 : d];
-#pragma omp simd
-            for (int64_t p = lo; p < hi; ++p) sd[p] = exp_nonpositive(sd[p] - l) * mask[p];
+            for (int64_t p = lo; p < hi; p += BLK)
+                store_vec(sd + p, exp_nonpositive<T>(load_vec(sd + p) - l) * load_vec(mask + p));
         }
         return;
     }
     T mx_all = neg;
-    std::vector<T> mx(D, neg), sum(D, T(0));
+    T mx[D], sum[D];
     for (int64_t d = 0; d < D; ++d) {
         const T* sd = s + d * ps;
-        T m = neg;
-#pragma omp simd reduction(max : m)
-        for (int64_t p = lo; p < hi; ++p) {
-            const T v = mask[p] > T(0) ? sd[p] : neg;
-            m = v > m ? v : m;
+        V m = zero + neg;
+        for (int64_t p = lo; p < hi; p += BLK) {
+            const V v = load_vec(sd + p);
+            const V w = load_vec(mask + p) > zero ? v : m;
+            m = w > m ? w : m;
         }
-        mx[d] = m;
-        mx_all = std::max(mx_all, m);
+        mx[d] = hmax<T>(m);
+        mx_all = std::max(mx_all, mx[d]);
     }
     for (int64_t d = 0; d < D; ++d) {
         T* sd = s + d * ps;
         const T m = joint ? mx_all : mx[d];
-        T acc = 0;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t p = lo; p < hi; ++p) {
-            const T e = exp_nonpositive(sd[p] - m) * mask[p];
-            sd[p] = e;
+        V acc = zero;
+        for (int64_t p = lo; p < hi; p += BLK) {
+            const V e = exp_nonpositive<T>(load_vec(sd + p) - m) * load_vec(mask + p);
+            store_vec(sd + p, e);
             acc += e;
         }
-        sum[d] = acc;
+        sum[d] = hsum<T>(acc);
     }
-    if (joint) {
-        T total = 0;
-        for (int64_t d = 0; d < D; ++d) total += sum[d];
-        const T inv = T(1) / total;
-        for (int64_t d = 0; d < D; ++d) {
-            T* sd = s + d * ps;
-#pragma omp simd
-            for (int64_t p = lo; p < hi; ++p) sd[p] *= inv;
+    T total = 0;
+    for (int64_t d = 0; d < D; ++d) total += sum[d];
+    if (joint) lse[0] = mx_all + std::log(total);
+    for (int64_t d = 0; d < D; ++d) {
+        if (!joint) lse[d] = mx[d] + std::log(sum[d]);
+        const T scale = T(1) / (joint ? total : sum[d]);
+        if (inv) {
+            inv[d] = scale;
+            continue;
         }
-        lse[0] = mx_all + std::log(total);
-    } else {
-        for (int64_t d = 0; d < D; ++d) {
-            T* sd = s + d * ps;
-            const T inv = T(1) / sum[d];
-#pragma omp simd
-            for (int64_t p = lo; p < hi; ++p) sd[p] *= inv;
-            lse[d] = mx[d] + std::log(sum[d]);
-        }
+        T* sd = s + d * ps;
+        for (int64_t p = lo; p < hi; p += BLK) store_vec(sd + p, load_vec(sd + p) * scale);
     }
 }
 
@@ -299,18 +390,42 @@ void from_padded(const T* pad, T* row, const std::vector<int64_t>& pos) {
     for (size_t j = 0; j < pos.size(); ++j) row[j] = pad[pos[j]];
 }
 
-// Row buffers of one worker: padded maps with BLK slack so blocks may run past hi.
+// 64-byte aligned storage, so that a block that starts at a multiple of BLK is one
+// cache line (unaligned vector loads that cross a line cost two).
+template <typename T>
+struct AlignedAllocator {
+    using value_type = T;
+    AlignedAllocator() = default;
+    template <typename U>
+    AlignedAllocator(const AlignedAllocator<U>&) {}
+    T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+    void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+    bool operator==(const AlignedAllocator&) const { return true; }
+    bool operator!=(const AlignedAllocator&) const { return false; }
+};
+template <typename T>
+using AlignedVector = std::vector<T, AlignedAllocator<T>>;
+
+// Row buffers of one worker: padded maps with BLK zeros in front (blocks aligned down from
+// lo reach below position 0 by up to a block plus the window's reach, which the front and
+// the previous plane's tail cover) and slack behind (up to 8 blocks past hi in
+// conv_transpose_planes, plus the window's reach). Plane strides are whole blocks.
 template <typename T>
 struct RowBuffers {
-    int64_t ps;             // stride of a padded plane
-    std::vector<T> x;       // S0 row, padded
-    std::vector<T> planes;  // D score / weight planes
-    std::vector<T> dx;      // dAt row, padded
-    std::vector<T> dplanes; // D planes of dA, then dS
-    std::vector<T> out;     // one padded output plane
+    int64_t ps;                // stride of a padded plane
+    AlignedVector<T> x;        // S0 row, padded
+    AlignedVector<T> planes;   // D score / weight planes
+    AlignedVector<T> dx;       // dAt row, padded
+    AlignedVector<T> dplanes;  // D planes of dA, then dS
+    AlignedVector<T> out;      // one padded output plane
     RowBuffers(const Geometry& g, bool backward)
-        : ps(g.P() + 2 * BLK), x(ps, T(0)), planes(g.D * ps, T(0)), dx(backward ? ps : 0, T(0)),
-          dplanes(backward ? g.D * ps : 0, T(0)), out(ps, T(0)) {}
+        : ps((g.P() + 12 * BLK) / BLK * BLK), x(ps + BLK, T(0)), planes(g.D * ps + BLK, T(0)),
+          dx(backward ? ps + BLK : 0, T(0)), dplanes(backward ? g.D * ps + BLK : 0, T(0)), out(ps + BLK, T(0)) {}
+    T* X() { return x.data() + BLK; }
+    T* Planes() { return planes.data() + BLK; }
+    T* DX() { return dx.data() + BLK; }
+    T* DPlanes() { return dplanes.data() + BLK; }
+    T* Out() { return out.data() + BLK; }
 };
 
 template <int DD, typename T>
@@ -322,13 +437,18 @@ void forward(const T* S0, const T* UK, const T* UV, T* At, T* lse, int64_t BH, i
     const int64_t N = g.N(), D = g.D, M = g.M(), P1 = joint ? 1 : D;
     parallel_rows(threads, BH * R, [&](int64_t begin, int64_t end, int) {
         RowBuffers<T> b(g, false);
+        std::vector<T> inv(D), uv_scaled(M * D);
         for (int64_t row = begin; row < end; ++row) {
             const int64_t u = g.hu == 1 ? 0 : (row / R) % g.heads;
-            to_padded(S0 + row * N, b.x.data(), pos);
-            conv_planes<DD>(b.x.data(), UK + u * M * D, b.planes.data(), b.ps, g, sh.data());
-            softmax_planes(b.planes.data(), b.ps, mask.data(), lse + row * P1, g, joint, false);
-            conv_transpose_planes<DD>(b.planes.data(), b.ps, UV + u * M * D, b.out.data(), g, sh.data());
-            from_padded(b.out.data(), At + row * N, pos);
+            to_padded(S0 + row * N, b.X(), pos);
+            conv_planes<DD>(b.X(), UK + u * M * D, b.Planes(), b.ps, g, sh.data());
+            // exp(s - max) planes; the softmax's normalisers scale UV's columns instead of A
+            softmax_planes(b.Planes(), b.ps, mask.data(), lse + row * P1, g, joint, false, inv.data());
+            const T* uv = UV + u * M * D;
+            for (int64_t o = 0; o < M; ++o)
+                for (int64_t d = 0; d < D; ++d) uv_scaled[o * D + d] = uv[o * D + d] * inv[d];
+            conv_transpose_planes<DD>(b.Planes(), b.ps, uv_scaled.data(), b.Out(), g, sh.data());
+            from_padded(b.Out(), At + row * N, pos);
         }
     });
 }
@@ -340,32 +460,33 @@ void backward(const T* S0, const T* dAt, const T* lse, const T* rowdot, const T*
     const auto pos = grid_positions(g);
     const auto mask = grid_mask<T>(g, pos);
     const int64_t N = g.N(), D = g.D, M = g.M(), P1 = joint ? 1 : D, lo = g.lo(), hi = g.hi_blk();
-    const int64_t ustride = M * D;
+    const int64_t ustride = M * D, gstride = ustride * BLK;
     const int64_t workers = std::max<int64_t>(1, threads);
-    // per-worker pattern gradients, summed at the end (no shared writes while running)
-    std::vector<T> gk_all(workers * g.hu * ustride, T(0)), gv_all(workers * g.hu * ustride, T(0));
+    // per-worker pattern gradients as BLK partial sums per (o, d), summed at the end (no
+    // shared writes while running)
+    AlignedVector<T> gk_all(workers * g.hu * gstride, T(0)), gv_all(workers * g.hu * gstride, T(0));
     parallel_rows(threads, BH * R, [&](int64_t begin, int64_t end, int worker) {
         RowBuffers<T> b(g, true);
-        T* gk = gk_all.data() + worker * g.hu * ustride;
-        T* gv = gv_all.data() + worker * g.hu * ustride;
+        T* gk = gk_all.data() + worker * g.hu * gstride;
+        T* gv = gv_all.data() + worker * g.hu * gstride;
         for (int64_t row = begin; row < end; ++row) {
             const int64_t u = g.hu == 1 ? 0 : (row / R) % g.heads;
             const T* uk = UK + u * ustride;
             const T* uv = UV + u * ustride;
             // recompute the weights A from S0 and the log-sum-exp, and At (for dV = At^T dY, done outside)
-            to_padded(S0 + row * N, b.x.data(), pos);
-            conv_planes<DD>(b.x.data(), uk, b.planes.data(), b.ps, g, sh.data());
-            softmax_planes(b.planes.data(), b.ps, mask.data(), const_cast<T*>(lse + row * P1), g, joint, true);
-            conv_transpose_planes<DD>(b.planes.data(), b.ps, uv, b.out.data(), g, sh.data());
-            from_padded(b.out.data(), At + row * N, pos);
+            to_padded(S0 + row * N, b.X(), pos);
+            conv_planes<DD>(b.X(), uk, b.Planes(), b.ps, g, sh.data());
+            softmax_planes(b.Planes(), b.ps, mask.data(), const_cast<T*>(lse + row * P1), g, joint, true);
+            conv_transpose_planes<DD>(b.Planes(), b.ps, uv, b.Out(), g, sh.data());
+            from_padded(b.Out(), At + row * N, pos);
             // dA[d][p] = sum_o UV[o, d] dAt[p + o];  dUV[o, d] += sum_p A[d][p] dAt[p + o]
-            to_padded(dAt + row * N, b.dx.data(), pos);
-            conv_planes<DD>(b.dx.data(), uv, b.dplanes.data(), b.ps, g, sh.data());
-            pattern_grad_planes<DD>(b.planes.data(), b.ps, b.dx.data(), gv + u * ustride, g, sh.data());
+            to_padded(dAt + row * N, b.DX(), pos);
+            conv_planes<DD>(b.DX(), uv, b.DPlanes(), b.ps, g, sh.data());
+            pattern_grad_planes<DD>(b.Planes(), b.ps, b.DX(), gv + u * gstride, g, sh.data());
             // softmax backward: dS = A * (dA - <A, dA>), the inner product over the normalised set
             for (int64_t d = 0; d < D; ++d) {
-                const T* ad = b.planes.data() + d * b.ps;
-                T* dd = b.dplanes.data() + d * b.ps;
+                const T* ad = b.Planes() + d * b.ps;
+                T* dd = b.DPlanes() + d * b.ps;
                 T r = 0;
                 if (joint) {
                     r = rowdot[row];
@@ -377,16 +498,17 @@ void backward(const T* S0, const T* dAt, const T* lse, const T* rowdot, const T*
                 for (int64_t p = lo; p < hi; ++p) dd[p] = ad[p] * (dd[p] - r);
             }
             // dS0[p] = sum_o sum_d UK[o, d] dS[d][p - o];  dUK[o, d] += sum_p dS[d][p] S0[p + o]
-            conv_transpose_planes<DD>(b.dplanes.data(), b.ps, uk, b.out.data(), g, sh.data());
-            from_padded(b.out.data(), dS0 + row * N, pos);
-            pattern_grad_planes<DD>(b.dplanes.data(), b.ps, b.x.data(), gk + u * ustride, g, sh.data());
+            conv_transpose_planes<DD>(b.DPlanes(), b.ps, uk, b.Out(), g, sh.data());
+            from_padded(b.Out(), dS0 + row * N, pos);
+            pattern_grad_planes<DD>(b.DPlanes(), b.ps, b.X(), gk + u * gstride, g, sh.data());
         }
     });
     for (int64_t w = 0; w < workers; ++w)
-        for (int64_t e = 0; e < g.hu * ustride; ++e) {
-            dUK[e] += gk_all[w * g.hu * ustride + e];
-            dUV[e] += gv_all[w * g.hu * ustride + e];
-        }
+        for (int64_t e = 0; e < g.hu * ustride; ++e)
+            for (int64_t l = 0; l < BLK; ++l) {
+                dUK[e] += gk_all[(w * g.hu * ustride + e) * BLK + l];
+                dUV[e] += gv_all[(w * g.hu * ustride + e) * BLK + l];
+            }
 }
 
 // Dispatch on the number of patterns: compile-time sizes for the common D.
