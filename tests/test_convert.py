@@ -13,22 +13,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from model_helpers import randomise_bn
 import structvit  # noqa: F401
 from structvit.convert import ConversionReport, inflate_weight, load_uniformer, main, unwrap_state_dict
 from structvit.nn import StructSA
-
-
-
-def _randomise_bn(model, seed=0):
-    """Non-trivial BatchNorm statistics, so eval-mode BN is not the identity."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-    return model
 
 
 class _Tracked(dict):
@@ -95,7 +83,7 @@ def uniformer_reference(sd: dict, x: torch.Tensor, depths, head_dim: int) -> tor
 def _uniformer_checkpoint(name: str, seed: int = 0, **kwargs):
     """A random all-SA StructViT (= UniFormer) and its state dict wrapped as UniFormer ships it."""
     torch.manual_seed(seed)
-    sa = _randomise_bn(timm.create_model(name, struct_blocks=(0, 0), **kwargs), seed).eval()
+    sa = randomise_bn(timm.create_model(name, struct_blocks=(0, 0), **kwargs), seed).eval()
     return sa, {"model": {k: v.clone() for k, v in sa.state_dict().items()}}
 
 
@@ -142,7 +130,7 @@ def test_conversion_reproduces_uniformer(name, shape, kwargs):
 def test_conversion_keeps_structvit_patterns():
     """A StructViT checkpoint's own patterns load as they are (no SA reset)."""
     torch.manual_seed(0)
-    src = _randomise_bn(timm.create_model("structvit_tiny", struct_blocks=(1, 1))).eval()
+    src = randomise_bn(timm.create_model("structvit_tiny", struct_blocks=(1, 1))).eval()
     dst = timm.create_model("structvit_tiny", struct_blocks=(1, 1)).eval()
     report = load_uniformer(dst, src.state_dict())
     assert report.sa_initialised == []
@@ -212,7 +200,7 @@ def test_center_inflation_static_clip_equals_image(struct_blocks):
     image model's on that frame (exact up to float error), with SA and with StructSA blocks
     (patterns inflated too), for any T."""
     torch.manual_seed(0)
-    image = _randomise_bn(timm.create_model("structvit_tiny", struct_blocks=struct_blocks)).eval()
+    image = randomise_bn(timm.create_model("structvit_tiny", struct_blocks=struct_blocks)).eval()
     video = timm.create_model("structvit_tiny_video", struct_blocks=struct_blocks).eval()
     report = load_uniformer(video, {"model": image.state_dict()}, inflate="center")
     assert "patch_embed1.proj.weight" in report.inflated and "blocks1.0.attn.weight" in report.inflated

@@ -14,7 +14,6 @@ from structvit.data import (
     ImageFolderDataset,
     VideoDataModule,
     VideoDataset,
-    VideoTransform,
     moving_digits_dataset,
     read_annotations,
     read_path_label_list,
@@ -22,8 +21,7 @@ from structvit.data import (
 )
 from structvit.data.builtin import DigitsDataset
 from structvit.data.check import main as data_main
-from structvit.data.fixtures import FIXTURE_WRITERS, decode_frame_index, pattern_frames, write_diving48
-from structvit.data.video import write_video
+from structvit.data.fixtures import FIXTURE_WRITERS, decode_frame_index, write_diving48
 
 NAMES = list(FIXTURE_WRITERS)
 

@@ -19,14 +19,7 @@ from structvit.engine import (ClassificationModule, DeterministicData, NonFinite
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from more threads, and spinning OpenMP threads make steps
-    10-30x slower whenever the machine is shared; restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 VIDEO_KWARGS = dict(TINY_KWARGS, num_frames=4)
 
 

@@ -20,14 +20,7 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from more threads, and spinning OpenMP threads make steps
-    10-30x slower whenever the machine is shared; restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _env():

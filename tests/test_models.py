@@ -7,6 +7,7 @@ import timm.optim
 import torch
 from safetensors.torch import load_file, save_file
 
+from model_helpers import randomise_bn
 import structvit  # noqa: F401  (registers the models)
 from structvit.models import MODEL_NAMES, StructViT
 from structvit.nn import SelfAttention, StructSA
@@ -19,18 +20,6 @@ def _input(name_or_model, b=2, size=32, frames=2, seed=0):
     video = name_or_model in VIDEO if isinstance(name_or_model, str) else name_or_model.video
     shape = (b, 3, frames, size, size) if video else (b, 3, size, size)
     return torch.randn(shape, generator=g)
-
-
-def _randomise_bn(model, seed=0):
-    """Non-trivial BatchNorm statistics, so eval-mode BN is not the identity."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-    return model
 
 
 def test_registry_has_all_names():
@@ -251,7 +240,7 @@ def test_grad_checkpointing_same_gradients(monkeypatch):
 
 def test_safetensors_round_trip(tmp_path):
     torch.manual_seed(0)
-    model = _randomise_bn(timm.create_model("structvit_tiny", struct_blocks=(1, 1))).eval()
+    model = randomise_bn(timm.create_model("structvit_tiny", struct_blocks=(1, 1))).eval()
     path = tmp_path / "m.safetensors"
     save_file(model.state_dict(), str(path))
     torch.manual_seed(1)

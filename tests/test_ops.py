@@ -1,7 +1,6 @@
 """StructSA op: every backend against the loop-level ground truth, gradients, special cases, errors."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -190,9 +189,7 @@ def test_keyconv_cannot_return_weights():
 
 
 @pytest.mark.skipif(not HAS_NATIVE, reason="no C++ compiler for the fused CPU kernel")
-def test_fused_limits_and_chunking(monkeypatch):
-    from structvit.ops import backends
-
+def test_fused_limits():
     q, k, v, u_k, u_v = random_inputs(2, 3, (3, 4, 5), 4, 2, (3, 3, 3))
     with pytest.raises(ValueError, match="return_weights.*fused"):
         struct_attention(q, k, v, u_k, u_v, (3, 4, 5), backend="fused", return_weights=True)

@@ -14,7 +14,6 @@ grid: the SA-equivalent initialisation reproduces SA; all exact forms agree).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path

@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 __all__ = ["Run", "load_study", "expand_plan", "variant_D", "build_model", "model_cost", "train_run",
            "run_study", "collect", "aggregate", "write_tables", "plot", "main"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 
 from .builtin import MOVING_DIGITS_CLASSES, DigitsDataset, moving_digits_dataset
@@ -63,6 +62,24 @@ class _Base(L.LightningDataModule):
             pin_memory=bool(self.hparams.pin_memory), persistent_workers=bool(self.hparams.persistent_workers) and nw > 0,
             drop_last=drop_last and len(ds) > self.hparams.batch_size,
         )
+
+    def _get(self, key, stage):
+        """The dataset of ``key`` (train/val/test), set up for ``stage`` on first use."""
+        if key not in self._datasets:
+            self.setup(stage)
+        return self._datasets[key]
+
+    def train_dataloader(self):
+        return self._loader(self._get("train", "fit"), shuffle=True, drop_last=self.hparams.drop_last)
+
+    def val_dataloader(self):
+        return self._loader(self._get("val", "validate"), shuffle=False)
+
+    def test_dataloader(self):
+        return self._loader(self._get("test", "test"), shuffle=False)
+
+    def predict_dataloader(self):
+        return self.test_dataloader()
 
     @property
     def num_bad_samples(self) -> int:
@@ -141,24 +158,6 @@ class ImageDataModule(_Base):
             self._datasets["val"] = self._make(hp.val_split, False)
         if stage in (None, "test", "predict") and "test" not in self._datasets:
             self._datasets["test"] = self._make(hp.test_split or hp.val_split, False)
-
-    def _get(self, key, stage):
-        if key not in self._datasets:
-            self.setup(stage)
-        return self._datasets[key]
-
-    def train_dataloader(self):
-        return self._loader(self._get("train", "fit"), shuffle=True, drop_last=self.hparams.drop_last)
-
-    def val_dataloader(self):
-        return self._loader(self._get("val", "validate"), shuffle=False)
-
-    def test_dataloader(self):
-        return self._loader(self._get("test", "test"), shuffle=False)
-
-    def predict_dataloader(self):
-        return self.test_dataloader()
-
 
 class VideoDataModule(_Base):
     """Video clips from the built-in ``moving_digits`` or a benchmark in its official layout.
@@ -292,22 +291,6 @@ class VideoDataModule(_Base):
             self._datasets["test"] = self.make_dataset(hp.test_split or hp.val_split, train=False,
                                                        num_clips=hp.num_clips, num_crops=hp.num_crops)
 
-    def _get(self, key, stage):
-        if key not in self._datasets:
-            self.setup(stage)
-        return self._datasets[key]
-
-    def train_dataloader(self):
-        return self._loader(self._get("train", "fit"), shuffle=True, drop_last=self.hparams.drop_last)
-
-    def val_dataloader(self):
-        return self._loader(self._get("val", "validate"), shuffle=False)
-
-    def test_dataloader(self):
-        return self._loader(self._get("test", "test"), shuffle=False)
-
-    def predict_dataloader(self):
-        return self.test_dataloader()
 
 
 def build_datamodule(dataset: str, **kwargs) -> L.LightningDataModule:

@@ -42,7 +42,7 @@ import multiprocessing
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
@@ -51,7 +51,6 @@ from .sampling import FrameSampler
 from .video import (
     IMAGE_EXTENSIONS,
     DataFileError,
-    MissingFileError,
     list_frame_files,
     probe_video,
     read_frame_folder,
@@ -265,15 +264,30 @@ def ssv2_template_to_label(template: str) -> str:
     return template.replace("[", "").replace("]", "")
 
 
-def read_ssv2(root, split: str = "train", *, check_files: bool = True) -> Annotations:
-    split = normalize_split(split)
-    root = os.fspath(root)
+def _annotation_lines(path: str):
+    """(where, line) for every non-empty, stripped line of a text annotation file, where is
+    "PATH line K" for the problem reports."""
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            line = line.strip()
+            if line:
+                yield f"{path} line {i}", line
+
+
+def _ssv_annotation_files(root: str, split: str, version: str, ext: str) -> tuple[str, str]:
+    """The labels file and the split's annotation file of Something-Something ``version``
+    (v1/v2), looked for in ``root/labels``, ``root/annotations`` and ``root``."""
+    name = {"train": "train", "val": "validation", "test": "test"}[normalize_split(split)]
     adirs = [os.path.join(root, "labels"), os.path.join(root, "annotations"), root]
-    labels_path = _first([os.path.join(d, "something-something-v2-labels.json") for d in adirs],
-                         "something-something-v2-labels.json", root)
-    name = {"train": "train", "val": "validation", "test": "test"}[split]
-    ann = _first([os.path.join(d, f"something-something-v2-{name}.json") for d in adirs],
-                 f"something-something-v2-{name}.json", root)
+    found = []
+    for base in (f"something-something-{version}-labels.{ext}", f"something-something-{version}-{name}.{ext}"):
+        found.append(_first([os.path.join(d, base) for d in adirs], base, root))
+    return found[0], found[1]
+
+
+def read_ssv2(root, split: str = "train", *, check_files: bool = True) -> Annotations:
+    root = os.fspath(root)
+    labels_path, ann = _ssv_annotation_files(root, split, "v2", "json")
     with open(labels_path, encoding="utf-8") as f:
         label_map = {k: int(v) for k, v in json.load(f).items()}
     classes = [None] * len(label_map)
@@ -311,14 +325,8 @@ def read_ssv2(root, split: str = "train", *, check_files: bool = True) -> Annota
 
 
 def read_ssv1(root, split: str = "train", *, check_files: bool = True) -> Annotations:
-    split = normalize_split(split)
     root = os.fspath(root)
-    adirs = [os.path.join(root, "labels"), os.path.join(root, "annotations"), root]
-    labels_path = _first([os.path.join(d, "something-something-v1-labels.csv") for d in adirs],
-                         "something-something-v1-labels.csv", root)
-    name = {"train": "train", "val": "validation", "test": "test"}[split]
-    ann = _first([os.path.join(d, f"something-something-v1-{name}.csv") for d in adirs],
-                 f"something-something-v1-{name}.csv", root)
+    labels_path, ann = _ssv_annotation_files(root, split, "v1", "csv")
     with open(labels_path, encoding="utf-8") as f:
         classes = [ln.strip() for ln in f if ln.strip()]
     index = {c: i for i, c in enumerate(classes)}
@@ -327,27 +335,22 @@ def read_ssv1(root, split: str = "train", *, check_files: bool = True) -> Annota
     fdirs = [p for p in (os.path.join(root, "20bn-something-something-v1"), os.path.join(root, "frames"), root)
              if os.path.isdir(p)]
     problems, records = [], []
-    with open(ann, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line:
+    for where, line in _annotation_lines(ann):
+        parts = line.split(";", 1)
+        if len(parts) != 2:
+            problems.append(f"{where}: expected 'id;label', got {line!r}")
+            continue
+        vid, lab = parts[0].strip(), parts[1].strip()
+        if lab not in index:
+            problems.append(f"{where}: unknown label {lab!r}")
+            continue
+        path, frames = _media(fdirs, vid, prefer="frames")
+        if path is None:
+            if check_files:
+                problems.append(f"{where}: missing frame folder {os.path.join(fdirs[0] if fdirs else root, vid)}")
                 continue
-            where = f"{ann} line {i}"
-            parts = line.split(";", 1)
-            if len(parts) != 2:
-                problems.append(f"{where}: expected 'id;label', got {line!r}")
-                continue
-            vid, lab = parts[0].strip(), parts[1].strip()
-            if lab not in index:
-                problems.append(f"{where}: unknown label {lab!r}")
-                continue
-            path, frames = _media(fdirs, vid, prefer="frames")
-            if path is None:
-                if check_files:
-                    problems.append(f"{where}: missing frame folder {os.path.join(fdirs[0] if fdirs else root, vid)}")
-                    continue
-                path, frames = os.path.join(fdirs[0] if fdirs else root, vid), True
-            records.append(VideoRecord(path, index[lab], frames=frames, name=vid))
+            path, frames = os.path.join(fdirs[0] if fdirs else root, vid), True
+        records.append(VideoRecord(path, index[lab], frames=frames, name=vid))
     return Annotations(records, classes, problems)
 
 
@@ -432,29 +435,24 @@ def read_finegym(root, split: str = "train", *, variant: str = "gym99", check_fi
     fdirs = [p for p in (os.path.join(root, "frames"), os.path.join(root, "subaction_frames"), os.path.join(root, "rawframes"))
              if os.path.isdir(p)]
     problems, records = [], []
-    with open(ann, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line:
+    for where, line in _annotation_lines(ann):
+        parts = line.split()
+        if len(parts) != 2 or not re.fullmatch(r"-?\d+", parts[1]):
+            problems.append(f"{where}: expected 'clip_id label', got {line!r}")
+            continue
+        clip, label = parts[0], int(parts[1])
+        if not 0 <= label < k:
+            problems.append(f"{where}: unknown label {label} (expected 0..{k - 1})")
+            continue
+        path, frames = _media(vdirs, clip, prefer="video")
+        if path is None:
+            path, frames = _media(fdirs, clip, prefer="frames")
+        if path is None:
+            if check_files:
+                problems.append(f"{where}: missing file {os.path.join(vdirs[0] if vdirs else root, clip)}.mp4")
                 continue
-            where = f"{ann} line {i}"
-            parts = line.split()
-            if len(parts) != 2 or not re.fullmatch(r"-?\d+", parts[1]):
-                problems.append(f"{where}: expected 'clip_id label', got {line!r}")
-                continue
-            clip, label = parts[0], int(parts[1])
-            if not 0 <= label < k:
-                problems.append(f"{where}: unknown label {label} (expected 0..{k - 1})")
-                continue
-            path, frames = _media(vdirs, clip, prefer="video")
-            if path is None:
-                path, frames = _media(fdirs, clip, prefer="frames")
-            if path is None:
-                if check_files:
-                    problems.append(f"{where}: missing file {os.path.join(vdirs[0] if vdirs else root, clip)}.mp4")
-                    continue
-                path = os.path.join(vdirs[0] if vdirs else root, clip + ".mp4")
-            records.append(VideoRecord(path, label, frames=frames, name=clip))
+            path = os.path.join(vdirs[0] if vdirs else root, clip + ".mp4")
+        records.append(VideoRecord(path, label, frames=frames, name=clip))
     return Annotations(records, classes, problems)
 
 

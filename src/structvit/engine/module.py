@@ -295,7 +295,6 @@ class ClassificationModule(L.LightningModule):
     def _eval_step(self, batch, metrics: nn.ModuleDict, ema_metrics: Optional[nn.ModuleDict], prefix: str):
         x, y = batch
         self._check_batch(x)
-        bs = x.shape[0]
         main_model = self.ema_model if (prefix == "test" and self.hparams.ema_test and self.ema_model is not None) \
             else self.model
         scores = self._views_forward(main_model, x)

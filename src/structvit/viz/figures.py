@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from ..nn.attention import SelfAttention, StructSA
-from .capture import AttentionCapture, attention_layers, capture, default_block, layer_kind, query_index
+from .capture import AttentionCapture, attention_layers, capture, default_block, query_index
 
 __all__ = ["QueryAttention", "query_attention", "prepare_sample", "attention_figure", "kernels_figure",
            "compare_figure", "readings_figure", "derive_variants", "write_demo_figures"]
