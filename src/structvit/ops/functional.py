@@ -22,9 +22,10 @@ MEMORY_BOUND_WEIGHT = 100
 
 # The fused CPU kernel's work per query row in units of plain attention's: measured
 # ``fused / SA ~ 1 + FUSED_KERNEL_WEIGHT * M * D / C`` for fwd+bwd (`python -m structvit.bench
-# op`, 2-core CPU, torch 2.14: about 5 at 3x3 / D=8 and at 3x3x3 / D=8), against
-# ``keyconv / SA ~ KEYCONV_WEIGHT * D`` (measured 0.9-1.5 per pattern).
-FUSED_KERNEL_WEIGHT = 5.0
+# op`, 2-core CPU, torch 2.14: 4.0x at 3x3 / D=8 (weight 2.7), 11.4x at 3x3x3 (3.1), 12.8x at
+# 1x5x5 (3.8)), against ``keyconv / SA ~ KEYCONV_WEIGHT * D`` (measured 1.3 per pattern; 1.2
+# keeps the 1x5x5 case, where keyconv is faster, on keyconv).
+FUSED_KERNEL_WEIGHT = 3.0
 KEYCONV_WEIGHT = 1.2
 
 # "auto" only picks a backend whose attention-sized working memory (beyond q, k, v, the
