@@ -233,6 +233,33 @@ def test_fused_memory_limit_chunks_match_naive(shared, memory_limit):
         torch.testing.assert_close(g, r, rtol=0, atol=1e-10, msg=name)
 
 
+@pytest.mark.skipif(not HAS_NATIVE, reason="no C++ compiler for the fused CPU kernel")
+@pytest.mark.parametrize("grid, window, D", [
+    ((3, 14), (3, 3), 8),            # rows padded 16 wide: the block-row transposed convolution, 3 row shifts
+    ((2, 3, 14), (3, 3, 3), 4),      # 9 row shifts
+    ((2, 3, 12), (1, 5, 5), 2),      # 5 row shifts, column shifts of 2
+    ((2, 16), (1, 1), 1),            # one row shift (identity window), rows widened 16 -> 16
+    ((3, 13), (3, 3), 3),            # 15 -> 16 wide, D without a compiled special case (generic path)
+    ((2, 2, 12), (3, 5, 5), 2),      # 15 row shifts: the direct transposed convolution on 16-wide rows
+])
+@pytest.mark.parametrize("normalize", ["joint", "per_pattern"])
+def test_fused_wide_rows_match_naive(grid, window, D, normalize):
+    """Grids whose padded rows are widened to whole register blocks (W + kw - 1 close to a
+    multiple of 16) take other code paths in the kernel than the small grids above."""
+    inputs = random_inputs(1, 2, grid, 4, D, window, requires_grad=True)
+    out = struct_attention(*inputs, grid, normalize=normalize, backend="fused")
+    ref, _ = reference_struct_attention(*[t.detach() for t in inputs], grid, normalize=normalize)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    g_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, g_out)
+    naive = struct_attention(*inputs, grid, normalize=normalize, backend="naive")
+    for name, g, r in zip(("q", "k", "v", "u_k", "u_v"), grads, torch.autograd.grad(naive, inputs, g_out)):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-10, msg=name)
+    # float32: the vectorised float kernel (exp polynomial, register tiles)
+    out32 = struct_attention(*[t.detach().float() for t in inputs], grid, normalize=normalize, backend="fused")
+    torch.testing.assert_close(out32.double(), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_memory_limit_argument():
     q, k, v, u_k, u_v = random_inputs(1, 1, (3, 3), 4, 2, (3, 3))
     for bad in (0, -5, 1.5, True, "1GB"):
