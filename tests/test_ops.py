@@ -370,12 +370,26 @@ def test_auto_choice_rules():
     assert cost["correlation"]["macs"] == 16 * 5 * 196 ** 2 * (64 + 72 + 72 + 64)
 
 
+def test_fused_block_rows_rule():
+    from structvit.ops.functional import fused_block_rows
+
+    assert fused_block_rows((14, 14), (3, 3))            # 16-wide rows already
+    assert fused_block_rows((8, 14, 14), (3, 3, 3))
+    assert fused_block_rows((2, 13), (1, 3))             # 15 -> 16
+    assert not fused_block_rows((7, 7), (3, 3))          # 9 -> 16 would cost 78% more
+    assert not fused_block_rows((8, 14, 14), (1, 5, 5))  # 18 -> 32
+    assert not fused_block_rows((8, 14, 14), (5, 5, 5))  # 25 (t, h) rows: the direct form
+
+
 def test_auto_fused_rule():
     # the fused CPU kernel wins for small windows, keyconv (SDPA) for 3x3x3 windows (measured)
     assert choose_backend(16, 5, 196, 64, 8, 9, fused_ok=True) == "fused"
     assert choose_backend(2, 5, 1568, 64, 8, 27, fused_ok=True) == "keyconv"
     assert choose_backend(16, 5, 196, 64, 8, 9, fused_ok=False) != "fused"
     assert choose_backend(16, 5, 196, 64, 8, 9, fused_ok=True, return_weights=True) == "correlation"
+    # with the grid known: 16-wide padded rows make the kernel faster than keyconv at 3x3x3 (measured)
+    assert choose_backend(2, 5, 1568, 64, 8, 27, fused_ok=True, grid=(8, 14, 14), window=(3, 3, 3)) == "fused"
+    assert choose_backend(2, 5, 1568, 64, 8, 25, fused_ok=True, grid=(8, 14, 14), window=(1, 5, 5)) == "keyconv"
     # memory is the limit: the fused kernel (chunks shrink to fit) instead of keyconv's D-times keys
     assert choose_backend(2, 5, 1568, 64, 8, 27, fused_ok=True, memory_limit=8 << 20) == "fused"
     assert estimate_cost(2, 5, 1568, 64, 8, 27)["keyconv"]["bytes"] > 8 << 20
@@ -391,6 +405,12 @@ def test_auto_avoids_fused_with_dropout_and_tracing():
     seen = []
     torch.jit.trace(lambda x: seen.append(_fused_can_serve(x, 0.0)) or x, q, check_trace=False)
     assert seen == [False]
+    # a FLOP counter (a dispatch mode) would not see the kernel's work
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False):
+        assert not _fused_can_serve(q, 0.0)
+    assert _fused_can_serve(q, 0.0)
 
 
 def test_auto_with_return_weights_matches_correlation():

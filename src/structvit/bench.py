@@ -178,7 +178,8 @@ def bench_op_case(case_key: str, case: OpCase, backends: list[str], *, device: s
     (q, k, v), (u_k, u_v) = make_op_inputs(case, dev, DTYPES[dtype])
     m = math.prod(case.window)
     auto, auto_mem = (choose_backend(case.batch, case.heads, case.tokens, case.head_dim, case.patterns, m,
-                                     element_size=q.element_size(), fused_ok=_fused_can_serve(q, 0.0), memory_limit=lim)
+                                     element_size=q.element_size(), fused_ok=_fused_can_serve(q, 0.0), memory_limit=lim,
+                                     grid=case.grid, window=case.window)
                       for lim in (None, memory_limit))
     labels, fns, skipped = {}, {}, {}
     for backend in ["sa"] + backends:

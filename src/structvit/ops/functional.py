@@ -21,11 +21,14 @@ BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
 MEMORY_BOUND_WEIGHT = 100
 
 # The fused CPU kernel's work per query row in units of plain attention's: measured
-# ``fused / SA ~ 1 + FUSED_KERNEL_WEIGHT * M * D / C`` for fwd+bwd (`python -m structvit.bench
-# op`, 2-core CPU, torch 2.14: 4.0x at 3x3 / D=8 (weight 2.7), 11.4x at 3x3x3 (3.1), 12.8x at
-# 1x5x5 (3.8)), against ``keyconv / SA ~ KEYCONV_WEIGHT * D`` (measured 1.3 per pattern; 1.2
-# keeps the 1x5x5 case, where keyconv is faster, on keyconv).
-FUSED_KERNEL_WEIGHT = 3.0
+# ``fused / SA ~ 1 + weight * M * D / C`` for fwd+bwd (`python -m structvit.bench op`,
+# 2-core CPU, torch 2.14), against ``keyconv / SA ~ KEYCONV_WEIGHT * D`` (measured 1.3 per
+# pattern; 1.2 keeps the 1x5x5 case, where keyconv is faster, on keyconv). The kernel is
+# faster when its padded rows are whole register blocks and the window has few (t, h) rows
+# (``fused_block_rows``): 3.6x SA at 14x14 / 3x3 / D=8 (weight 2.3), 9.2x at 8x14x14 /
+# 3x3x3 (2.4); otherwise 13.1x at 8x14x14 / 1x5x5 (3.9).
+FUSED_KERNEL_WEIGHT_BLOCK_ROWS = 2.4
+FUSED_KERNEL_WEIGHT = 3.9
 KEYCONV_WEIGHT = 1.2
 
 # "auto" only picks a backend whose attention-sized working memory (beyond q, k, v, the
@@ -33,6 +36,16 @@ KEYCONV_WEIGHT = 1.2
 # with ``memory_limit``: the correlation form's D*N^2 buffers, the key-convolution form's
 # D-times convolved keys and values, the fused kernel's chunk buffers (which shrink to fit).
 DEFAULT_MEMORY_LIMIT = 1 << 30
+
+
+def fused_block_rows(grid: Sequence[int], window: Sequence[int]) -> bool:
+    """Whether the fused kernel takes its block-row transposed convolution for this grid and
+    window (mirrors ``padded_width`` in csrc/folded_cpu.cpp: rows W + kw - 1 long are widened
+    to a multiple of 16 when that costs at most 25% more positions; kt * kh in {1, 3, 5, 9})."""
+    kt, kh, kw = (1,) * (3 - len(window)) + tuple(window)
+    w = grid[-1] + kw - 1
+    w_blk = -(-w // 16) * 16
+    return w_blk * 4 <= w * 5 and kt * kh in (1, 3, 5, 9)
 
 
 def _check_tensor(name: str, x) -> None:
@@ -102,7 +115,8 @@ def estimate_cost(b: int, heads: int, n: int, c: int, d: int, m: int, *, element
 
 
 def choose_backend(b: int, heads: int, n: int, c: int, d: int, m: int, *, return_weights: bool = False,
-                   element_size: int = 4, memory_limit: int | None = None, fused_ok: bool = False) -> str:
+                   element_size: int = 4, memory_limit: int | None = None, fused_ok: bool = False,
+                   grid: Sequence[int] | None = None, window: Sequence[int] | None = None) -> str:
     """The backend "auto" picks (DESIGN.md section 1, calibrated by ``structvit bench op``).
 
     - ``return_weights`` needs the weights: "correlation".
@@ -113,8 +127,11 @@ def choose_backend(b: int, heads: int, n: int, c: int, d: int, m: int, *, return
       least memory.
     - ``fused_ok`` (a CPU call the fused kernel can serve: built here, no dropout, not
       being traced or exported): "fused" when it is the only candidate or when its
-      measured cost model, ``1 + FUSED_KERNEL_WEIGHT * M * D / C`` times SA, beats
-      keyconv's ``KEYCONV_WEIGHT * D`` (on a 2-core CPU: 3x3 windows yes, 3x3x3 no).
+      measured cost model, ``1 + weight * M * D / C`` times SA, beats keyconv's
+      ``KEYCONV_WEIGHT * D``; the weight is ``FUSED_KERNEL_WEIGHT_BLOCK_ROWS`` when
+      ``grid`` and ``window`` are given and :func:`fused_block_rows` holds, else
+      ``FUSED_KERNEL_WEIGHT`` (on a 2-core CPU: 14x14 / 3x3 and 8x14x14 / 3x3x3 fused,
+      8x14x14 / 1x5x5 keyconv).
     - Otherwise the cheaper of correlation and keyconv by multiply-adds, where each
       element of the correlation form's D*N^2 maps costs ``MEMORY_BOUND_WEIGHT`` more
       (memory-bound convolution and softmax passes). "naive" is never picked.
@@ -124,7 +141,9 @@ def choose_backend(b: int, heads: int, n: int, c: int, d: int, m: int, *, return
     limit = DEFAULT_MEMORY_LIMIT if memory_limit is None else memory_limit
     cost = estimate_cost(b, heads, n, c, d, m, element_size=element_size)
     fits = {name for name in ("correlation", "keyconv") if cost[name]["bytes"] <= limit}
-    if fused_ok and ("keyconv" not in fits or 1 + FUSED_KERNEL_WEIGHT * m * d / c < KEYCONV_WEIGHT * d):
+    weight = (FUSED_KERNEL_WEIGHT_BLOCK_ROWS if grid is not None and window is not None
+              and fused_block_rows(grid, window) else FUSED_KERNEL_WEIGHT)
+    if fused_ok and ("keyconv" not in fits or 1 + weight * m * d / c < KEYCONV_WEIGHT * d):
         return "fused"
     if not fits:
         return min(("keyconv", "correlation"), key=lambda name: cost[name]["bytes"])
@@ -142,6 +161,12 @@ def _fused_can_serve(q: torch.Tensor, dropout_p: float) -> bool:
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
         return False
     if torch.onnx.is_in_onnx_export():
+        return False
+    # nor seen by a dispatch mode (FLOP counting, fake or meta tensors): its work would be
+    # invisible there, so "auto" picks a backend made of PyTorch ops instead
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    if _get_current_dispatch_mode() is not None:
         return False
     return native.available()
 
@@ -229,7 +254,7 @@ def struct_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u_k: tor
     if backend == "auto":
         backend = choose_backend(b, heads, n, c, uk.shape[1], uk[0, 0].numel(), return_weights=return_weights,
                                  element_size=q.element_size(), memory_limit=memory_limit,
-                                 fused_ok=_fused_can_serve(q, dropout_p))
+                                 fused_ok=_fused_can_serve(q, dropout_p), grid=grid3, window=tuple(uk.shape[2:]))
     extra = {"memory_limit": memory_limit} if backend == "fused" else {}
     out, weights = BACKENDS[backend](q, k, v, uk, uv, grid3, normalize, float(scale), float(dropout_p), return_weights,
                                      **extra)
