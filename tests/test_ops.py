@@ -79,6 +79,31 @@ def test_backends_match_reference_hypothesis(data, rank, D, heads, C, cv, B, sha
     torch.testing.assert_close(w, ref_w, rtol=0, atol=1e-10)
 
 
+@pytest.mark.skipif(not HAS_NATIVE, reason="no C++ compiler for the fused CPU kernel")
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    rank=st.sampled_from([2, 3]),
+    D=st.sampled_from([1, 2, 3, 4, 8]),
+    width=st.integers(11, 18),
+    shared=st.booleans(),
+    normalize=st.sampled_from(NORMALIZE),
+)
+def test_fused_wide_grids_hypothesis(data, rank, D, width, shared, normalize):
+    """Grid widths around 16, where the fused kernel widens its padded rows to whole
+    register blocks (or not), against the naive form: values and all five gradients."""
+    grid = tuple(data.draw(st.integers(1, 3), label=f"grid{i}") for i in range(rank - 1)) + (width,)
+    window = tuple(data.draw(st.sampled_from([1, 3, 5]), label=f"window{i}") for i in range(rank))
+    inputs = random_inputs(1, 2, grid, 3, D, window, shared=shared, seed=data.draw(st.integers(0, 2**16)),
+                           requires_grad=True)
+    out = struct_attention(*inputs, grid, normalize=normalize, backend="fused")
+    ref = struct_attention(*inputs, grid, normalize=normalize, backend="naive")
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    g_out = torch.randn_like(out)
+    for g, r in zip(torch.autograd.grad(out, inputs, g_out), torch.autograd.grad(ref, inputs, g_out)):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("grid,window", [((5, 6), (3, 3)), ((3, 4, 4), (3, 3, 3)), ((2, 4, 3), (1, 5, 5))])
 @pytest.mark.parametrize("normalize", NORMALIZE)
 def test_backends_float32_relative_error(grid, window, normalize):
