@@ -131,3 +131,16 @@ def test_bad_forward_arguments():
         m(torch.randn(2, 12, 32), (3, 5))
     with pytest.raises(ValueError, match=r"grid=\(3, 5\) has 15 positions"):
         SelfAttention(32, 4)(torch.randn(2, 12, 32), (3, 5))
+
+
+def test_structsa_records_the_backend_it_ran():
+    layer = StructSA(16, 2, window=(3, 3), num_patterns=2)
+    assert layer.last_backend is None
+    layer(torch.randn(1, 12, 16), (3, 4))
+    assert layer.last_backend in ("naive", "correlation", "keyconv", "fused")
+    layer.backend = "keyconv"
+    layer(torch.randn(1, 12, 16), (3, 4))
+    assert layer.last_backend == "keyconv"
+    layer.backend = "auto"
+    layer(torch.randn(1, 12, 16), (3, 4), return_weights=True)
+    assert layer.last_backend == "correlation"  # weights asked for

@@ -395,6 +395,23 @@ def test_auto_choice_rules():
     assert cost["correlation"]["macs"] == 16 * 5 * 196 ** 2 * (64 + 72 + 72 + 64)
 
 
+def test_resolve_backend_is_what_runs():
+    from structvit.ops import resolve_backend
+
+    q, k, v, u_k, u_v = random_inputs(2, 3, (3, 4, 5), 4, 2, (3, 3, 3))
+    assert resolve_backend(q, u_k, (3, 4, 5), backend="keyconv") == "keyconv"
+    auto = resolve_backend(q, u_k, (3, 4, 5))
+    assert auto in BACKENDS
+    torch.testing.assert_close(struct_attention(q, k, v, u_k, u_v, (3, 4, 5)),
+                               struct_attention(q, k, v, u_k, u_v, (3, 4, 5), backend=auto), rtol=0, atol=0)
+    assert resolve_backend(q, u_k, (3, 4, 5), return_weights=True) == "correlation"
+    assert resolve_backend(q, u_k[0], (3, 4, 5)) == auto  # shared patterns: the same choice
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend(q, u_k, (3, 4, 5), backend="fast")
+    with pytest.raises(ValueError, match="grid"):
+        resolve_backend(q, u_k, (3, 4, 4))
+
+
 def test_fused_block_rows_rule():
     from structvit.ops.functional import fused_block_rows
 

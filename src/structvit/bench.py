@@ -281,6 +281,16 @@ def inference_seconds(model, shape, repeats: int, device: torch.device) -> float
     return time_call(fwd, repeats, device)
 
 
+def backends_used(model) -> str:
+    """The StructSA backends the model's last forward ran, e.g. "fused x4, keyconv x1"."""
+    from collections import Counter
+
+    from .nn import StructSA
+
+    used = Counter(m.last_backend for m in model.modules() if isinstance(m, StructSA) and m.last_backend)
+    return ", ".join(f"{name} x{count}" for name, count in sorted(used.items())) or "-"
+
+
 def time_call(fn, repeats: int, device: torch.device, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
@@ -306,8 +316,8 @@ def run_model(args) -> int:
           f"backend={args.backend}\n")
     if "train" in args.what:
         print("### Training step (fwd + bwd + AdamW), StructSA in the last (4, 1) blocks vs all-SA (0, 0)\n")
-        print("| model | input | SA step | StructSA (4, 1) step | x SA |")
-        print("|---|---|---|---|---|")
+        print("| model | input | SA step | StructSA (4, 1) step | x SA | StructSA backends (auto) |")
+        print("|---|---|---|---|---|---|")
         for name, batch in (("structvit_small", args.image_batch), ("structvit_small_video", args.video_batch)):
             if args.models and name not in args.models:
                 continue
@@ -316,15 +326,16 @@ def run_model(args) -> int:
                 model = _model(name, struct_blocks=blocks, backend=args.backend)
                 shape = default_input_shape(model, batch)
                 times[blocks] = train_step_seconds(model, shape, args.repeats, device)
+                used = backends_used(model)
                 del model
             shape_s = "x".join(map(str, shape[1:]))
             print(f"| {name} | {batch}x{shape_s} | {times[(0, 0)]:.2f} s | {times[(4, 1)]:.2f} s | "
-                  f"{times[(4, 1)] / times[(0, 0)]:.2f}x |", flush=True)
+                  f"{times[(4, 1)] / times[(0, 0)]:.2f}x | {used} |", flush=True)
         print()
     if "infer" in args.what:
         print("### Inference throughput (eval, no grad), each model vs the same model with all-SA\n")
-        print("| model | input | StructSA blocks | samples/s | all-SA samples/s | x SA time |")
-        print("|---|---|---|---|---|---|")
+        print("| model | input | StructSA blocks | samples/s | all-SA samples/s | x SA time | StructSA backends (auto) |")
+        print("|---|---|---|---|---|---|---|")
         for name in args.models or MODEL_NAMES:
             model = _model(name, backend=args.backend)
             video = getattr(model, "video", False)
@@ -332,11 +343,12 @@ def run_model(args) -> int:
             shape = default_input_shape(model, batch)
             t = inference_seconds(model, shape, args.repeats, device)
             blocks = getattr(model, "struct_blocks", "?")
+            used = backends_used(model)
             del model
             t_sa = inference_seconds(_model(name, struct_blocks=(0, 0)), shape, args.repeats, device)
             shape_s = "x".join(map(str, shape[1:]))
-            print(f"| {name} | {batch}x{shape_s} | {blocks} | {batch / t:.2f} | {batch / t_sa:.2f} | {t / t_sa:.2f}x |",
-                  flush=True)
+            print(f"| {name} | {batch}x{shape_s} | {blocks} | {batch / t:.2f} | {batch / t_sa:.2f} | {t / t_sa:.2f}x | "
+                  f"{used} |", flush=True)
     return 0
 
 

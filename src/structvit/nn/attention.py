@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import BACKEND_NAMES, NORMALIZE, struct_attention
+from ..ops import BACKEND_NAMES, NORMALIZE, resolve_backend, struct_attention
 from ..ops.functional import canonical_grid
 
 INITS = ("random", "sa")
@@ -100,7 +100,8 @@ class StructSA(SelfAttention):
             SA-equivalent initialisation: u_k[d] = centre delta, u_v[d] = centre delta
             (divided by D for "per_pattern") + e_d with sum_d e_d = 0, so the output equals
             SA with the same qkv/proj weights while the D patterns get different gradients.
-        backend: "auto", "naive", "correlation" or "keyconv"; see ``struct_attention``.
+        backend: "auto", "naive", "correlation", "keyconv" or "fused"; see ``struct_attention``.
+            After a forward, ``last_backend`` says which one ran.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, window: Sequence[int] = (3, 3), num_patterns: int = 8,
@@ -120,6 +121,7 @@ class StructSA(SelfAttention):
         self.normalize = normalize
         self.share_patterns = share_patterns
         self.backend = backend
+        self.last_backend: str | None = None  # the backend the last forward ran ("auto" resolved)
         shape = ((1,) if share_patterns else (num_heads,)) + (num_patterns,) + self.window
         self.u_k = nn.Parameter(torch.empty(shape))
         self.u_v = nn.Parameter(torch.empty(shape))
@@ -170,9 +172,13 @@ class StructSA(SelfAttention):
         q, k, v = self._qkv(x)
         grid = tuple(grid)
         u_k, u_v = self.patterns_for(len(grid))
-        res = struct_attention(q, k, v, u_k, u_v, grid, normalize=self.normalize, backend=self.backend,
-                               scale=self.scale, dropout_p=self.attn_drop if self.training else 0.0,
-                               return_weights=return_weights)
+        dropout_p = self.attn_drop if self.training else 0.0
+        # resolved here so that what ran is visible (``last_backend``, e.g. for benchmarks)
+        backend = resolve_backend(q, u_k, grid, backend=self.backend, return_weights=return_weights,
+                                  dropout_p=dropout_p)
+        self.last_backend = backend
+        res = struct_attention(q, k, v, u_k, u_v, grid, normalize=self.normalize, backend=backend,
+                               scale=self.scale, dropout_p=dropout_p, return_weights=return_weights)
         if return_weights:
             return self._out(res[0]), res[1]
         return self._out(res)

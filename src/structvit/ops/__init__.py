@@ -1,4 +1,6 @@
 """Functional ops: structural self-attention and its backends."""
-from .functional import BACKEND_NAMES, NORMALIZE, canonical_grid, choose_backend, estimate_cost, struct_attention
+from .functional import (BACKEND_NAMES, NORMALIZE, canonical_grid, choose_backend, estimate_cost, resolve_backend,
+                         struct_attention)
 
-__all__ = ["struct_attention", "choose_backend", "estimate_cost", "canonical_grid", "BACKEND_NAMES", "NORMALIZE"]
+__all__ = ["struct_attention", "choose_backend", "resolve_backend", "estimate_cost", "canonical_grid",
+           "BACKEND_NAMES", "NORMALIZE"]

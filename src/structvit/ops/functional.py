@@ -171,6 +171,30 @@ def _fused_can_serve(q: torch.Tensor, dropout_p: float) -> bool:
     return native.available()
 
 
+def _auto_backend(q: torch.Tensor, uk: torch.Tensor, grid3: tuple[int, int, int], return_weights: bool,
+                  dropout_p: float, memory_limit: int | None) -> str:
+    """What "auto" runs for q (B, heads, N, C) and canonical patterns uk (hu, D, kt, kh, kw)."""
+    b, heads, n, c = q.shape
+    return choose_backend(b, heads, n, c, uk.shape[1], uk[0, 0].numel(), return_weights=return_weights,
+                          element_size=q.element_size(), memory_limit=memory_limit,
+                          fused_ok=_fused_can_serve(q, dropout_p), grid=grid3, window=tuple(uk.shape[2:]))
+
+
+def resolve_backend(q: torch.Tensor, u_k: torch.Tensor, grid: Sequence[int], *, backend: str = "auto",
+                    return_weights: bool = False, dropout_p: float = 0.0, memory_limit: int | None = None) -> str:
+    """The backend ``struct_attention`` runs for these arguments: ``backend`` itself, or
+    what "auto" picks for q (B, heads, N, C), u_k (heads, D, *window) or (D, *window) and
+    the grid (shapes, dtype, device, memory limit; see :func:`choose_backend`)."""
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    rank = len(grid) if isinstance(grid, Sequence) else 0
+    grid3 = canonical_grid(grid, q.shape[2])
+    uk = _canonical_patterns("u_k", u_k, rank, q.shape[1])
+    return _auto_backend(q, uk, grid3, return_weights, dropout_p, memory_limit)
+
+
 def struct_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u_k: torch.Tensor, u_v: torch.Tensor,
                      grid: Sequence[int], *, normalize: str = "joint", backend: str = "auto",
                      scale: float | None = None, dropout_p: float = 0.0, return_weights: bool = False,
@@ -252,9 +276,7 @@ def struct_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u_k: tor
                                      or memory_limit <= 0):
         raise ValueError(f"memory_limit must be a positive int (bytes) or None, got {memory_limit!r}")
     if backend == "auto":
-        backend = choose_backend(b, heads, n, c, uk.shape[1], uk[0, 0].numel(), return_weights=return_weights,
-                                 element_size=q.element_size(), memory_limit=memory_limit,
-                                 fused_ok=_fused_can_serve(q, dropout_p), grid=grid3, window=tuple(uk.shape[2:]))
+        backend = _auto_backend(q, uk, grid3, return_weights, dropout_p, memory_limit)
     extra = {"memory_limit": memory_limit} if backend == "fused" else {}
     out, weights = BACKENDS[backend](q, k, v, uk, uv, grid3, normalize, float(scale), float(dropout_p), return_weights,
                                      **extra)
