@@ -147,7 +147,7 @@ def choose_backend(b: int, heads: int, n: int, c: int, d: int, m: int, *, return
         return "fused"
     if not fits:
         return min(("keyconv", "correlation"), key=lambda name: cost[name]["bytes"])
-    if fits == {"keyconv"} or fits == {"correlation"}:
+    if len(fits) == 1:
         return fits.pop()
     corr = cost["correlation"]["macs"] + MEMORY_BOUND_WEIGHT * b * heads * d * n * n
     return "correlation" if corr < cost["keyconv"]["macs"] else "keyconv"
@@ -234,10 +234,11 @@ def struct_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u_k: tor
         dropout_p: dropout on the attention weights (pass 0 at evaluation).
         return_weights: also return A, (B, heads, N, D, N). Not with "keyconv".
         memory_limit: bytes of attention-sized working memory the op may hold beyond its
-            inputs, outputs and their gradients (None: ``DEFAULT_MEMORY_LIMIT``, 1 GiB).
-            "auto" only picks a backend that fits (see :func:`choose_backend`), and the
-            fused kernel sizes its chunks to it, so a small limit (e.g. 8 MiB) gives O(N)
-            peak memory close to SA's at some cost in speed.
+            inputs, outputs and their gradients. "auto" only picks a backend that fits
+            (None: ``DEFAULT_MEMORY_LIMIT``, 1 GiB; see :func:`choose_backend`), and the
+            fused kernel sizes its chunks to it (None: ``FUSED_BUFFERS`` buffers of
+            ``FUSED_CHUNK_ELEMENTS``), so a small limit (e.g. 8 MiB) gives O(N) peak memory
+            close to SA's at some cost in speed.
 
     Returns:
         (B, heads, N, Cv), or (out, A) with ``return_weights=True``.
