@@ -222,6 +222,27 @@ def test_fused_limits():
         struct_attention(q, k, v, u_k, u_v, (3, 4, 5), backend="fused", dropout_p=0.1)
 
 
+@pytest.mark.skipif(not HAS_NATIVE, reason="no C++ compiler for the fused CPU kernel")
+def test_fused_kernel_shares_torch_openmp_runtime():
+    """With the OpenMP build the kernel must bind to PyTorch's libgomp, never load a second
+    runtime (two pools spinning against each other cost 10x); and it must then run with
+    several threads and give the same result as with one."""
+    shared = native.shares_torch_openmp()
+    native.load()
+    if shared:
+        assert len(native._loaded_gomp()) == 1, native._loaded_gomp()
+    q, k, v, u_k, u_v = random_inputs(2, 3, (3, 4, 5), 4, 2, (3, 3, 3), dtype=torch.float64)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = struct_attention(q, k, v, u_k, u_v, (3, 4, 5), backend="fused")
+        torch.set_num_threads(2)
+        two = struct_attention(q, k, v, u_k, u_v, (3, 4, 5), backend="fused")
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(one, two, rtol=0, atol=1e-12)
+
+
 def test_fused_chunks_cover_every_row_once():
     from structvit.ops.backends import _chunks
 

@@ -6,6 +6,11 @@ is cached under ``$STRUCTVIT_CACHE`` (default ``~/.cache/structvit``), keyed by 
 source, the compiler flags and the CPU's feature flags (it is built with
 ``-march=native``). Without a compiler the "fused" backend is simply unavailable and
 "auto" does not pick it.
+
+Threads: where PyTorch's own GNU OpenMP runtime (``libgomp.so.1``) is loaded, the kernel is
+built with ``-fopenmp`` and runs on PyTorch's thread pool (the dynamic loader binds the
+kernel's ``libgomp.so.1`` to the copy already in the process); elsewhere it uses
+std::threads, since a second OpenMP runtime would spin against PyTorch's.
 """
 from __future__ import annotations
 
@@ -19,10 +24,31 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+
 SOURCE = Path(__file__).with_name("csrc") / "folded_cpu.cpp"
 # -fno-trapping-math lets the compiler vectorise floor() in the kernel's exp (measured: the
 # kernel's softmax 8x faster); nothing relies on floating-point exceptions or errno.
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-trapping-math", "-fno-math-errno", "-fopenmp-simd", "-pthread", "-shared", "-fPIC", "-std=c++17"]
+
+
+OPENMP_FLAGS = ["-fopenmp", "-DSTRUCTSA_OPENMP"]
+
+
+def _loaded_gomp() -> list[str]:
+    """Paths of the GNU OpenMP runtimes mapped into this process (Linux; [] elsewhere)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "libgomp" in line}
+    except OSError:
+        return []
+    return sorted(p for p in paths if os.path.basename(p).startswith("libgomp.so.1"))
+
+
+def shares_torch_openmp() -> bool:
+    """Whether the kernel can join PyTorch's OpenMP pool: exactly one libgomp with the
+    soname libgomp.so.1 is loaded (PyTorch's, imported by this module)."""
+    return "OpenMP" in torch.__config__.parallel_info() and len(_loaded_gomp()) == 1
 
 
 class NativeUnavailable(RuntimeError):
@@ -58,13 +84,14 @@ def load() -> ctypes.CDLL:
     if cxx is None:
         raise NativeUnavailable("no C++ compiler found (set CXX, or install g++)")
     src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join([cxx] + FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
+    flags = FLAGS + (OPENMP_FLAGS if shares_torch_openmp() else [])
+    key = hashlib.sha256(src + " ".join([cxx] + flags).encode() + _cpu_key().encode()).hexdigest()[:16]
     lib_path = cache_dir() / f"structsa_folded_{key}.so"
     if not lib_path.exists():
         lib_path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
             out = Path(tmp) / lib_path.name
-            res = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+            res = subprocess.run([cxx, *flags, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
             if res.returncode != 0:
                 raise NativeUnavailable(f"compiling {SOURCE.name} failed:\n{res.stderr[-3000:]}")
             os.replace(out, lib_path)  # atomic: concurrent builders leave one complete file
