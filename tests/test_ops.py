@@ -263,13 +263,18 @@ def test_fused_chunks_cover_every_row_once():
 
 @pytest.mark.skipif(not HAS_NATIVE, reason="no C++ compiler for the fused CPU kernel")
 @pytest.mark.parametrize("shared", [False, True])
-@pytest.mark.parametrize("memory_limit", [4 * 8 * 3 * 3600, 4 * 8 * 2520, 4 * 8 * 60])  # head groups, rows, 1 row
-def test_fused_memory_limit_chunks_match_naive(shared, memory_limit):
-    """Any chunking (whole batch items, single heads in row blocks, single rows) gives the
-    values and gradients of one chunk, with per-head and shared patterns."""
+@pytest.mark.parametrize("chunk", [3 * 3600, 2520, 60, 1])  # head groups, row blocks, 1 row, (at least) 1 row
+@pytest.mark.parametrize("keep_at", [False, True])
+def test_fused_chunks_match_naive(shared, chunk, keep_at, monkeypatch):
+    """Any chunking (whole batch items, single heads in row blocks, single rows), with the
+    folded map kept for backward or recomputed, gives the values and gradients of naive,
+    with per-head and shared patterns."""
+    from structvit.ops import backends
+
+    monkeypatch.setattr(backends, "fused_plan", lambda *args: (chunk, keep_at))
     grid = (3, 4, 5)
     inputs = random_inputs(2, 3, grid, 4, 2, (3, 3, 3), shared=shared, requires_grad=True)
-    out = struct_attention(*inputs, grid, backend="fused", memory_limit=memory_limit)
+    out = struct_attention(*inputs, grid, backend="fused")
     ref = struct_attention(*inputs, grid, backend="naive")
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
     g_out = torch.randn_like(out)
@@ -304,6 +309,20 @@ def test_fused_wide_rows_match_naive(grid, window, D, normalize):
     # float32: the vectorised float kernel (exp polynomial, register tiles)
     out32 = struct_attention(*[t.detach().float() for t in inputs], grid, normalize=normalize, backend="fused")
     torch.testing.assert_close(out32.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_plan_rule():
+    from structvit.ops.backends import DEFAULT_MEMORY_LIMIT, FUSED_CHUNK_ELEMENTS, fused_plan
+
+    n = 1568
+    at = 10 * n * n * 4  # video benchmark: B*heads = 10, 98 MiB
+    assert fused_plan(10, n, 4, None) == (FUSED_CHUNK_ELEMENTS, True)  # default: fits in DEFAULT_MEMORY_LIMIT
+    assert fused_plan(200, n, 4, None) == (FUSED_CHUNK_ELEMENTS, False)  # 1.9 GiB: recomputed
+    assert 200 * n * n * 4 > DEFAULT_MEMORY_LIMIT
+    # an explicit limit: At kept only in half of it, the chunks get the rest
+    assert fused_plan(10, n, 4, 8 << 20) == ((8 << 20) // 16, False)
+    assert fused_plan(10, n, 4, 2 * at) == (at // 16, True)
+    assert fused_plan(10, n, 4, 2 * at - 1)[1] is False
 
 
 def test_memory_limit_argument():

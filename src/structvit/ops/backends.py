@@ -147,8 +147,18 @@ BACKENDS = {"naive": naive, "correlation": correlation, "keyconv": keyconv}
 # GEMMs around the kernel get less efficient (measured on CPU: a 10 x 66 x 64 x 1568 batched
 # GEMM takes as long as a 10 x 256 x 64 x 1568 one), which is why chunks split heads before
 # rows: a single head's (R x 64) x (64 x N) GEMM stays efficient down to a few hundred rows.
-FUSED_CHUNK_ELEMENTS = 1 << 22
+# 1M elements (4 MiB in float32, 668 rows of the 8x14x14 video grid) measured 3-5% faster
+# than 4M there (`structvit bench op`, 2 cores): the buffers stay closer to the caches.
+FUSED_CHUNK_ELEMENTS = 1 << 20
 FUSED_BUFFERS = 4
+
+
+# "auto" only picks a backend whose attention-sized working memory (beyond q, k, v, the
+# output and their gradients) stays under this many bytes per call, unless told otherwise
+# with ``memory_limit``: the correlation form's D*N^2 buffers, the key-convolution form's
+# D-times convolved keys and values, the fused kernel's chunk buffers (which shrink to fit)
+# and the folded map it keeps for backward when that fits.
+DEFAULT_MEMORY_LIMIT = 1 << 30
 
 
 def fused_chunk_elements(memory_limit: int | None, element_size: int = 4) -> int:
@@ -156,6 +166,23 @@ def fused_chunk_elements(memory_limit: int | None, element_size: int = 4) -> int
     if memory_limit is None:
         return FUSED_CHUNK_ELEMENTS
     return max(1, int(memory_limit) // (FUSED_BUFFERS * element_size))
+
+
+def fused_plan(bh: int, n: int, element_size: int, memory_limit: int | None) -> tuple[int, bool]:
+    """(chunk elements, keep At) of the fused kernel for B*heads = bh rows of N queries.
+
+    Keeping the folded map At (bh, N, N) for backward saves one of the kernel's eight
+    convolution passes. It is kept when it fits: with the default chunks, together with
+    them in ``DEFAULT_MEMORY_LIMIT``; with a ``memory_limit``, in half of it, the chunks
+    taking the rest. Otherwise At is recomputed and memory stays O(chunk).
+    """
+    at_bytes = bh * n * n * element_size
+    if memory_limit is None:
+        buffers = FUSED_BUFFERS * min(bh * n * n, FUSED_CHUNK_ELEMENTS) * element_size
+        return FUSED_CHUNK_ELEMENTS, at_bytes + buffers <= DEFAULT_MEMORY_LIMIT
+    if at_bytes <= memory_limit // 2:
+        return fused_chunk_elements(memory_limit - at_bytes, element_size), True
+    return fused_chunk_elements(memory_limit, element_size), False
 
 
 def _ptr(t: torch.Tensor):
@@ -190,11 +217,13 @@ def _chunk_patterns(dims: torch.Tensor, uk, uv, duk, duv, bh0: int, bh1: int, he
 class _FoldedCPU(torch.autograd.Function):
     """Folded form with the key-grid convolution, softmax and transposed convolution of
     each query row fused in one CPU kernel (``csrc/folded_cpu.cpp``); the GEMMs stay in
-    PyTorch. Nothing of size D*N^2 is stored: backward recomputes it from Q, K and the
-    per-row log-sum-exp."""
+    PyTorch. Nothing of size D*N^2 is stored: backward recomputes the weights from Q, K
+    and the per-row log-sum-exp. The folded map At (B*h, N, N) is kept for backward when
+    ``keep_at`` (it saves the kernel one of its eight convolution passes), else recomputed.
+    Chunks share one workspace, so their buffers are allocated (and page-faulted) once."""
 
     @staticmethod
-    def forward(ctx, q, k, v, u_k, u_v, grid, joint, scale, chunk_elements):
+    def forward(ctx, q, k, v, u_k, u_v, grid, joint, scale, chunk_elements, keep_at):
         lib = native.load()
         b, h, n, c = q.shape
         bh, d = b * h, u_k.shape[1]
@@ -203,28 +232,29 @@ class _FoldedCPU(torch.autograd.Function):
         uv = u_v.flatten(2).transpose(1, 2).contiguous()
         dims = torch.tensor(list(grid) + list(u_k.shape[2:]) + [d, h, hu], dtype=torch.int64)
         q2, k2, v2 = q.reshape(bh, n, c), k.reshape(bh, n, c), v.reshape(bh, n, -1)
+        keep_at = keep_at and any(ctx.needs_input_grad[:5])
         out = torch.empty(bh, n, v.shape[-1], dtype=q.dtype)
         lse = torch.empty(bh, n, 1 if joint else d, dtype=q.dtype)
         fwd = lib.structsa_folded_forward_f64 if q.dtype == torch.float64 else lib.structsa_folded_forward_f32
         threads = torch.get_num_threads()
-        for b0, b1, r0, r1 in _chunks(bh, h, n, chunk_elements):
+        chunks = _chunks(bh, h, n, chunk_elements)
+        work = _Workspace(chunks, n, q.dtype, 1 if keep_at else 2)
+        at_all = torch.empty(bh, n, n, dtype=q.dtype) if keep_at else None
+        for b0, b1, r0, r1 in chunks:
             dims_c, uk_c, uv_c, _, _ = _chunk_patterns(dims, uk, uv, None, None, b0, b1, h)
-            s0 = torch.matmul(q2[b0:b1, r0:r1] * scale, k2[b0:b1].transpose(1, 2)).contiguous()  # (bh', R, N)
-            at = torch.empty_like(s0)
-            lse_c = torch.empty(b1 - b0, r1 - r0, lse.shape[-1], dtype=q.dtype)
-            fwd(_ptr(s0), _ptr(uk_c), _ptr(uv_c), _ptr(at), _ptr(lse_c), b1 - b0, r1 - r0, _ptr(dims_c), int(joint),
-                threads)
-            lse[b0:b1, r0:r1] = lse_c
-            out[b0:b1, r0:r1] = torch.bmm(at, v2[b0:b1])  # (bmm into a strided slice with out= is ~9x slower)
-            del s0, at
-        ctx.save_for_backward(q, k, v, uk, uv, out, lse, dims)
+            s0 = torch.bmm(q2[b0:b1, r0:r1], k2[b0:b1].transpose(1, 2), out=work.get(0, b0, b1, r0, r1))
+            at = at_all[b0:b1, r0:r1] if keep_at else work.get(1, b0, b1, r0, r1)
+            fwd(_ptr(s0), _ptr(uk_c), _ptr(uv_c), _ptr(at), _ptr(lse[b0:b1, r0:r1]), b1 - b0, r1 - r0, _ptr(dims_c),
+                scale, int(joint), threads)
+            torch.bmm(at, v2[b0:b1], out=out[b0:b1, r0:r1])
+        ctx.save_for_backward(q, k, v, uk, uv, out, lse, dims, at_all)
         ctx.joint, ctx.scale, ctx.u_shape, ctx.chunk_elements = joint, scale, u_k.shape, chunk_elements
         return out.reshape(b, h, n, -1)
 
     @staticmethod
     def backward(ctx, grad_out):
         lib = native.load()
-        q, k, v, uk, uv, out, lse, dims = ctx.saved_tensors
+        q, k, v, uk, uv, out, lse, dims, at_all = ctx.saved_tensors
         b, h, n, c = q.shape
         bh = b * h
         scale, joint = ctx.scale, ctx.joint
@@ -232,37 +262,59 @@ class _FoldedCPU(torch.autograd.Function):
         dy = grad_out.reshape(bh, n, -1).contiguous()
         # joint softmax: sum_{j,d} A dA = sum_j' At dAt = dY_i . Y_i (per pattern: done in the kernel)
         rowdot = (dy * out).sum(-1, keepdim=True) if joint else torch.zeros(bh, n, 1, dtype=q.dtype)
-        dq, dk, dv = torch.empty_like(q2), torch.zeros_like(k2), torch.zeros_like(v2)
+        dq, dk = torch.empty_like(q2), torch.zeros_like(k2)
         duk, duv = torch.zeros_like(uk), torch.zeros_like(uv)
         bwd = lib.structsa_folded_backward_f64 if q.dtype == torch.float64 else lib.structsa_folded_backward_f32
         threads = torch.get_num_threads()
-        for b0, b1, r0, r1 in _chunks(bh, h, n, ctx.chunk_elements):
+        chunks = _chunks(bh, h, n, ctx.chunk_elements)
+        at_saved = at_all is not None
+        work = _Workspace(chunks, n, q.dtype, 3 if at_saved else 4)
+        if at_saved:
+            dv = torch.bmm(at_all.transpose(1, 2), dy)
+        else:
+            dv = torch.zeros_like(v2)
+        for b0, b1, r0, r1 in chunks:
             dims_c, uk_c, uv_c, duk_c, duv_c = _chunk_patterns(dims, uk, uv, duk, duv, b0, b1, h)
             qc, kc = q2[b0:b1, r0:r1], k2[b0:b1]
-            s0 = torch.matmul(qc * scale, kc.transpose(1, 2)).contiguous()
-            dat = torch.matmul(dy[b0:b1, r0:r1], v2[b0:b1].transpose(1, 2)).contiguous()  # dAt = dY V^T
-            at, ds0 = torch.empty_like(s0), torch.empty_like(s0)
-            lse_c, rd_c = lse[b0:b1, r0:r1].contiguous(), rowdot[b0:b1, r0:r1].contiguous()
-            bwd(_ptr(s0), _ptr(dat), _ptr(lse_c), _ptr(rd_c), _ptr(uk_c), _ptr(uv_c), _ptr(at), _ptr(ds0),
-                _ptr(duk_c), _ptr(duv_c), b1 - b0, r1 - r0, _ptr(dims_c), int(joint), threads)
-            del s0, dat
-            dv[b0:b1].baddbmm_(at.transpose(1, 2), dy[b0:b1, r0:r1])
-            dq[b0:b1, r0:r1] = torch.bmm(ds0, kc)
+            s0 = torch.bmm(qc, kc.transpose(1, 2), out=work.get(0, b0, b1, r0, r1))
+            dat = torch.bmm(dy[b0:b1, r0:r1], v2[b0:b1].transpose(1, 2), out=work.get(1, b0, b1, r0, r1))  # dY V^T
+            ds0 = work.get(2, b0, b1, r0, r1)
+            at = at_all[b0:b1, r0:r1] if at_saved else work.get(3, b0, b1, r0, r1)
+            bwd(_ptr(s0), _ptr(dat), _ptr(lse[b0:b1, r0:r1]), _ptr(rowdot[b0:b1, r0:r1]), _ptr(uk_c), _ptr(uv_c),
+                _ptr(at), _ptr(ds0), _ptr(duk_c), _ptr(duv_c), b1 - b0, r1 - r0, _ptr(dims_c), scale, int(joint),
+                int(at_saved), threads)
+            if not at_saved:
+                dv[b0:b1].baddbmm_(at.transpose(1, 2), dy[b0:b1, r0:r1])
+            torch.bmm(ds0, kc, out=dq[b0:b1, r0:r1])
             dk[b0:b1].baddbmm_(ds0.transpose(1, 2), qc)
-            del at, ds0
         dq.mul_(scale)
         dk.mul_(scale)
         shape = ctx.u_shape
         duk = duk.transpose(1, 2).reshape(shape)
         duv = duv.transpose(1, 2).reshape(shape)
-        return (dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), duk, duv, None, None, None, None)
+        return (dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), duk, duv, None, None, None, None, None)
+
+
+class _Workspace:
+    """``count`` buffers shared by all chunks, each as large as the largest chunk;
+    ``get(i, b0, b1, r0, r1)`` is buffer i viewed as that chunk's contiguous (b1-b0, r1-r0, N)."""
+
+    def __init__(self, chunks, n: int, dtype: torch.dtype, count: int):
+        self.n = n
+        size = max((b1 - b0) * (r1 - r0) for b0, b1, r0, r1 in chunks) * n
+        self.buffers = [torch.empty(size, dtype=dtype) for _ in range(count)]
+
+    def get(self, i: int, b0: int, b1: int, r0: int, r1: int) -> torch.Tensor:
+        return self.buffers[i][:(b1 - b0) * (r1 - r0) * self.n].view(b1 - b0, r1 - r0, self.n)
 
 
 def fused(q, k, v, u_k, u_v, grid: Grid3, normalize: str, scale: float, dropout_p: float, return_weights: bool,
           memory_limit: int | None = None):
     """The folded form (form 4) with each query row's convolution, softmax and transposed
-    convolution fused in one CPU kernel, rows in chunks; O(N) memory beyond the inputs plus
-    the chunk buffers, at most about ``memory_limit`` bytes (default: 4 x 4M elements).
+    convolution fused in one CPU kernel, rows in chunks. Working memory at most about
+    ``memory_limit`` bytes (default: 4 chunk buffers of 4M elements, plus the folded map
+    At, B*h*N^2 elements, kept for backward when all fits in ``DEFAULT_MEMORY_LIMIT``); see
+    :func:`fused_plan`. With a small limit: O(N) memory beyond the inputs plus the chunks.
 
     CPU only; float32 and float64 (bfloat16/float16 are computed in float32). No
     attention dropout and no weights (use "correlation" for those).
@@ -278,8 +330,9 @@ def fused(q, k, v, u_k, u_v, grid: Grid3, normalize: str, scale: float, dropout_
     if dtype not in (torch.float32, torch.float64):
         q, k, v, u_k, u_v = (t.float() for t in (q, k, v, u_k, u_v))
     q, k, v, u_k, u_v = (t.contiguous() for t in (q, k, v, u_k, u_v))
-    chunk = fused_chunk_elements(memory_limit, q.element_size())
-    out = _FoldedCPU.apply(q, k, v, u_k, u_v, grid, normalize == "joint", scale, chunk)
+    b, h, n, _ = q.shape
+    chunk, keep_at = fused_plan(b * h, n, q.element_size(), memory_limit)
+    out = _FoldedCPU.apply(q, k, v, u_k, u_v, grid, normalize == "joint", scale, chunk, keep_at)
     return out.to(dtype), None
 
 

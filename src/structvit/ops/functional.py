@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from . import native
-from .backends import BACKENDS, FUSED_BUFFERS, FUSED_CHUNK_ELEMENTS
+from .backends import BACKENDS, DEFAULT_MEMORY_LIMIT, FUSED_BUFFERS, fused_plan
 
 NORMALIZE = ("joint", "per_pattern")
 BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
@@ -30,13 +30,6 @@ MEMORY_BOUND_WEIGHT = 100
 FUSED_KERNEL_WEIGHT_BLOCK_ROWS = 2.4
 FUSED_KERNEL_WEIGHT = 3.9
 KEYCONV_WEIGHT = 1.2
-
-# "auto" only picks a backend whose attention-sized working memory (beyond q, k, v, the
-# output and their gradients) stays under this many bytes per call, unless told otherwise
-# with ``memory_limit``: the correlation form's D*N^2 buffers, the key-convolution form's
-# D-times convolved keys and values, the fused kernel's chunk buffers (which shrink to fit).
-DEFAULT_MEMORY_LIMIT = 1 << 30
-
 
 def fused_block_rows(grid: Sequence[int], window: Sequence[int]) -> bool:
     """Whether the fused kernel takes its block-row transposed convolution for this grid and
@@ -91,6 +84,11 @@ def _canonical_patterns(name: str, u: torch.Tensor, rank: int, heads: int) -> to
     return u
 
 
+def _fused_bytes(bh: int, n: int, element_size: int) -> int:
+    chunk, keep_at = fused_plan(bh, n, element_size, None)
+    return (FUSED_BUFFERS * min(bh * n * n, chunk) + (bh * n * n if keep_at else 0)) * element_size
+
+
 def estimate_cost(b: int, heads: int, n: int, c: int, d: int, m: int, *, element_size: int = 4,
                   cv: int | None = None) -> dict[str, dict[str, float]]:
     """Multiply-adds and the attention-sized bytes each backend keeps (DESIGN.md section 1).
@@ -107,10 +105,9 @@ def estimate_cost(b: int, heads: int, n: int, c: int, d: int, m: int, *, element
         # attention of N queries over D*N convolved keys; only O(N) state with a fused kernel.
         "keyconv": {"macs": bh * (d * n * n * (c + cv) + n * m * d * (c + cv)), "bytes": 2 * bh * d * n * (c + cv) * element_size},
         "naive": {"macs": bh * (n * n * m * c + n * n * m * d * 2 + n * n * m * cv), "bytes": 2 * bh * n * n * m * element_size},
-        # the folded form's FLOPs; rows in chunks and recomputed in backward: O(N) state
-        # plus FUSED_BUFFERS chunk buffers (default chunk size; they shrink to a memory limit).
-        "fused": {"macs": bh * (n * n * (c + cv) + 2 * n * n * m * d),
-                  "bytes": FUSED_BUFFERS * min(bh * n * n, FUSED_CHUNK_ELEMENTS) * element_size},
+        # the folded form's FLOPs; rows in chunks and recomputed in backward: the chunk
+        # buffers plus At (bh, N, N) when kept (fused_plan, default limit)
+        "fused": {"macs": bh * (n * n * (c + cv) + 2 * n * n * m * d), "bytes": _fused_bytes(bh, n, element_size)},
     }
 
 
@@ -236,9 +233,9 @@ def struct_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u_k: tor
         memory_limit: bytes of attention-sized working memory the op may hold beyond its
             inputs, outputs and their gradients. "auto" only picks a backend that fits
             (None: ``DEFAULT_MEMORY_LIMIT``, 1 GiB; see :func:`choose_backend`), and the
-            fused kernel sizes its chunks to it (None: ``FUSED_BUFFERS`` buffers of
-            ``FUSED_CHUNK_ELEMENTS``), so a small limit (e.g. 8 MiB) gives O(N) peak memory
-            close to SA's at some cost in speed.
+            fused kernel sizes its chunks and whether it keeps the folded map for backward
+            to it (see ``backends.fused_plan``), so a small limit (e.g. 8 MiB) gives O(N)
+            peak memory close to SA's at some cost in speed.
 
     Returns:
         (B, heads, N, Cv), or (out, A) with ``return_weights=True``.

@@ -96,10 +96,11 @@ def load() -> ctypes.CDLL:
                 raise NativeUnavailable(f"compiling {SOURCE.name} failed:\n{res.stderr[-3000:]}")
             os.replace(out, lib_path)  # atomic: concurrent builders leave one complete file
     lib = ctypes.CDLL(str(lib_path))
-    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    i64, ptr, cint, dbl = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
     for suffix in ("f32", "f64"):
-        getattr(lib, f"structsa_folded_forward_{suffix}").argtypes = [ptr] * 5 + [i64, i64, ptr, cint, cint]
-        getattr(lib, f"structsa_folded_backward_{suffix}").argtypes = [ptr] * 10 + [i64, i64, ptr, cint, cint]
+        getattr(lib, f"structsa_folded_forward_{suffix}").argtypes = [ptr] * 5 + [i64, i64, ptr, dbl, cint, cint]
+        getattr(lib, f"structsa_folded_backward_{suffix}").argtypes = [ptr] * 10 + [i64, i64, ptr, dbl, cint, cint,
+                                                                                   cint]
     return lib
 
 
