@@ -269,8 +269,11 @@ class _FoldedCPU(torch.autograd.Function):
         chunks = _chunks(bh, h, n, ctx.chunk_elements)
         at_saved = at_all is not None
         work = _Workspace(chunks, n, q.dtype, 3 if at_saved else 4)
+        # The gradients of K and V are sums over query rows, X^T Y with X (R, N) from the
+        # kernel: computed as (Y^T X)^T, whose GEMM reads X in its own layout (measured 2x
+        # faster than MKL's transposed-X GEMM at 1568 x 1568 x 64).
         if at_saved:
-            dv = torch.bmm(at_all.transpose(1, 2), dy)
+            dv = torch.bmm(dy.transpose(1, 2), at_all).transpose(1, 2)
         else:
             dv = torch.zeros_like(v2)
         for b0, b1, r0, r1 in chunks:
@@ -284,15 +287,16 @@ class _FoldedCPU(torch.autograd.Function):
                 _ptr(at), _ptr(ds0), _ptr(duk_c), _ptr(duv_c), b1 - b0, r1 - r0, _ptr(dims_c), scale, int(joint),
                 int(at_saved), threads)
             if not at_saved:
-                dv[b0:b1].baddbmm_(at.transpose(1, 2), dy[b0:b1, r0:r1])
+                dv[b0:b1] += torch.bmm(dy[b0:b1, r0:r1].transpose(1, 2), at).transpose(1, 2)
             torch.bmm(ds0, kc, out=dq[b0:b1, r0:r1])
-            dk[b0:b1].baddbmm_(ds0.transpose(1, 2), qc)
+            dk[b0:b1] += torch.bmm(qc.transpose(1, 2), ds0).transpose(1, 2)
         dq.mul_(scale)
         dk.mul_(scale)
         shape = ctx.u_shape
         duk = duk.transpose(1, 2).reshape(shape)
         duv = duv.transpose(1, 2).reshape(shape)
-        return (dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), duk, duv, None, None, None, None, None)
+        return (dq.reshape(q.shape), dk.reshape(k.shape), dv.contiguous().reshape(v.shape), duk, duv, None, None, None,
+                None, None)
 
 
 class _Workspace:
