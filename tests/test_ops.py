@@ -295,7 +295,7 @@ def test_fused_chunks_match_naive(shared, chunk, keep_at, monkeypatch):
 ])
 @pytest.mark.parametrize("normalize", ["joint", "per_pattern"])
 def test_fused_wide_rows_match_naive(grid, window, D, normalize):
-    """Grids whose padded rows are widened to whole register blocks (W + kw - 1 close to a
+    """Grids whose padded rows are widened to whole register blocks (W + kw // 2 close to a
     multiple of 16) take other code paths in the kernel than the small grids above."""
     inputs = random_inputs(1, 2, grid, 4, D, window, requires_grad=True)
     out = struct_attention(*inputs, grid, normalize=normalize, backend="fused")
@@ -452,28 +452,16 @@ def test_resolve_backend_is_what_runs():
         resolve_backend(q, u_k, (3, 4, 4))
 
 
-def test_fused_block_rows_rule():
-    from structvit.ops.functional import fused_block_rows
-
-    assert fused_block_rows((14, 14), (3, 3))            # 16-wide rows already
-    assert fused_block_rows((8, 14, 14), (3, 3, 3))
-    assert fused_block_rows((2, 13), (1, 3))             # 15 -> 16
-    assert not fused_block_rows((7, 7), (3, 3))          # 9 -> 16 would cost 78% more
-    assert not fused_block_rows((8, 14, 14), (1, 5, 5))  # 18 -> 32
-    assert not fused_block_rows((8, 14, 14), (5, 5, 5))  # 25 (t, h) rows: the direct form
-
-
 def test_auto_fused_rule():
-    # the fused CPU kernel wins for small windows, keyconv (SDPA) for 3x3x3 windows (measured)
+    # the fused CPU kernel wins for 3x3, 3x3x3 and 1x5x5 windows, keyconv (SDPA) for 5x5x5 (measured)
     assert choose_backend(16, 5, 196, 64, 8, 9, fused_ok=True) == "fused"
-    assert choose_backend(2, 5, 1568, 64, 8, 27, fused_ok=True) == "keyconv"
+    assert choose_backend(2, 5, 1568, 64, 8, 27, fused_ok=True) == "fused"
+    assert choose_backend(2, 5, 1568, 64, 8, 25, fused_ok=True) == "fused"
+    assert choose_backend(2, 5, 1568, 64, 8, 125, fused_ok=True) == "keyconv"
     assert choose_backend(16, 5, 196, 64, 8, 9, fused_ok=False) != "fused"
     assert choose_backend(16, 5, 196, 64, 8, 9, fused_ok=True, return_weights=True) == "correlation"
-    # with the grid known: 16-wide padded rows make the kernel faster than keyconv at 3x3x3 (measured)
-    assert choose_backend(2, 5, 1568, 64, 8, 27, fused_ok=True, grid=(8, 14, 14), window=(3, 3, 3)) == "fused"
-    assert choose_backend(2, 5, 1568, 64, 8, 25, fused_ok=True, grid=(8, 14, 14), window=(1, 5, 5)) == "keyconv"
     # memory is the limit: the fused kernel (chunks shrink to fit) instead of keyconv's D-times keys
-    assert choose_backend(2, 5, 1568, 64, 8, 27, fused_ok=True, memory_limit=8 << 20) == "fused"
+    assert choose_backend(2, 5, 1568, 64, 8, 125, fused_ok=True, memory_limit=8 << 20) == "fused"
     assert estimate_cost(2, 5, 1568, 64, 8, 27)["keyconv"]["bytes"] > 8 << 20
 
 

@@ -20,26 +20,13 @@ BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
 # on SDPA at both benchmark shapes although it has fewer multiply-adds.
 MEMORY_BOUND_WEIGHT = 100
 
-# The fused CPU kernel's work per query row in units of plain attention's: measured
-# ``fused / SA ~ 1 + weight * M * D / C`` for fwd+bwd (`python -m structvit.bench op`,
-# 2-core CPU, torch 2.14), against ``keyconv / SA ~ KEYCONV_WEIGHT * D`` (measured 1.3 per
-# pattern; 1.2 keeps the 1x5x5 case, where keyconv is faster, on keyconv). The kernel is
-# faster when its padded rows are whole register blocks and the window has few (t, h) rows
-# (``fused_block_rows``): 3.6x SA at 14x14 / 3x3 / D=8 (weight 2.3), 9.2x at 8x14x14 /
-# 3x3x3 (2.4); otherwise 13.1x at 8x14x14 / 1x5x5 (3.9).
-FUSED_KERNEL_WEIGHT_BLOCK_ROWS = 2.4
-FUSED_KERNEL_WEIGHT = 3.9
+# The fused CPU kernel's cost in units of plain attention's: measured
+# ``fused / SA ~ 1 + FUSED_KERNEL_WEIGHT * M * D / C`` for fwd+bwd (`python -m structvit.bench
+# op --cases image image7 video video155 video555`, 2-core CPU, torch 2.14: 2.9x, 2.9x, 6.0x,
+# 5.8x and 23.4x SA, weights 1.5-1.7), against ``keyconv / SA ~ KEYCONV_WEIGHT * D``
+# (measured 1.3-1.7 per pattern at N = 1568, more at small N; the lower end is taken).
+FUSED_KERNEL_WEIGHT = 1.6
 KEYCONV_WEIGHT = 1.2
-
-def fused_block_rows(grid: Sequence[int], window: Sequence[int]) -> bool:
-    """Whether the fused kernel takes its block-row transposed convolution for this grid and
-    window (mirrors ``padded_width`` in csrc/folded_cpu.cpp: rows W + kw - 1 long are widened
-    to a multiple of 16 when that costs at most 25% more positions; kt * kh in {1, 3, 5, 9})."""
-    kt, kh, kw = (1,) * (3 - len(window)) + tuple(window)
-    w = grid[-1] + kw - 1
-    w_blk = -(-w // 16) * 16
-    return w_blk * 4 <= w * 5 and kt * kh in (1, 3, 5, 9)
-
 
 def _check_tensor(name: str, x) -> None:
     if not isinstance(x, torch.Tensor):
@@ -112,8 +99,7 @@ def estimate_cost(b: int, heads: int, n: int, c: int, d: int, m: int, *, element
 
 
 def choose_backend(b: int, heads: int, n: int, c: int, d: int, m: int, *, return_weights: bool = False,
-                   element_size: int = 4, memory_limit: int | None = None, fused_ok: bool = False,
-                   grid: Sequence[int] | None = None, window: Sequence[int] | None = None) -> str:
+                   element_size: int = 4, memory_limit: int | None = None, fused_ok: bool = False) -> str:
     """The backend "auto" picks (DESIGN.md section 1, calibrated by ``structvit bench op``).
 
     - ``return_weights`` needs the weights: "correlation".
@@ -124,11 +110,9 @@ def choose_backend(b: int, heads: int, n: int, c: int, d: int, m: int, *, return
       least memory.
     - ``fused_ok`` (a CPU call the fused kernel can serve: built here, no dropout, not
       being traced or exported): "fused" when it is the only candidate or when its
-      measured cost model, ``1 + weight * M * D / C`` times SA, beats keyconv's
-      ``KEYCONV_WEIGHT * D``; the weight is ``FUSED_KERNEL_WEIGHT_BLOCK_ROWS`` when
-      ``grid`` and ``window`` are given and :func:`fused_block_rows` holds, else
-      ``FUSED_KERNEL_WEIGHT`` (on a 2-core CPU: 14x14 / 3x3 and 8x14x14 / 3x3x3 fused,
-      8x14x14 / 1x5x5 keyconv).
+      measured cost model, ``1 + FUSED_KERNEL_WEIGHT * M * D / C`` times SA, beats
+      keyconv's ``KEYCONV_WEIGHT * D`` (on a 2-core CPU, D = 8, C = 64: fused for 3x3,
+      3x3x3 and 1x5x5 windows, keyconv for 5x5x5).
     - Otherwise the cheaper of correlation and keyconv by multiply-adds, where each
       element of the correlation form's D*N^2 maps costs ``MEMORY_BOUND_WEIGHT`` more
       (memory-bound convolution and softmax passes). "naive" is never picked.
@@ -138,9 +122,7 @@ def choose_backend(b: int, heads: int, n: int, c: int, d: int, m: int, *, return
     limit = DEFAULT_MEMORY_LIMIT if memory_limit is None else memory_limit
     cost = estimate_cost(b, heads, n, c, d, m, element_size=element_size)
     fits = {name for name in ("correlation", "keyconv") if cost[name]["bytes"] <= limit}
-    weight = (FUSED_KERNEL_WEIGHT_BLOCK_ROWS if grid is not None and window is not None
-              and fused_block_rows(grid, window) else FUSED_KERNEL_WEIGHT)
-    if fused_ok and ("keyconv" not in fits or 1 + weight * m * d / c < KEYCONV_WEIGHT * d):
+    if fused_ok and ("keyconv" not in fits or 1 + FUSED_KERNEL_WEIGHT * m * d / c < KEYCONV_WEIGHT * d):
         return "fused"
     if not fits:
         return min(("keyconv", "correlation"), key=lambda name: cost[name]["bytes"])
@@ -168,13 +150,13 @@ def _fused_can_serve(q: torch.Tensor, dropout_p: float) -> bool:
     return native.available()
 
 
-def _auto_backend(q: torch.Tensor, uk: torch.Tensor, grid3: tuple[int, int, int], return_weights: bool,
-                  dropout_p: float, memory_limit: int | None) -> str:
+def _auto_backend(q: torch.Tensor, uk: torch.Tensor, return_weights: bool, dropout_p: float,
+                  memory_limit: int | None) -> str:
     """What "auto" runs for q (B, heads, N, C) and canonical patterns uk (hu, D, kt, kh, kw)."""
     b, heads, n, c = q.shape
     return choose_backend(b, heads, n, c, uk.shape[1], uk[0, 0].numel(), return_weights=return_weights,
                           element_size=q.element_size(), memory_limit=memory_limit,
-                          fused_ok=_fused_can_serve(q, dropout_p), grid=grid3, window=tuple(uk.shape[2:]))
+                          fused_ok=_fused_can_serve(q, dropout_p))
 
 
 def resolve_backend(q: torch.Tensor, u_k: torch.Tensor, grid: Sequence[int], *, backend: str = "auto",
@@ -187,9 +169,9 @@ def resolve_backend(q: torch.Tensor, u_k: torch.Tensor, grid: Sequence[int], *, 
     if backend != "auto":
         return backend
     rank = len(grid) if isinstance(grid, Sequence) else 0
-    grid3 = canonical_grid(grid, q.shape[2])
+    canonical_grid(grid, q.shape[2])  # validated like struct_attention does
     uk = _canonical_patterns("u_k", u_k, rank, q.shape[1])
-    return _auto_backend(q, uk, grid3, return_weights, dropout_p, memory_limit)
+    return _auto_backend(q, uk, return_weights, dropout_p, memory_limit)
 
 
 def struct_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u_k: torch.Tensor, u_v: torch.Tensor,
@@ -274,7 +256,7 @@ def struct_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u_k: tor
                                      or memory_limit <= 0):
         raise ValueError(f"memory_limit must be a positive int (bytes) or None, got {memory_limit!r}")
     if backend == "auto":
-        backend = _auto_backend(q, uk, grid3, return_weights, dropout_p, memory_limit)
+        backend = _auto_backend(q, uk, return_weights, dropout_p, memory_limit)
     extra = {"memory_limit": memory_limit} if backend == "fused" else {}
     out, weights = BACKENDS[backend](q, k, v, uk, uv, grid3, normalize, float(scale), float(dropout_p), return_weights,
                                      **extra)

@@ -72,11 +72,11 @@ void parallel_rows(int threads, int64_t total, Fn fn) {
 
 struct Geometry {
     int64_t T, H, W, kt, kh, kw, D, heads, hu;
-    int64_t wp = 0;  // padded row length, >= W + kw - 1 (0: exactly that); see padded_width
+    int64_t wp = 0;  // padded row length, >= W + kw / 2 (0: exactly that); see padded_width
     int64_t N() const { return T * H * W; }
     int64_t M() const { return kt * kh * kw; }
     int64_t Hp() const { return H + kh - 1; }
-    int64_t Wp() const { return wp ? wp : W + kw - 1; }
+    int64_t Wp() const { return wp ? wp : W + kw / 2; }
     int64_t P() const { return (T + kt - 1) * Hp() * Wp(); }
     // padded index of grid position (0, 0, 0): the window centre
     int64_t centre() const { return ((kt / 2) * Hp() + kh / 2) * Wp() + kw / 2; }
@@ -642,10 +642,13 @@ void backward(const T* S0, const T* dAt, const T* lse, const T* rowdot, const T*
         default: FN<0>(__VA_ARGS__); break;   \
     }
 
-// Padded rows are widened to whole blocks when that costs at most 25% more positions
-// (14 + 2 -> 16: free; 7 + 2 -> 9 stays), which enables conv_transpose_rows.
+// Padded rows: kw / 2 zero columns in front of the W grid columns suffice, because the
+// flattened rows share them: a window reaching kw / 2 past a row's last column lands in
+// the next row's leading zeros. They are widened to whole blocks when that costs at most
+// 25% more positions (14 + 1 -> 16 for 3 wide windows, 14 + 2 -> 16 for 5 wide ones;
+// 7 + 1 = 8 stays), which enables conv_transpose_rows.
 int64_t padded_width(int64_t W, int64_t kw) {
-    const int64_t w = W + kw - 1, w_blk = (w + BLK - 1) / BLK * BLK;
+    const int64_t w = W + kw / 2, w_blk = (w + BLK - 1) / BLK * BLK;
     return w_blk * 4 <= w * 5 ? w_blk : w;
 }
 
