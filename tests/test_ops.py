@@ -311,6 +311,24 @@ def test_fused_wide_rows_match_naive(grid, window, D, normalize):
     torch.testing.assert_close(out32.double(), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(not HAS_NATIVE, reason="no C++ compiler for the fused CPU kernel")
+def test_fused_keeps_at_only_for_backward(monkeypatch):
+    """At (B*h*N^2) is kept only when a backward can follow: not under no_grad, even with
+    parameters (the patterns) that require grad, nor for inputs that need no grad."""
+    from structvit.ops import backends
+
+    seen = []
+    apply = backends._FoldedCPU.apply
+    monkeypatch.setattr(backends._FoldedCPU, "apply", lambda *args: seen.append(args[-1]) or apply(*args))
+    q, k, v, u_k, u_v = random_inputs(1, 2, (3, 4), 4, 2, (3, 3))
+    u_k.requires_grad_(True)
+    struct_attention(q, k, v, u_k, u_v, (3, 4), backend="fused")
+    with torch.no_grad():
+        struct_attention(q, k, v, u_k, u_v, (3, 4), backend="fused")
+    struct_attention(q, k, v, u_k.detach(), u_v, (3, 4), backend="fused")
+    assert seen == [True, False, False]
+
+
 def test_fused_plan_rule():
     from structvit.ops.backends import DEFAULT_MEMORY_LIMIT, FUSED_CHUNK_ELEMENTS, fused_plan
 

@@ -232,7 +232,6 @@ class _FoldedCPU(torch.autograd.Function):
         uv = u_v.flatten(2).transpose(1, 2).contiguous()
         dims = torch.tensor(list(grid) + list(u_k.shape[2:]) + [d, h, hu], dtype=torch.int64)
         q2, k2, v2 = q.reshape(bh, n, c), k.reshape(bh, n, c), v.reshape(bh, n, -1)
-        keep_at = keep_at and any(ctx.needs_input_grad[:5])
         out = torch.empty(bh, n, v.shape[-1], dtype=q.dtype)
         lse = torch.empty(bh, n, 1 if joint else d, dtype=q.dtype)
         fwd = lib.structsa_folded_forward_f64 if q.dtype == torch.float64 else lib.structsa_folded_forward_f32
@@ -336,6 +335,9 @@ def fused(q, k, v, u_k, u_v, grid: Grid3, normalize: str, scale: float, dropout_
     q, k, v, u_k, u_v = (t.contiguous() for t in (q, k, v, u_k, u_v))
     b, h, n, _ = q.shape
     chunk, keep_at = fused_plan(b * h, n, q.element_size(), memory_limit)
+    # nothing to keep for a backward that will not run (inference: grad mode off, or no
+    # input that requires grad)
+    keep_at = keep_at and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, u_k, u_v))
     out = _FoldedCPU.apply(q, k, v, u_k, u_v, grid, normalize == "joint", scale, chunk, keep_at)
     return out.to(dtype), None
 
