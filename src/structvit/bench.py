@@ -158,14 +158,20 @@ def interleaved_medians(fns: dict, repeats: int, device: torch.device, warmup: i
     """Median seconds of each zero-argument callable, timed round-robin.
 
     Timing the candidates in turn, round after round, exposes them to the same
-    background load, so their ratios stay meaningful on a busy machine.
+    background load, so their ratios stay meaningful on a busy machine. Each round starts
+    one candidate further on, so that no candidate always runs right after the same one:
+    a predecessor that leaves freed memory to be page-faulted in again or cold caches
+    (measured: the fused row 20% slower than the identical auto row when it always
+    followed keyconv) then affects every candidate alike.
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    names = list(fns)
     times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = fns[name]
             _sync(device)
             t0 = time.perf_counter()
             fn()
