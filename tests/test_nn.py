@@ -115,6 +115,8 @@ def test_attention_dropout_only_in_training():
     (dict(init="zeros"), r"init must be one of"),
     (dict(backend="triton"), r"backend must be one of"),
     (dict(num_heads=5), r"num_heads must be a positive int dividing dim=32"),
+    (dict(memory_limit=0), r"memory_limit must be a positive int \(bytes\) or None"),
+    (dict(memory_limit=1.5), r"memory_limit must be a positive int \(bytes\) or None"),
 ])
 def test_bad_module_arguments(kwargs, match):
     args = dict(dim=32, num_heads=4)
@@ -144,3 +146,31 @@ def test_structsa_records_the_backend_it_ran():
     layer.backend = "auto"
     layer(torch.randn(1, 12, 16), (3, 4), return_weights=True)
     assert layer.last_backend == "correlation"  # weights asked for
+
+
+def test_structsa_memory_limit_reaches_the_op(monkeypatch):
+    """The layer's memory_limit goes to both the backend choice and the op, and a small
+    limit changes nothing in the result."""
+    from structvit.nn import attention
+
+    torch.manual_seed(0)
+    layer = StructSA(16, 2, window=(3, 3, 3), num_patterns=2).double()
+    x = torch.randn(1, 2 * 3 * 4, 16, dtype=torch.float64)
+    free = layer(x, (2, 3, 4))
+    seen = []
+    op = attention.struct_attention
+    monkeypatch.setattr(attention, "struct_attention", lambda *a, **kw: seen.append(kw["memory_limit"]) or op(*a, **kw))
+    layer.memory_limit = 4096
+    torch.testing.assert_close(layer(x, (2, 3, 4)), free, rtol=0, atol=1e-12)
+    assert seen == [4096]
+    assert "memory_limit=4096" in repr(layer)
+
+
+def test_structvit_passes_memory_limit_to_its_structsa_layers():
+    import timm
+
+    import structvit.models  # noqa: F401  (registers the models)
+
+    model = timm.create_model("structvit_tiny", struct_blocks=(1, 1), memory_limit=8 << 20)
+    limits = [m.memory_limit for m in model.modules() if isinstance(m, StructSA)]
+    assert limits == [8 << 20, 8 << 20]

@@ -188,7 +188,9 @@ class StructViT(nn.Module):
         normalize: "joint" or "per_pattern" softmax (see ``structvit.ops.struct_attention``).
         share_patterns: one pattern set for all heads of a block.
         pattern_init: "random" (training from scratch) or "sa" (the SA-equivalent start).
-        backend: StructSA op backend ("auto", "correlation", "keyconv", "naive").
+        backend: StructSA op backend ("auto", "correlation", "keyconv", "fused", "naive").
+        memory_limit: bytes of attention working memory each StructSA layer may hold per
+            call (None: the op's default); e.g. ``8 << 20`` for memory-bound CPU training.
         drop_rate: dropout in the MLPs and after the attention projections.
         attn_drop_rate: dropout on attention weights.
         drop_path_rate: stochastic depth, growing linearly with the block index up to this.
@@ -201,8 +203,9 @@ class StructViT(nn.Module):
                  num_classes: int = 1000, num_frames: int | None = None, struct_blocks=(0, 0),
                  attention: str = "structsa", window: Sequence[int] | None = None, num_patterns: int = 8,
                  normalize: str = "joint", share_patterns: bool = False, pattern_init: str = "random",
-                 backend: str = "auto", drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, head_drop_rate: float = 0.0, global_pool: str = "avg"):
+                 backend: str = "auto", memory_limit: int | None = None, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, head_drop_rate: float = 0.0,
+                 global_pool: str = "avg"):
         super().__init__()
         depths, embed_dims = tuple(depths), tuple(embed_dims)
         if len(depths) != 4 or not all(isinstance(d, int) and d >= 0 for d in depths):
@@ -267,7 +270,8 @@ class StructViT(nn.Module):
                     kinds.append(attention)
                     attn = StructSA(dim, heads, window=window, num_patterns=num_patterns if attention == "structsa" else 1,
                                     normalize=normalize, share_patterns=share_patterns, qkv_bias=qkv_bias,
-                                    attn_drop=attn_drop_rate, proj_drop=drop_rate, init=pattern_init, backend=backend)
+                                    attn_drop=attn_drop_rate, proj_drop=drop_rate, init=pattern_init, backend=backend,
+                                    memory_limit=memory_limit)
                 else:
                     kinds.append("sa")
                     attn = SelfAttention(dim, heads, qkv_bias=qkv_bias, attn_drop=attn_drop_rate, proj_drop=drop_rate)

@@ -102,11 +102,15 @@ class StructSA(SelfAttention):
             SA with the same qkv/proj weights while the D patterns get different gradients.
         backend: "auto", "naive", "correlation", "keyconv" or "fused"; see ``struct_attention``.
             After a forward, ``last_backend`` says which one ran.
+        memory_limit: bytes of attention-sized working memory each call may hold (None: the
+            op's default, 1 GiB); e.g. ``8 << 20`` keeps a video layer's attention memory
+            near SA's on CPU (see ``struct_attention``).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, window: Sequence[int] = (3, 3), num_patterns: int = 8,
                  normalize: str = "joint", share_patterns: bool = False, qkv_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, init: str = "random", backend: str = "auto"):
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, init: str = "random", backend: str = "auto",
+                 memory_limit: int | None = None):
         super().__init__(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
         self.window = _window3(window)
         if not isinstance(num_patterns, int) or num_patterns < 1:
@@ -117,6 +121,10 @@ class StructSA(SelfAttention):
             raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if memory_limit is not None and (not isinstance(memory_limit, int) or isinstance(memory_limit, bool)
+                                         or memory_limit <= 0):
+            raise ValueError(f"memory_limit must be a positive int (bytes) or None, got {memory_limit!r}")
+        self.memory_limit = memory_limit
         self.num_patterns = num_patterns
         self.normalize = normalize
         self.share_patterns = share_patterns
@@ -175,17 +183,19 @@ class StructSA(SelfAttention):
         dropout_p = self.attn_drop if self.training else 0.0
         # resolved here so that what ran is visible (``last_backend``, e.g. for benchmarks)
         backend = resolve_backend(q, u_k, grid, backend=self.backend, return_weights=return_weights,
-                                  dropout_p=dropout_p)
+                                  dropout_p=dropout_p, memory_limit=self.memory_limit)
         self.last_backend = backend
         res = struct_attention(q, k, v, u_k, u_v, grid, normalize=self.normalize, backend=backend,
-                               scale=self.scale, dropout_p=dropout_p, return_weights=return_weights)
+                               scale=self.scale, dropout_p=dropout_p, return_weights=return_weights,
+                               memory_limit=self.memory_limit)
         if return_weights:
             return self._out(res[0]), res[1]
         return self._out(res)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, window={self.window}, num_patterns={self.num_patterns}, "
-                f"normalize={self.normalize!r}, share_patterns={self.share_patterns}, backend={self.backend!r}")
+                f"normalize={self.normalize!r}, share_patterns={self.share_patterns}, backend={self.backend!r}"
+                + (f", memory_limit={self.memory_limit}" if self.memory_limit is not None else ""))
 
 
 def ConvSA(dim: int, num_heads: int = 8, window: Sequence[int] = (3, 3), **kwargs) -> StructSA:
