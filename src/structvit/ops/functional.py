@@ -207,7 +207,8 @@ def struct_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u_k: tor
             ``scaled_dot_product_attention`` over D*N keys; O(N) memory with a fused
             kernel; cannot return weights), "fused" (form 4 with each query row's
             convolution, softmax and transposed convolution in one C++ CPU kernel, rows in
-            chunks, O(N) memory; CPU only, no dropout, no weights), or "auto" (see
+            chunks; keeps the (B, heads, N, N) folded map for backward when it fits in the
+            memory limit, else O(N) memory; CPU only, no dropout, no weights), or "auto" (see
             :func:`choose_backend`).
         scale: score scale, default C ** -0.5.
         dropout_p: dropout on the attention weights (pass 0 at evaluation).
