@@ -329,6 +329,29 @@ def test_fused_keeps_at_only_for_backward(monkeypatch):
     assert seen == [True, False, False]
 
 
+@pytest.mark.skipif(not HAS_NATIVE, reason="no C++ compiler for the fused CPU kernel")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_padding_scores_above_the_maximum_stay_finite(dtype):
+    """Scores at padding positions are computed (a block holds some) but are no part of the
+    softmax; they may exceed the grid's maximum by far, e.g. when a pattern weighs one
+    offset positively and the others negatively. The kernel's exp of those must not
+    overflow into inf * 0 = NaN (found by the demo's training, not by random inputs)."""
+    grid, c = (3, 4), 4
+    q = torch.full((1, 1, 12, c), 40.0, dtype=torch.float64)
+    k = q.clone()
+    v = torch.randn(1, 1, 12, c, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    u_k = -torch.ones(1, 1, 3, 3, dtype=torch.float64)
+    u_k[..., 2, 2] = 1.0  # a padding corner sees only this offset: +3200, the grid at most -6400
+    u_v = torch.rand(1, 1, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    inputs = [t.to(dtype).requires_grad_() for t in (q, k, v, u_k, u_v)]
+    out = struct_attention(*inputs, grid, backend="fused")
+    ref = struct_attention(*[t.detach().double() for t in inputs], grid, backend="naive")
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in inputs)
+
+
 def test_fused_plan_rule():
     from structvit.ops.backends import DEFAULT_MEMORY_LIMIT, FUSED_CHUNK_ELEMENTS, fused_plan
 

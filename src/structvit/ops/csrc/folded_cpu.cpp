@@ -383,7 +383,10 @@ void pattern_grad_planes(const T* __restrict a, int64_t as, const T* __restrict 
 // (degree 7 for float, 13 for double: truncation below 1e-8 and 1e-17 relative), 2^k
 // built in the exponent bits, k rounded with the add-and-subtract-2^(mantissa+1) trick.
 // Arguments below the smallest normal number's log are clamped: their weight is < 1e-37
-// (float) / 1e-300 (double) of the largest term.
+// (float) / 1e-300 (double) of the largest term. Arguments above 0 are clamped to 0: they
+// occur on the padding lanes of a block (whose sums are not part of the softmax and may
+// exceed the grid's maximum), where the result is multiplied by a zero mask, and an
+// overflow to inf there would make that product NaN.
 template <typename T>
 struct ExpTraits;
 template <>
@@ -411,8 +414,9 @@ inline typename Vec<T>::type exp_nonpositive(typename Vec<T>::type x) {
     using Tr = ExpTraits<T>;
     using V = typename Vec<T>::type;
     typedef typename Tr::Int IV __attribute__((vector_size(BLK * sizeof(T))));
-    const V lo = V{} + Tr::lo;
+    const V lo = V{} + Tr::lo, zero = V{};
     x = x < lo ? lo : x;
+    x = x > zero ? zero : x;
     const V kf = (x * T(1.4426950408889634) + Tr::round) - Tr::round;  // round(x / ln2)
     // Cody-Waite: ln2 split so that kf * ln2_hi is exact
     const V r = (x - kf * T(0.693145751953125)) - kf * T(1.4286068203094173e-06);
