@@ -241,6 +241,7 @@ class _FoldedCPU(torch.autograd.Function):
         at_all = torch.empty(bh, n, n, dtype=q.dtype) if keep_at else None
         for b0, b1, r0, r1 in chunks:
             dims_c, uk_c, uv_c, _, _ = _chunk_patterns(dims, uk, uv, None, None, b0, b1, h)
+            # q K^T of the chunk's rows; the kernel applies the scale as it reads a row
             s0 = torch.bmm(q2[b0:b1, r0:r1], k2[b0:b1].transpose(1, 2), out=work.get(0, b0, b1, r0, r1))
             at = at_all[b0:b1, r0:r1] if keep_at else work.get(1, b0, b1, r0, r1)
             fwd(_ptr(s0), _ptr(uk_c), _ptr(uv_c), _ptr(at), _ptr(lse[b0:b1, r0:r1]), b1 - b0, r1 - r0, _ptr(dims_c),
