@@ -352,6 +352,36 @@ def test_fused_padding_scores_above_the_maximum_stay_finite(dtype):
     assert all(torch.isfinite(t.grad).all() for t in inputs)
 
 
+@pytest.mark.skipif(not HAS_NATIVE, reason="no C++ compiler for the fused CPU kernel")
+def test_fused_kernel_std_thread_build(tmp_path):
+    """The std::thread build (no OpenMP: other platforms, STRUCTVIT_NATIVE_OPENMP=0) gives the
+    naive form's values and gradients with two threads and loads no OpenMP runtime."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from structvit.ops import native, struct_attention
+from reference import random_inputs
+torch.set_num_threads(2)
+assert not native.shares_torch_openmp()
+inputs = random_inputs(2, 3, (3, 4, 5), 4, 2, (3, 3, 3), requires_grad=True)
+out = struct_attention(*inputs, (3, 4, 5), backend="fused")
+ref = struct_attention(*inputs, (3, 4, 5), backend="naive")
+torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+for g, r in zip(torch.autograd.grad(out.sum(), inputs), torch.autograd.grad(ref.sum(), inputs)):
+    torch.testing.assert_close(g, r, rtol=0, atol=1e-10)
+lib = open(native.load()._name, "rb").read()
+assert b"GOMP_parallel" not in lib and b"omp_get" not in lib
+print("ok")
+"""
+    env = dict(os.environ, STRUCTVIT_NATIVE_OPENMP="0", STRUCTVIT_CACHE=str(tmp_path))
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=os.path.dirname(__file__), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
 def test_fused_plan_rule():
     from structvit.ops.backends import DEFAULT_MEMORY_LIMIT, FUSED_CHUNK_ELEMENTS, fused_plan
 

@@ -9,8 +9,9 @@ source, the compiler flags and the CPU's feature flags (it is built with
 
 Threads: where PyTorch's own GNU OpenMP runtime (``libgomp.so.1``) is loaded, the kernel is
 built with ``-fopenmp`` and runs on PyTorch's thread pool (the dynamic loader binds the
-kernel's ``libgomp.so.1`` to the copy already in the process); elsewhere it uses
-std::threads, since a second OpenMP runtime would spin against PyTorch's.
+kernel's ``libgomp.so.1`` to the copy already in the process); elsewhere (or with
+``STRUCTVIT_NATIVE_OPENMP=0``) it uses std::threads, since a second OpenMP runtime would
+spin against PyTorch's.
 """
 from __future__ import annotations
 
@@ -46,8 +47,11 @@ def _loaded_gomp() -> list[str]:
 
 
 def shares_torch_openmp() -> bool:
-    """Whether the kernel can join PyTorch's OpenMP pool: exactly one libgomp with the
-    soname libgomp.so.1 is loaded (PyTorch's, imported by this module)."""
+    """Whether the kernel joins PyTorch's OpenMP pool: exactly one libgomp with the soname
+    libgomp.so.1 is loaded (PyTorch's, imported by this module), and
+    ``STRUCTVIT_NATIVE_OPENMP=0`` does not ask for the std::thread build."""
+    if os.environ.get("STRUCTVIT_NATIVE_OPENMP", "1") == "0":
+        return False
     return "OpenMP" in torch.__config__.parallel_info() and len(_loaded_gomp()) == 1
 
 
