@@ -22,8 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .ops import choose_backend, struct_attention
-from .ops.functional import _fused_can_serve
+from .ops import resolve_backend, struct_attention
 
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -186,9 +185,7 @@ def bench_op_case(case_key: str, case: OpCase, backends: list[str], *, device: s
     dev = torch.device(device)
     (q, k, v), (u_k, u_v) = make_op_inputs(case, dev, DTYPES[dtype])
     m = math.prod(case.window)
-    auto, auto_mem = (choose_backend(case.batch, case.heads, case.tokens, case.head_dim, case.patterns, m,
-                                     element_size=q.element_size(), fused_ok=_fused_can_serve(q, 0.0), memory_limit=lim)
-                      for lim in (None, memory_limit))
+    auto, auto_mem = (resolve_backend(q, u_k, case.grid, memory_limit=lim) for lim in (None, memory_limit))
     labels, fns, skipped = {}, {}, {}
     for backend in ["sa"] + backends:
         label = {"sa": "SA (sdpa)", "auto": f"auto ({auto})",

@@ -159,6 +159,7 @@ class ImageDataModule(_Base):
         if stage in (None, "test", "predict") and "test" not in self._datasets:
             self._datasets["test"] = self._make(hp.test_split or hp.val_split, False)
 
+
 class VideoDataModule(_Base):
     """Video clips from the built-in ``moving_digits`` or a benchmark in its official layout.
 
@@ -290,7 +291,6 @@ class VideoDataModule(_Base):
         if stage in (None, "test", "predict") and "test" not in self._datasets:
             self._datasets["test"] = self.make_dataset(hp.test_split or hp.val_split, train=False,
                                                        num_clips=hp.num_clips, num_crops=hp.num_crops)
-
 
 
 def build_datamodule(dataset: str, **kwargs) -> L.LightningDataModule:

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import BACKEND_NAMES, NORMALIZE, resolve_backend, struct_attention
-from ..ops.functional import canonical_grid
+from ..ops.functional import canonical_grid, check_memory_limit
 
 INITS = ("random", "sa")
 
@@ -121,9 +121,7 @@ class StructSA(SelfAttention):
             raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        if memory_limit is not None and (not isinstance(memory_limit, int) or isinstance(memory_limit, bool)
-                                         or memory_limit <= 0):
-            raise ValueError(f"memory_limit must be a positive int (bytes) or None, got {memory_limit!r}")
+        check_memory_limit(memory_limit)
         self.memory_limit = memory_limit
         self.num_patterns = num_patterns
         self.normalize = normalize

@@ -147,8 +147,9 @@ BACKENDS = {"naive": naive, "correlation": correlation, "keyconv": keyconv}
 # GEMMs around the kernel get less efficient (measured on CPU: a 10 x 66 x 64 x 1568 batched
 # GEMM takes as long as a 10 x 256 x 64 x 1568 one), which is why chunks split heads before
 # rows: a single head's (R x 64) x (64 x N) GEMM stays efficient down to a few hundred rows.
-# 1M elements (4 MiB in float32, 668 rows of the 8x14x14 video grid) measured 3-5% faster
-# than 4M there (`structvit bench op`, 2 cores): the buffers stay closer to the caches.
+# 1M elements (4 MiB in float32, 668 rows of the 8x14x14 video grid) measured 1-4% faster
+# than 4M there at batch 2 (2 cores; the same within noise at batch 1): the buffers stay
+# closer to the caches.
 FUSED_CHUNK_ELEMENTS = 1 << 20
 FUSED_BUFFERS = 4
 
@@ -183,6 +184,12 @@ def fused_plan(bh: int, n: int, element_size: int, memory_limit: int | None) -> 
     if at_bytes <= memory_limit // 2:
         return fused_chunk_elements(memory_limit - at_bytes, element_size), True
     return fused_chunk_elements(memory_limit, element_size), False
+
+
+def fused_working_bytes(bh: int, n: int, element_size: int, memory_limit: int | None = None) -> int:
+    """Bytes the fused kernel holds under :func:`fused_plan`: its chunk buffers plus At when kept."""
+    chunk, keep_at = fused_plan(bh, n, element_size, memory_limit)
+    return (FUSED_BUFFERS * min(bh * n * n, chunk) + (bh * n * n if keep_at else 0)) * element_size
 
 
 def _ptr(t: torch.Tensor):
@@ -316,9 +323,9 @@ def fused(q, k, v, u_k, u_v, grid: Grid3, normalize: str, scale: float, dropout_
           memory_limit: int | None = None):
     """The folded form (form 4) with each query row's convolution, softmax and transposed
     convolution fused in one CPU kernel, rows in chunks. Working memory at most about
-    ``memory_limit`` bytes (default: 4 chunk buffers of 4M elements, plus the folded map
-    At, B*h*N^2 elements, kept for backward when all fits in ``DEFAULT_MEMORY_LIMIT``); see
-    :func:`fused_plan`. With a small limit: O(N) memory beyond the inputs plus the chunks.
+    ``memory_limit`` bytes (default: ``FUSED_BUFFERS`` chunk buffers of
+    ``FUSED_CHUNK_ELEMENTS``, plus the folded map At, B*h*N^2 elements, kept for backward
+    when all fits in ``DEFAULT_MEMORY_LIMIT``); see :func:`fused_plan`. With a small limit: O(N) memory beyond the inputs plus the chunks.
 
     CPU only; float32 and float64 (bfloat16/float16 are computed in float32). No
     attention dropout and no weights (use "correlation" for those).

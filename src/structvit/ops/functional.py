@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from . import native
-from .backends import BACKENDS, DEFAULT_MEMORY_LIMIT, FUSED_BUFFERS, fused_plan
+from .backends import BACKENDS, DEFAULT_MEMORY_LIMIT, fused_working_bytes
 
 NORMALIZE = ("joint", "per_pattern")
 BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
@@ -23,10 +23,18 @@ MEMORY_BOUND_WEIGHT = 100
 # The fused CPU kernel's cost in units of plain attention's: measured
 # ``fused / SA ~ 1 + FUSED_KERNEL_WEIGHT * M * D / C`` for fwd+bwd (`python -m structvit.bench
 # op --cases image image7 video video155 video555`, 2-core CPU, torch 2.14: 2.9x, 2.9x, 6.0x,
-# 5.8x and 23.4x SA, weights 1.5-1.7), against ``keyconv / SA ~ KEYCONV_WEIGHT * D``
+# 5.8x and 23.4x SA, weights 1.4-1.7), against ``keyconv / SA ~ KEYCONV_WEIGHT * D``
 # (measured 1.3-1.7 per pattern at N = 1568, more at small N; the lower end is taken).
 FUSED_KERNEL_WEIGHT = 1.6
 KEYCONV_WEIGHT = 1.2
+
+
+def check_memory_limit(memory_limit) -> None:
+    """``memory_limit`` must be None or a positive int (bytes)."""
+    if memory_limit is not None and (not isinstance(memory_limit, int) or isinstance(memory_limit, bool)
+                                     or memory_limit <= 0):
+        raise ValueError(f"memory_limit must be a positive int (bytes) or None, got {memory_limit!r}")
+
 
 def _check_tensor(name: str, x) -> None:
     if not isinstance(x, torch.Tensor):
@@ -71,11 +79,6 @@ def _canonical_patterns(name: str, u: torch.Tensor, rank: int, heads: int) -> to
     return u
 
 
-def _fused_bytes(bh: int, n: int, element_size: int) -> int:
-    chunk, keep_at = fused_plan(bh, n, element_size, None)
-    return (FUSED_BUFFERS * min(bh * n * n, chunk) + (bh * n * n if keep_at else 0)) * element_size
-
-
 def estimate_cost(b: int, heads: int, n: int, c: int, d: int, m: int, *, element_size: int = 4,
                   cv: int | None = None) -> dict[str, dict[str, float]]:
     """Multiply-adds and the attention-sized bytes each backend keeps (DESIGN.md section 1).
@@ -94,7 +97,7 @@ def estimate_cost(b: int, heads: int, n: int, c: int, d: int, m: int, *, element
         "naive": {"macs": bh * (n * n * m * c + n * n * m * d * 2 + n * n * m * cv), "bytes": 2 * bh * n * n * m * element_size},
         # the folded form's FLOPs; rows in chunks and recomputed in backward: the chunk
         # buffers plus At (bh, N, N) when kept (fused_plan, default limit)
-        "fused": {"macs": bh * (n * n * (c + cv) + 2 * n * n * m * d), "bytes": _fused_bytes(bh, n, element_size)},
+        "fused": {"macs": bh * (n * n * (c + cv) + 2 * n * n * m * d), "bytes": fused_working_bytes(bh, n, element_size)},
     }
 
 
@@ -253,9 +256,7 @@ def struct_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u_k: tor
         raise ValueError(f"scale must be a positive number or None, got {scale!r}")
     if not (isinstance(dropout_p, Real) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    if memory_limit is not None and (not isinstance(memory_limit, int) or isinstance(memory_limit, bool)
-                                     or memory_limit <= 0):
-        raise ValueError(f"memory_limit must be a positive int (bytes) or None, got {memory_limit!r}")
+    check_memory_limit(memory_limit)
     if backend == "auto":
         backend = _auto_backend(q, uk, return_weights, dropout_p, memory_limit)
     extra = {"memory_limit": memory_limit} if backend == "fused" else {}

@@ -102,9 +102,9 @@ def load() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(lib_path))
     i64, ptr, cint, dbl = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
     for suffix in ("f32", "f64"):
+        # (tensors..., BH, R, dims, scale, joint[, at_saved], threads)
         getattr(lib, f"structsa_folded_forward_{suffix}").argtypes = [ptr] * 5 + [i64, i64, ptr, dbl, cint, cint]
-        getattr(lib, f"structsa_folded_backward_{suffix}").argtypes = [ptr] * 10 + [i64, i64, ptr, dbl, cint, cint,
-                                                                                   cint]
+        getattr(lib, f"structsa_folded_backward_{suffix}").argtypes = [ptr] * 10 + [i64, i64, ptr, dbl] + [cint] * 3
     return lib
 
 

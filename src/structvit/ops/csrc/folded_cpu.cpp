@@ -107,7 +107,7 @@ std::vector<int64_t> grid_positions(const Geometry& g) {
     return pos;
 }
 
-// 1 on grid positions, 0 on padding, over padded indices [0, P + BLK).
+// `on` (1) on grid positions, `off` (0) elsewhere, over padded indices [0, P + BLK).
 template <typename T>
 std::vector<T> grid_mask(const Geometry& g, T on = T(1), T off = T(0)) {
     std::vector<T> m(g.P() + BLK, off);
@@ -322,8 +322,8 @@ inline T hsum(typename Vec<T>::type v) {
 // once and used OG times). The blocks are taken in tiles, and all offsets run over a tile
 // before the next: the tile of a stays in L1 across the offset groups, where the D planes
 // at once (57 KiB for 8x14x14) would be re-read from L2 for every group (measured: 1.3x
-// slower). G holds BLK partial sums per (o, d), (M, D, BLK):
-// the sum across them is taken once per worker at the end, not per row.
+// slower). G holds BLK partial sums per (o, d), (M, D, BLK): the sum across them is taken
+// once per worker at the end, not per row.
 template <int DD, typename T>
 void pattern_grad_planes(const T* __restrict a, int64_t as, const T* __restrict x, T* __restrict G, const Geometry& g,
                          const int64_t* sh) {
@@ -528,10 +528,10 @@ struct AlignedAllocator {
 template <typename T>
 using AlignedVector = std::vector<T, AlignedAllocator<T>>;
 
-// Row buffers of one worker: padded maps with BLK zeros in front (blocks aligned down from
-// lo reach below position 0 by up to a block plus the window's reach, which the front and
-// the previous plane's tail cover) and slack behind (up to 8 blocks past hi in
-// conv_transpose_planes, plus the window's reach). Plane strides are whole blocks.
+// Row buffers of one worker: padded maps with BLK zeros in front (the first grid block,
+// aligned down, starts up to BLK - 1 positions before the grid; shifted back by the window's
+// reach to the centre, its loads start at most that far before position 0) and slack
+// behind for the window's reach past the last block. Plane strides are whole blocks.
 template <typename T>
 struct RowBuffers {
     int64_t ps;                // stride of a padded plane
