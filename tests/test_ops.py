@@ -559,3 +559,62 @@ def test_auto_with_return_weights_matches_correlation():
     _, w_auto = struct_attention(q, k, v, u_k, u_v, (3, 4), return_weights=True)
     _, w_corr = struct_attention(q, k, v, u_k, u_v, (3, 4), backend="correlation", return_weights=True)
     torch.testing.assert_close(w_auto, w_corr, rtol=0, atol=0)
+
+
+def test_buffer_cache_reuses_only_free_buffers():
+    """A buffer comes back only when no view of it is alive; the byte bound holds, and
+    eviction takes the least recently used free buffer."""
+    from structvit.ops.buffers import BufferCache
+
+    cache = BufferCache(max_bytes=3 * 400)
+    a = cache.take(100, torch.float32)
+    a_ptr = a.data_ptr()
+    b = cache.take(100, torch.float32)  # a is in use: a second buffer
+    assert b.data_ptr() != a_ptr and cache.cached_bytes == 800
+    view = a.view(10, 10)[2:]
+    del a
+    assert cache.take(100, torch.float32).data_ptr() != a_ptr  # a view of a is still alive
+    del view
+    assert cache.take(100, torch.float32).data_ptr() == a_ptr
+    assert cache.take(100, torch.float64).dtype == torch.float64  # another dtype: a new buffer
+    assert cache.cached_bytes <= 3 * 400
+    assert cache.take(1000, torch.float32).numel() == 1000 and cache.cached_bytes <= 3 * 400  # over the bound
+    off = BufferCache(max_bytes=0)
+    off.take(10, torch.float32)
+    assert off.cached_bytes == 0
+    cache.clear()
+    assert cache.cached_bytes == 0
+
+
+def test_buffer_cache_limit_from_environment(monkeypatch):
+    from structvit.ops.buffers import cache_limit_bytes
+
+    monkeypatch.setenv("STRUCTVIT_BUFFER_CACHE_MB", "2")
+    assert cache_limit_bytes() == 2 << 20
+    for bad in ("-1", "lots"):
+        monkeypatch.setenv("STRUCTVIT_BUFFER_CACHE_MB", bad)
+        with pytest.raises(ValueError, match="STRUCTVIT_BUFFER_CACHE_MB"):
+            cache_limit_bytes()
+
+
+@pytest.mark.skipif(not HAS_NATIVE, reason="no C++ compiler for the fused CPU kernel")
+def test_fused_retained_graph_keeps_its_buffers(monkeypatch):
+    """A graph kept with retain_graph=True still holds the folded map it saved: calls in
+    between (which reuse free cached buffers of the same size) must not overwrite it."""
+    from structvit.ops import backends
+
+    monkeypatch.setattr(backends, "fused_plan", lambda *args: (10 ** 9, True))  # keep At, one chunk
+    grid = (2, 3, 4)
+    inputs = random_inputs(1, 2, grid, 4, 2, (3, 3, 3), requires_grad=True)
+    other = random_inputs(1, 2, grid, 4, 2, (3, 3, 3), requires_grad=True)
+    out = struct_attention(*inputs, grid, backend="fused")
+    g_out = torch.randn_like(out)
+    first = torch.autograd.grad(out, inputs, g_out, retain_graph=True)
+    for _ in range(2):  # forward and backward on other inputs of the same shapes
+        y = struct_attention(*other, grid, backend="fused")
+        torch.autograd.grad(y, other, torch.randn_like(y))
+    second = torch.autograd.grad(out, inputs, g_out)
+    ref = torch.autograd.grad(struct_attention(*inputs, grid, backend="naive"), inputs, g_out)
+    for g1, g2, r in zip(first, second, ref):
+        torch.testing.assert_close(g1, r, rtol=0, atol=1e-10)
+        torch.testing.assert_close(g2, r, rtol=0, atol=1e-10)

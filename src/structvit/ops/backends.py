@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native
+from .buffers import CPU_BUFFERS
 from .grid import Grid3, depthwise_pattern_weight, grid_conv, neighbour_index
 
 
@@ -227,7 +228,8 @@ class _FoldedCPU(torch.autograd.Function):
     PyTorch. Nothing of size D*N^2 is stored: backward recomputes the weights from Q, K
     and the per-row log-sum-exp. The folded map At (B*h, N, N) is kept for backward when
     ``keep_at`` (it saves the kernel one of its eight convolution passes), else recomputed.
-    Chunks share one workspace, so their buffers are allocated (and page-faulted) once."""
+    Chunks share one workspace, so their buffers are allocated (and page-faulted) once; the
+    workspace and At come from :data:`buffers.CPU_BUFFERS`, so the next call reuses them."""
 
     @staticmethod
     def forward(ctx, q, k, v, u_k, u_v, grid, joint, scale, chunk_elements, keep_at):
@@ -245,7 +247,7 @@ class _FoldedCPU(torch.autograd.Function):
         threads = torch.get_num_threads()
         chunks = _chunks(bh, h, n, chunk_elements)
         work = _Workspace(chunks, n, q.dtype, 1 if keep_at else 2)
-        at_all = torch.empty(bh, n, n, dtype=q.dtype) if keep_at else None
+        at_all = CPU_BUFFERS.take(bh * n * n, q.dtype).view(bh, n, n) if keep_at else None
         for b0, b1, r0, r1 in chunks:
             dims_c, uk_c, uv_c, _, _ = _chunk_patterns(dims, uk, uv, None, None, b0, b1, h)
             # q K^T of the chunk's rows; the kernel applies the scale as it reads a row
@@ -313,7 +315,7 @@ class _Workspace:
     def __init__(self, chunks, n: int, dtype: torch.dtype, count: int):
         self.n = n
         size = max((b1 - b0) * (r1 - r0) for b0, b1, r0, r1 in chunks) * n
-        self.buffers = [torch.empty(size, dtype=dtype) for _ in range(count)]
+        self.buffers = [CPU_BUFFERS.take(size, dtype) for _ in range(count)]
 
     def get(self, i: int, b0: int, b1: int, r0: int, r1: int) -> torch.Tensor:
         return self.buffers[i][:(b1 - b0) * (r1 - r0) * self.n].view(b1 - b0, r1 - r0, self.n)
