@@ -264,14 +264,14 @@ def test_fused_chunks_cover_every_row_once():
 @pytest.mark.skipif(not HAS_NATIVE, reason="no C++ compiler for the fused CPU kernel")
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("chunk", [3 * 3600, 2520, 60, 1])  # head groups, row blocks, 1 row, (at least) 1 row
-@pytest.mark.parametrize("keep_at", [False, True])
-def test_fused_chunks_match_naive(shared, chunk, keep_at, monkeypatch):
+@pytest.mark.parametrize("kept", [0, 1, 2])
+def test_fused_chunks_match_naive(shared, chunk, kept, monkeypatch):
     """Any chunking (whole batch items, single heads in row blocks, single rows), with the
-    folded map kept for backward or recomputed, gives the values and gradients of naive,
-    with per-head and shared patterns."""
+    folded map (and S0) kept for backward or recomputed, gives the values and gradients of
+    naive, with per-head and shared patterns."""
     from structvit.ops import backends
 
-    monkeypatch.setattr(backends, "fused_plan", lambda *args: (chunk, keep_at))
+    monkeypatch.setattr(backends, "fused_plan", lambda *args: (chunk, kept))
     grid = (3, 4, 5)
     inputs = random_inputs(2, 3, grid, 4, 2, (3, 3, 3), shared=shared, requires_grad=True)
     out = struct_attention(*inputs, grid, backend="fused")
@@ -313,7 +313,7 @@ def test_fused_wide_rows_match_naive(grid, window, D, normalize):
 
 @pytest.mark.skipif(not HAS_NATIVE, reason="no C++ compiler for the fused CPU kernel")
 def test_fused_keeps_at_only_for_backward(monkeypatch):
-    """At (B*h*N^2) is kept only when a backward can follow: not under no_grad, even with
+    """At and S0 (B*h*N^2) are kept only when a backward can follow: not under no_grad, even with
     parameters (the patterns) that require grad, nor for inputs that need no grad."""
     from structvit.ops import backends
 
@@ -326,7 +326,7 @@ def test_fused_keeps_at_only_for_backward(monkeypatch):
     with torch.no_grad():
         struct_attention(q, k, v, u_k, u_v, (3, 4), backend="fused")
     struct_attention(q, k, v, u_k.detach(), u_v, (3, 4), backend="fused")
-    assert seen == [True, False, False]
+    assert seen == [2, 0, 0]
 
 
 @pytest.mark.skipif(not HAS_NATIVE, reason="no C++ compiler for the fused CPU kernel")
@@ -386,14 +386,18 @@ def test_fused_plan_rule():
     from structvit.ops.backends import DEFAULT_MEMORY_LIMIT, FUSED_CHUNK_ELEMENTS, fused_plan
 
     n = 1568
-    at = 10 * n * n * 4  # video benchmark: B*heads = 10, 98 MiB
-    assert fused_plan(10, n, 4, None) == (FUSED_CHUNK_ELEMENTS, True)  # default: fits in DEFAULT_MEMORY_LIMIT
-    assert fused_plan(200, n, 4, None) == (FUSED_CHUNK_ELEMENTS, False)  # 1.9 GiB: recomputed
+    at = 10 * n * n * 4  # video benchmark: B*heads = 10, 98 MiB a map
+    # default: At and S0 kept when they fit in DEFAULT_MEMORY_LIMIT with the chunks, else At only, else none
+    assert fused_plan(10, n, 4, None) == (FUSED_CHUNK_ELEMENTS, 2)
+    assert fused_plan(60, n, 4, None) == (FUSED_CHUNK_ELEMENTS, 1)  # 2 x 563 MiB do not fit, one does
+    assert fused_plan(200, n, 4, None) == (FUSED_CHUNK_ELEMENTS, 0)  # 1.9 GiB: recomputed
     assert 200 * n * n * 4 > DEFAULT_MEMORY_LIMIT
-    # an explicit limit: At kept only in half of it, the chunks get the rest
-    assert fused_plan(10, n, 4, 8 << 20) == ((8 << 20) // 16, False)
-    assert fused_plan(10, n, 4, 2 * at) == (at // 16, True)
-    assert fused_plan(10, n, 4, 2 * at - 1)[1] is False
+    # an explicit limit: maps kept only in half of it, the chunks get the rest
+    assert fused_plan(10, n, 4, 8 << 20) == ((8 << 20) // 16, 0)
+    assert fused_plan(10, n, 4, 4 * at) == (2 * at // 16, 2)
+    assert fused_plan(10, n, 4, 4 * at - 1) == ((3 * at - 1) // 16, 1)
+    assert fused_plan(10, n, 4, 2 * at) == (at // 16, 1)
+    assert fused_plan(10, n, 4, 2 * at - 1)[1] == 0
 
 
 def test_memory_limit_argument():
@@ -603,7 +607,7 @@ def test_fused_retained_graph_keeps_its_buffers(monkeypatch):
     between (which reuse free cached buffers of the same size) must not overwrite it."""
     from structvit.ops import backends
 
-    monkeypatch.setattr(backends, "fused_plan", lambda *args: (10 ** 9, True))  # keep At, one chunk
+    monkeypatch.setattr(backends, "fused_plan", lambda *args: (10 ** 9, 2))  # keep At and S0, one chunk
     grid = (2, 3, 4)
     inputs = random_inputs(1, 2, grid, 4, 2, (3, 3, 3), requires_grad=True)
     other = random_inputs(1, 2, grid, 4, 2, (3, 3, 3), requires_grad=True)

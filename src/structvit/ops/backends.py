@@ -170,27 +170,29 @@ def fused_chunk_elements(memory_limit: int | None, element_size: int = 4) -> int
     return max(1, int(memory_limit) // (FUSED_BUFFERS * element_size))
 
 
-def fused_plan(bh: int, n: int, element_size: int, memory_limit: int | None) -> tuple[int, bool]:
-    """(chunk elements, keep At) of the fused kernel for B*heads = bh rows of N queries.
+def fused_plan(bh: int, n: int, element_size: int, memory_limit: int | None) -> tuple[int, int]:
+    """(chunk elements, maps kept) of the fused kernel for B*heads = bh rows of N queries.
 
-    Keeping the folded map At (bh, N, N) for backward saves one of the kernel's eight
-    convolution passes. It is kept when it fits: with the default chunks, together with
-    them in ``DEFAULT_MEMORY_LIMIT``; with a ``memory_limit``, in half of it, the chunks
-    taking the rest. Otherwise At is recomputed and memory stays O(chunk).
+    Maps kept for backward, each (bh, N, N): 0 = none, 1 = the folded map At (saves one of
+    the kernel's eight convolution passes), 2 = At and the correlation map S0 = q K^T (also
+    saves backward's Q K^T GEMM: measured 3-10% of fwd+bwd). As many are kept as fit: with
+    the default chunks, together with them in ``DEFAULT_MEMORY_LIMIT``; with a
+    ``memory_limit``, in half of it, the chunks taking the rest. With none kept, memory
+    stays O(chunk).
     """
-    at_bytes = bh * n * n * element_size
+    map_bytes = bh * n * n * element_size
     if memory_limit is None:
         buffers = FUSED_BUFFERS * min(bh * n * n, FUSED_CHUNK_ELEMENTS) * element_size
-        return FUSED_CHUNK_ELEMENTS, at_bytes + buffers <= DEFAULT_MEMORY_LIMIT
-    if at_bytes <= memory_limit // 2:
-        return fused_chunk_elements(memory_limit - at_bytes, element_size), True
-    return fused_chunk_elements(memory_limit, element_size), False
+        kept = next(m for m in (2, 1, 0) if m * map_bytes + buffers <= DEFAULT_MEMORY_LIMIT or m == 0)
+        return FUSED_CHUNK_ELEMENTS, kept
+    kept = next(m for m in (2, 1, 0) if m * map_bytes <= memory_limit // 2)
+    return fused_chunk_elements(memory_limit - kept * map_bytes, element_size), kept
 
 
 def fused_working_bytes(bh: int, n: int, element_size: int, memory_limit: int | None = None) -> int:
-    """Bytes the fused kernel holds under :func:`fused_plan`: its chunk buffers plus At when kept."""
-    chunk, keep_at = fused_plan(bh, n, element_size, memory_limit)
-    return (FUSED_BUFFERS * min(bh * n * n, chunk) + (bh * n * n if keep_at else 0)) * element_size
+    """Bytes the fused kernel holds under :func:`fused_plan`: its chunk buffers plus the maps kept."""
+    chunk, kept = fused_plan(bh, n, element_size, memory_limit)
+    return (FUSED_BUFFERS * min(bh * n * n, chunk) + kept * bh * n * n) * element_size
 
 
 def _ptr(t: torch.Tensor):
@@ -225,14 +227,15 @@ def _chunk_patterns(dims: torch.Tensor, uk, uv, duk, duv, bh0: int, bh1: int, he
 class _FoldedCPU(torch.autograd.Function):
     """Folded form with the key-grid convolution, softmax and transposed convolution of
     each query row fused in one CPU kernel (``csrc/folded_cpu.cpp``); the GEMMs stay in
-    PyTorch. Nothing of size D*N^2 is stored: backward recomputes the weights from Q, K
-    and the per-row log-sum-exp. The folded map At (B*h, N, N) is kept for backward when
-    ``keep_at`` (it saves the kernel one of its eight convolution passes), else recomputed.
-    Chunks share one workspace, so their buffers are allocated (and page-faulted) once; the
-    workspace and At come from :data:`buffers.CPU_BUFFERS`, so the next call reuses them."""
+    PyTorch. Nothing of size D*N^2 is stored: backward recomputes the weights from S0 and
+    the per-row log-sum-exp. ``kept`` (see :func:`fused_plan`): 1 keeps the folded map At
+    (B*h, N, N) for backward (else the kernel recomputes it), 2 also S0 = q K^T (else
+    backward recomputes it with a GEMM). Chunks share one workspace; the workspace and the
+    kept maps come from :data:`buffers.CPU_BUFFERS`, so the next call reuses them instead
+    of page-faulting fresh memory."""
 
     @staticmethod
-    def forward(ctx, q, k, v, u_k, u_v, grid, joint, scale, chunk_elements, keep_at):
+    def forward(ctx, q, k, v, u_k, u_v, grid, joint, scale, chunk_elements, kept):
         lib = native.load()
         b, h, n, c = q.shape
         bh, d = b * h, u_k.shape[1]
@@ -246,24 +249,26 @@ class _FoldedCPU(torch.autograd.Function):
         fwd = lib.structsa_folded_forward_f64 if q.dtype == torch.float64 else lib.structsa_folded_forward_f32
         threads = torch.get_num_threads()
         chunks = _chunks(bh, h, n, chunk_elements)
-        work = _Workspace(chunks, n, q.dtype, 1 if keep_at else 2)
-        at_all = CPU_BUFFERS.take(bh * n * n, q.dtype).view(bh, n, n) if keep_at else None
+        work = _Workspace(chunks, n, q.dtype, 2 - kept)
+        at_all = _kept_map(bh, n, q.dtype) if kept >= 1 else None
+        s0_all = _kept_map(bh, n, q.dtype) if kept == 2 else None
         for b0, b1, r0, r1 in chunks:
             dims_c, uk_c, uv_c, _, _ = _chunk_patterns(dims, uk, uv, None, None, b0, b1, h)
             # q K^T of the chunk's rows; the kernel applies the scale as it reads a row
-            s0 = torch.bmm(q2[b0:b1, r0:r1], k2[b0:b1].transpose(1, 2), out=work.get(0, b0, b1, r0, r1))
-            at = at_all[b0:b1, r0:r1] if keep_at else work.get(1, b0, b1, r0, r1)
+            s0 = s0_all[b0:b1, r0:r1] if kept == 2 else work.get(0, b0, b1, r0, r1)
+            torch.bmm(q2[b0:b1, r0:r1], k2[b0:b1].transpose(1, 2), out=s0)
+            at = at_all[b0:b1, r0:r1] if kept >= 1 else work.get(1, b0, b1, r0, r1)
             fwd(_ptr(s0), _ptr(uk_c), _ptr(uv_c), _ptr(at), _ptr(lse[b0:b1, r0:r1]), b1 - b0, r1 - r0, _ptr(dims_c),
                 scale, int(joint), threads)
             torch.bmm(at, v2[b0:b1], out=out[b0:b1, r0:r1])
-        ctx.save_for_backward(q, k, v, uk, uv, out, lse, dims, at_all)
+        ctx.save_for_backward(q, k, v, uk, uv, out, lse, dims, at_all, s0_all)
         ctx.joint, ctx.scale, ctx.u_shape, ctx.chunk_elements = joint, scale, u_k.shape, chunk_elements
         return out.reshape(b, h, n, -1)
 
     @staticmethod
     def backward(ctx, grad_out):
         lib = native.load()
-        q, k, v, uk, uv, out, lse, dims, at_all = ctx.saved_tensors
+        q, k, v, uk, uv, out, lse, dims, at_all, s0_all = ctx.saved_tensors
         b, h, n, c = q.shape
         bh = b * h
         scale, joint = ctx.scale, ctx.joint
@@ -277,7 +282,7 @@ class _FoldedCPU(torch.autograd.Function):
         threads = torch.get_num_threads()
         chunks = _chunks(bh, h, n, ctx.chunk_elements)
         at_saved = at_all is not None
-        work = _Workspace(chunks, n, q.dtype, 3 if at_saved else 4)
+        work = _Workspace(chunks, n, q.dtype, 2 + (at_all is None) + (s0_all is None))
         # The gradients of K and V are sums over query rows, X^T Y with X (R, N) from the
         # kernel: computed as (Y^T X)^T, whose GEMM reads X in its own layout (measured 2x
         # faster than MKL's transposed-X GEMM at 1568 x 1568 x 64).
@@ -288,10 +293,13 @@ class _FoldedCPU(torch.autograd.Function):
         for b0, b1, r0, r1 in chunks:
             dims_c, uk_c, uv_c, duk_c, duv_c = _chunk_patterns(dims, uk, uv, duk, duv, b0, b1, h)
             qc, kc = q2[b0:b1, r0:r1], k2[b0:b1]
-            s0 = torch.bmm(qc, kc.transpose(1, 2), out=work.get(0, b0, b1, r0, r1))
-            dat = torch.bmm(dy[b0:b1, r0:r1], v2[b0:b1].transpose(1, 2), out=work.get(1, b0, b1, r0, r1))  # dY V^T
-            ds0 = work.get(2, b0, b1, r0, r1)
-            at = at_all[b0:b1, r0:r1] if at_saved else work.get(3, b0, b1, r0, r1)
+            dat = torch.bmm(dy[b0:b1, r0:r1], v2[b0:b1].transpose(1, 2), out=work.get(0, b0, b1, r0, r1))  # dY V^T
+            ds0 = work.get(1, b0, b1, r0, r1)
+            if s0_all is not None:
+                s0 = s0_all[b0:b1, r0:r1]
+            else:
+                s0 = torch.bmm(qc, kc.transpose(1, 2), out=work.get(2, b0, b1, r0, r1))
+            at = at_all[b0:b1, r0:r1] if at_saved else work.get(2 + (s0_all is None), b0, b1, r0, r1)
             bwd(_ptr(s0), _ptr(dat), _ptr(lse[b0:b1, r0:r1]), _ptr(rowdot[b0:b1, r0:r1]), _ptr(uk_c), _ptr(uv_c),
                 _ptr(at), _ptr(ds0), _ptr(duk_c), _ptr(duv_c), b1 - b0, r1 - r0, _ptr(dims_c), scale, int(joint),
                 int(at_saved), threads)
@@ -306,6 +314,11 @@ class _FoldedCPU(torch.autograd.Function):
         duv = duv.transpose(1, 2).reshape(shape)
         return (dq.reshape(q.shape), dk.reshape(k.shape), dv.contiguous().reshape(v.shape), duk, duv, None, None, None,
                 None, None)
+
+
+def _kept_map(bh: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A (bh, N, N) map kept from forward to backward, from the buffer cache."""
+    return CPU_BUFFERS.take(bh * n * n, dtype).view(bh, n, n)
 
 
 class _Workspace:
@@ -326,8 +339,9 @@ def fused(q, k, v, u_k, u_v, grid: Grid3, normalize: str, scale: float, dropout_
     """The folded form (form 4) with each query row's convolution, softmax and transposed
     convolution fused in one CPU kernel, rows in chunks. Working memory at most about
     ``memory_limit`` bytes (default: ``FUSED_BUFFERS`` chunk buffers of
-    ``FUSED_CHUNK_ELEMENTS``, plus the folded map At, B*h*N^2 elements, kept for backward
-    when all fits in ``DEFAULT_MEMORY_LIMIT``); see :func:`fused_plan`. With a small limit: O(N) memory beyond the inputs plus the chunks.
+    ``FUSED_CHUNK_ELEMENTS``, plus the folded map At and the correlation map S0, B*h*N^2
+    elements each, kept for backward as far as they fit in ``DEFAULT_MEMORY_LIMIT``); see
+    :func:`fused_plan`. With a small limit: O(N) memory beyond the inputs plus the chunks.
 
     CPU only; float32 and float64 (bfloat16/float16 are computed in float32). No
     attention dropout and no weights (use "correlation" for those).
@@ -344,11 +358,12 @@ def fused(q, k, v, u_k, u_v, grid: Grid3, normalize: str, scale: float, dropout_
         q, k, v, u_k, u_v = (t.float() for t in (q, k, v, u_k, u_v))
     q, k, v, u_k, u_v = (t.contiguous() for t in (q, k, v, u_k, u_v))
     b, h, n, _ = q.shape
-    chunk, keep_at = fused_plan(b * h, n, q.element_size(), memory_limit)
+    chunk, kept = fused_plan(b * h, n, q.element_size(), memory_limit)
     # nothing to keep for a backward that will not run (inference: grad mode off, or no
     # input that requires grad)
-    keep_at = keep_at and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, u_k, u_v))
-    out = _FoldedCPU.apply(q, k, v, u_k, u_v, grid, normalize == "joint", scale, chunk, keep_at)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, u_k, u_v))):
+        kept = 0
+    out = _FoldedCPU.apply(q, k, v, u_k, u_v, grid, normalize == "joint", scale, chunk, kept)
     return out.to(dtype), None
 
 

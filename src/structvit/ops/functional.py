@@ -96,7 +96,7 @@ def estimate_cost(b: int, heads: int, n: int, c: int, d: int, m: int, *, element
         "keyconv": {"macs": bh * (d * n * n * (c + cv) + n * m * d * (c + cv)), "bytes": 2 * bh * d * n * (c + cv) * element_size},
         "naive": {"macs": bh * (n * n * m * c + n * n * m * d * 2 + n * n * m * cv), "bytes": 2 * bh * n * n * m * element_size},
         # the folded form's FLOPs; rows in chunks and recomputed in backward: the chunk
-        # buffers plus At (bh, N, N) when kept (fused_plan, default limit)
+        # buffers plus At and S0 (bh, N, N each) as far as kept (fused_plan, default limit)
         "fused": {"macs": bh * (n * n * (c + cv) + 2 * n * n * m * d), "bytes": fused_working_bytes(bh, n, element_size)},
     }
 
