@@ -259,8 +259,8 @@ def _model(name: str, **kwargs):
     return timm.create_model(name, **kwargs)
 
 
-def train_step_seconds(model, shape, repeats: int, device: torch.device) -> float:
-    """Median seconds of one forward + backward + AdamW step on random data of ``shape``."""
+def train_step_fn(model, shape, device: torch.device):
+    """One forward + backward + AdamW step of ``model`` on random data of ``shape``."""
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(shape, device=device)
@@ -271,11 +271,11 @@ def train_step_seconds(model, shape, repeats: int, device: torch.device) -> floa
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
-    return time_call(step, repeats, device)
+    return step
 
 
-def inference_seconds(model, shape, repeats: int, device: torch.device) -> float:
-    """Median seconds of one no-grad eval forward pass on random data of ``shape``."""
+def inference_fn(model, shape, device: torch.device):
+    """One no-grad eval forward pass of ``model`` on random data of ``shape``."""
     model.to(device).eval()
     x = torch.randn(shape, device=device)
 
@@ -283,7 +283,7 @@ def inference_seconds(model, shape, repeats: int, device: torch.device) -> float
         with torch.no_grad():
             model(x)
 
-    return time_call(fwd, repeats, device)
+    return fwd
 
 
 def backends_used(model) -> str:
@@ -296,20 +296,10 @@ def backends_used(model) -> str:
     return ", ".join(f"{name} x{count}" for name, count in sorted(used.items())) or "-"
 
 
-def time_call(fn, repeats: int, device: torch.device, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def run_model(args) -> int:
+    """Each StructSA model is timed against the same model with all-SA blocks, the two
+    interleaved step by step (``interleaved_medians``): measured one after the other,
+    the ratio of the image training step read anywhere from 0.8x to 1.15x between runs."""
     from .models import MODEL_NAMES
     from .models.summary import default_input_shape
 
@@ -318,7 +308,7 @@ def run_model(args) -> int:
         torch.set_num_threads(args.threads)
     print(f"# StructViT model benchmark: device={device}"
           f"{'' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}, torch {torch.__version__}, "
-          f"backend={args.backend}\n")
+          f"backend={args.backend}, median of {args.repeats} interleaved rounds\n")
     if "train" in args.what:
         print("### Training step (fwd + bwd + AdamW), StructSA in the last (4, 1) blocks vs all-SA (0, 0)\n")
         print("| model | input | SA step | StructSA (4, 1) step | x SA | StructSA backends (auto) |")
@@ -326,13 +316,12 @@ def run_model(args) -> int:
         for name, batch in (("structvit_small", args.image_batch), ("structvit_small_video", args.video_batch)):
             if args.models and name not in args.models:
                 continue
-            times = {}
-            for blocks in ((0, 0), (4, 1)):
-                model = _model(name, struct_blocks=blocks, backend=args.backend)
-                shape = default_input_shape(model, batch)
-                times[blocks] = train_step_seconds(model, shape, args.repeats, device)
-                used = backends_used(model)
-                del model
+            models = {blocks: _model(name, struct_blocks=blocks, backend=args.backend) for blocks in ((0, 0), (4, 1))}
+            shape = default_input_shape(models[(4, 1)], batch)
+            times = interleaved_medians({b: train_step_fn(m, shape, device) for b, m in models.items()},
+                                        args.repeats, device)
+            used = backends_used(models[(4, 1)])
+            del models
             shape_s = "x".join(map(str, shape[1:]))
             print(f"| {name} | {batch}x{shape_s} | {times[(0, 0)]:.2f} s | {times[(4, 1)]:.2f} s | "
                   f"{times[(4, 1)] / times[(0, 0)]:.2f}x | {used} |", flush=True)
@@ -343,14 +332,15 @@ def run_model(args) -> int:
         print("|---|---|---|---|---|---|---|")
         for name in args.models or MODEL_NAMES:
             model = _model(name, backend=args.backend)
-            video = getattr(model, "video", False)
-            batch = args.video_batch if video else args.image_batch
+            batch = args.video_batch if getattr(model, "video", False) else args.image_batch
             shape = default_input_shape(model, batch)
-            t = inference_seconds(model, shape, args.repeats, device)
+            fns = {"struct": inference_fn(model, shape, device),
+                   "sa": inference_fn(_model(name, struct_blocks=(0, 0)), shape, device)}
+            times = interleaved_medians(fns, args.repeats, device)
+            t, t_sa = times["struct"], times["sa"]
             blocks = getattr(model, "struct_blocks", "?")
             used = backends_used(model)
-            del model
-            t_sa = inference_seconds(_model(name, struct_blocks=(0, 0)), shape, args.repeats, device)
+            del model, fns
             shape_s = "x".join(map(str, shape[1:]))
             print(f"| {name} | {batch}x{shape_s} | {blocks} | {batch / t:.2f} | {batch / t_sa:.2f} | {t / t_sa:.2f}x | "
                   f"{used} |", flush=True)
