@@ -622,3 +622,29 @@ def test_fused_retained_graph_keeps_its_buffers(monkeypatch):
     for g1, g2, r in zip(first, second, ref):
         torch.testing.assert_close(g1, r, rtol=0, atol=1e-10)
         torch.testing.assert_close(g2, r, rtol=0, atol=1e-10)
+
+
+@pytest.mark.skipif(not HAS_NATIVE, reason="no C++ compiler for the fused CPU kernel")
+def test_fused_reuses_cached_buffers(monkeypatch):
+    """A second fwd+bwd of the same shapes takes its kept maps and chunk buffers from the
+    cache (the cache does not grow), and gives the same result."""
+    from structvit.ops import backends
+    from structvit.ops.buffers import BufferCache
+
+    cache = BufferCache(max_bytes=1 << 30)
+    monkeypatch.setattr(backends, "CPU_BUFFERS", cache)
+    monkeypatch.setattr(backends, "fused_plan", lambda *args: (2520, 2))  # row-block chunks, At and S0 kept
+    grid = (3, 4, 5)
+    inputs = random_inputs(2, 3, grid, 4, 2, (3, 3, 3), requires_grad=True)
+
+    def run():
+        out = struct_attention(*inputs, grid, backend="fused")
+        return [out] + list(torch.autograd.grad(out, inputs, torch.ones_like(out)))
+
+    first = run()
+    cached = cache.cached_bytes
+    assert cached >= 2 * 6 * 60 * 60 * 8  # the two kept (B*h, N, N) float64 maps at least
+    second = run()
+    assert cache.cached_bytes == cached
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
