@@ -159,7 +159,7 @@ FUSED_BUFFERS = 4
 # output and their gradients) stays under this many bytes per call, unless told otherwise
 # with ``memory_limit``: the correlation form's D*N^2 buffers, the key-convolution form's
 # D-times convolved keys and values, the fused kernel's chunk buffers (which shrink to fit)
-# and the folded map it keeps for backward when that fits.
+# and the maps it keeps for backward as far as they fit (fused_plan).
 DEFAULT_MEMORY_LIMIT = 1 << 30
 
 
@@ -175,7 +175,8 @@ def fused_plan(bh: int, n: int, element_size: int, memory_limit: int | None) -> 
 
     Maps kept for backward, each (bh, N, N): 0 = none, 1 = the folded map At (saves one of
     the kernel's eight convolution passes), 2 = At and the correlation map S0 = q K^T (also
-    saves backward's Q K^T GEMM: measured 3-10% of fwd+bwd). As many are kept as fit: with
+    saves backward's Q K^T GEMM: measured 2-7% of fwd+bwd for the video
+    benchmark case, 11% for the image one). As many are kept as fit: with
     the default chunks, together with them in ``DEFAULT_MEMORY_LIMIT``; with a
     ``memory_limit``, in half of it, the chunks taking the rest. With none kept, memory
     stays O(chunk).
@@ -282,7 +283,7 @@ class _FoldedCPU(torch.autograd.Function):
         threads = torch.get_num_threads()
         chunks = _chunks(bh, h, n, ctx.chunk_elements)
         at_saved = at_all is not None
-        work = _Workspace(chunks, n, q.dtype, 2 + (at_all is None) + (s0_all is None))
+        work = _Workspace(chunks, n, q.dtype, 2 + (not at_saved) + (s0_all is None))
         # The gradients of K and V are sums over query rows, X^T Y with X (R, N) from the
         # kernel: computed as (Y^T X)^T, whose GEMM reads X in its own layout (measured 2x
         # faster than MKL's transposed-X GEMM at 1568 x 1568 x 64).
