@@ -27,6 +27,7 @@ def test_demo_op_tour_checks_equivalence(capsys):
     assert diffs["(init='sa')"] < 1e-12 and diffs["(random)"] > 1e-3  # random patterns are not SA
 
 
+@pytest.mark.slow  # ~95 s on CPU
 def test_bench_op_rows(capsys):
     rows = bench.bench_op_case("tiny", bench.OP_CASES["tiny"], ["naive", "keyconv", "auto", "auto-mem"], device="cpu",
                                dtype="float32", repeats=1, memory_limit=4096)

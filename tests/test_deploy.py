@@ -47,6 +47,7 @@ def test_onnx_export_matches_pytorch(name, shape, backend):
     assert torch.allclose(torch.from_numpy(got), expected, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.slow  # ~95 s on CPU
 def test_torch_compile_inductor_matches_eager():
     torch.manual_seed(0)
     model = timm.create_model("structvit_tiny", depths=(1, 1, 1, 1), struct_blocks="all").eval()
