@@ -1,6 +1,9 @@
 # Two commands for a fresh machine:
 #   make demo   -- create .venv, install everything, run the built-in demo
-#   make test   -- create .venv, install everything, run the whole test suite
+#   make test   -- create .venv, install everything, lint (ruff), run the test suite
+#
+# `make install` installs the package editable with the `dev` extra: every optional
+# dependency (train, video, viz) plus the test and lint tools.
 #
 # The PyTorch build is machine-specific, so it is chosen here and not in pyproject.toml.
 # Override it for your machine, e.g. `make test TORCH_SPEC="torch torchvision"`.
@@ -9,7 +12,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench clean clean-install
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +27,12 @@ demo: install
 	$(VENV)/bin/structvit demo
 
 test: install
+	$(PY) -m ruff check src tests
 	$(PY) -m pytest -q
+
+# The wheel alone (core dependencies only) in a fresh venv, run from outside the repo.
+clean-install: install
+	bash .ci/clean_install.sh
 
 bench: install
 	$(PY) -m structvit.bench op

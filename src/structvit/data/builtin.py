@@ -169,7 +169,7 @@ def render_sprites(sprites: torch.Tensor, cx, cy, side, angle, size: int) -> tor
 def _time_op(x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """Map canonical per-frame parameters ``(B, T)`` to each label's version."""
     out = x.clone()
-    for a, b, how in TIME_PAIRS:
+    for _a, b, how in TIME_PAIRS:
         m = label == b
         if m.any():
             out[m] = x[m].flip(1) if how == "reverse" else x[m].roll(x.shape[1] // 2, dims=1)

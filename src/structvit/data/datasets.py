@@ -711,7 +711,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         i, tried = index, []
-        for attempt in range(self.max_retries + 1):
+        for _attempt in range(self.max_retries + 1):
             path, target = self.samples[i]
             try:
                 img = self.loader(path)

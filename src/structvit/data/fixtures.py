@@ -139,7 +139,7 @@ def write_diving48(root, *, frames: int = 30, size=(48, 64), as_frames: bool = F
     for split, items in splits.items():
         with open(os.path.join(root, f"Diving48_V2_{split}.json"), "w") as f:
             json.dump([{"vid_name": v, "label": lab, "start_frame": s, "end_frame": e} for v, lab, s, e in items], f)
-        for i, (v, lab, s, e) in enumerate(items):
+        for i, (v, _lab, _s, _e) in enumerate(items):
             fr = pattern_frames(frames, *size, seed=i)
             if as_frames:
                 write_jpeg_frames(os.path.join(root, "frames", v), fr)
