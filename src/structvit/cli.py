@@ -25,6 +25,32 @@ COMMANDS = {
 }
 
 
+# Top-level module of an optional dependency -> the extra that installs it (pyproject.toml).
+EXTRAS = {
+    "lightning": "train",
+    "lightning_fabric": "train",
+    "lightning_utilities": "train",
+    "pytorch_lightning": "train",
+    "jsonargparse": "train",
+    "docstring_parser": "train",
+    "typeshed_client": "train",
+    "torchmetrics": "train",
+    "tensorboard": "train",
+    "sklearn": "train",
+    "yaml": "train",
+    "PIL": "train",
+    "av": "video",
+    "matplotlib": "viz",
+}
+EXTRA_NAMES = {"train": "training", "video": "video", "viz": "visualisation"}
+
+
+def missing_extra(error: ModuleNotFoundError) -> str | None:
+    """The extra that provides the module ``error`` reports missing, or None if it is not an optional dependency."""
+    name = (error.name or "").partition(".")[0]
+    return EXTRAS.get(name)
+
+
 def _usage() -> str:
     lines = ["usage: structvit COMMAND [options]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
@@ -47,8 +73,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"structvit: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     target, _, func = COMMANDS[name][0].partition(":")  # "module" (its main) or "module:function"
-    module = importlib.import_module(target)
-    return int(getattr(module, func or "main")(rest) or 0)
+    try:
+        module = importlib.import_module(target)
+        return int(getattr(module, func or "main")(rest) or 0)
+    except ModuleNotFoundError as e:
+        # An optional dependency, imported by the command's module or later while it runs.
+        extra = missing_extra(e)
+        if extra is None:
+            raise
+        print(f"structvit {name} needs the {EXTRA_NAMES[extra]} extra (module {e.name!r} is not installed): "
+              f'pip install "structvit[{extra}]"', file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
