@@ -3,17 +3,22 @@
 Both take ``x`` of shape (B, N, dim) and the grid (H, W) or (T, H, W) the N tokens
 lie on, and share the parameter names ``qkv`` and ``proj`` (those of timm and
 UniFormer), so a state dict moves between them. StructSA adds ``u_k`` and ``u_v``.
+
+Both validate their configuration when built; StructSA's forward calls the op's unchecked
+inner function with its patterns already in the op's canonical layout.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import BACKEND_NAMES, NORMALIZE, resolve_backend, struct_attention
-from ..ops.functional import canonical_grid, check_memory_limit
+from ..ops import BACKEND_NAMES, NORMALIZE, PATTERN_LAYOUTS, canonical_grid, struct_attention_unchecked
+from ..ops.dispatch import unsupported
+from ..ops.functional import check_choice, check_memory_limit
 
 INITS = ("random", "sa")
 
@@ -69,69 +74,102 @@ class SelfAttention(nn.Module):
         return f"dim={self.dim}, num_heads={self.num_heads}"
 
 
-def _window3(window, name: str = "window") -> tuple[int, ...]:
-    if isinstance(window, int):
+def _odd_sizes(window, name: str) -> tuple[int, ...]:
+    if isinstance(window, int) and not isinstance(window, bool):
         window = (window, window)
-    window = tuple(window)
-    if len(window) not in (2, 3) or not all(isinstance(s, int) and s > 0 and s % 2 == 1 for s in window):
+    if not isinstance(window, Sequence) or len(window) not in (2, 3) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 and s % 2 == 1 for s in window):
         raise ValueError(f"{name} must be 2 or 3 odd positive ints, e.g. (3, 3) or (3, 3, 3), got {window!r}")
-    return window
+    return tuple(window)
+
+
+def _stride_sizes(kv_stride, rank: int) -> tuple[int, ...]:
+    if isinstance(kv_stride, int) and not isinstance(kv_stride, bool):
+        kv_stride = (kv_stride,) * rank
+    if not isinstance(kv_stride, Sequence) or len(kv_stride) != rank or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in kv_stride):
+        raise ValueError(f"kv_stride must be a positive int or {rank} positive ints (the window's rank), "
+                         f"got {kv_stride!r}")
+    return tuple(kv_stride)
+
+
+def _as_rank3(sizes: tuple[int, ...], centre: bool) -> tuple[int, int, int]:
+    return ((1,) if len(sizes) == 2 else ()) + sizes if not centre else (1,) + sizes[-2:]
 
 
 class StructSA(SelfAttention):
     """Structural self-attention (Kim et al., CVPR 2024) as a drop-in attention layer.
 
-    Queries, keys and values come from one ``qkv`` projection as in SA; every query's
-    correlation map over the key grid is convolved with ``num_patterns`` learned
-    pattern detectors ``u_k`` and values are aggregated with dynamic kernels built
-    from ``u_v`` (see :func:`structvit.ops.struct_attention`). ConvSA is
-    ``num_patterns=1``.
+    Queries, keys and values come from one ``qkv`` projection as in SA; each query's
+    correlation with the key grid is convolved with ``num_patterns`` learned pattern
+    detectors ``u_k`` and values are aggregated with the ``u_v`` aggregators (see
+    :func:`structvit.ops.struct_attention`). ConvSA is ``num_patterns=1``.
 
     Args:
         dim, num_heads, qkv_bias, attn_drop, proj_drop: as :class:`SelfAttention`.
-        window: odd window sizes, (kh, kw) or (kt, kh, kw). A 2-D window used on a
+        window: odd key window sizes, (kh, kw) or (kt, kh, kw). A 2-D window used on a
             video grid acts on each frame, as (1, kh, kw); a 3-D window used on an image
             grid sees only its centre frame (the rest is zero padding).
-        num_patterns: D, the number of structural patterns.
+        num_patterns: D, the number of structural patterns (the paper's default: 4).
+        patterns: "channel" (default, the paper's: ``u_k``, ``u_v`` of shape
+            (heads, head_dim, D, *window), one filter per channel and pattern), "head"
+            (the dot-product variant: (heads, D, *window), shared by a head's channels) or
+            "shared" ((D, *window), shared by all heads).
+        window_v: the value (aggregator) window, default ``window``; same rank.
+        kv_stride: key/value stride, an int or one int per window axis: keys and values
+            are taken at every s-th grid position (D * N / s^r keys; the paper's
+            StructViT-X-D-2 models use 2, spatially).
         normalize: "joint" (default) or "per_pattern"; see ``struct_attention``.
-        share_patterns: one set of patterns for all heads instead of one per head.
         init: "random" -- truncated normal with std M ** -0.5 (M = window positions), so
             the scores start with the variance of SA's (our reading); "sa" -- the
-            SA-equivalent initialisation: u_k[d] = centre delta, u_v[d] = centre delta
-            (divided by D for "per_pattern") + e_d with sum_d e_d = 0, so the output equals
-            SA with the same qkv/proj weights while the D patterns get different gradients.
-        backend: "auto", "naive", "correlation", "keyconv" or "fused"; see ``struct_attention``.
-            After a forward, ``last_backend`` says which one ran.
+            SA-equivalent initialisation: every detector a centre delta, every aggregator a
+            centre delta (divided by D for "per_pattern") plus e_d with sum_d e_d = 0 (per
+            channel for channel-wise patterns), so the output equals SA with the same
+            qkv/proj weights (exactly at ``kv_stride=1``; with a stride it is only a start)
+            while the D patterns get different gradients.
+        backend: "auto", "naive", "correlation", "keyconv" or "fused"; see
+            ``struct_attention``. After a forward, ``last_backend`` says which one ran.
         memory_limit: bytes of attention-sized working memory each call may hold (None: the
             op's default, 1 GiB); e.g. ``8 << 20`` keeps a video layer's attention memory
-            near SA's on CPU (see ``struct_attention``).
+            near SA's on CPU.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, window: Sequence[int] = (3, 3), num_patterns: int = 8,
-                 normalize: str = "joint", share_patterns: bool = False, qkv_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, init: str = "random", backend: str = "auto",
-                 memory_limit: int | None = None):
+    def __init__(self, dim: int, num_heads: int = 8, window: Sequence[int] = (3, 3), num_patterns: int = 4, *,
+                 patterns: str = "channel", window_v: Sequence[int] | None = None, kv_stride=1,
+                 normalize: str = "joint", qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 init: str = "random", backend: str = "auto", memory_limit: int | None = None):
         super().__init__(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
-        self.window = _window3(window)
-        if not isinstance(num_patterns, int) or num_patterns < 1:
+        self.window = _odd_sizes(window, "window")
+        self.window_v = self.window if window_v is None else _odd_sizes(window_v, "window_v")
+        if len(self.window_v) != len(self.window):
+            raise ValueError(f"window_v must have the rank of window {self.window}, got {self.window_v}")
+        self.kv_stride = _stride_sizes(kv_stride, len(self.window))
+        if not isinstance(num_patterns, int) or isinstance(num_patterns, bool) or num_patterns < 1:
             raise ValueError(f"num_patterns must be a positive int, got {num_patterns!r}")
-        if normalize not in NORMALIZE:
-            raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
-        if backend not in BACKEND_NAMES:
-            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        check_choice("patterns", patterns, PATTERN_LAYOUTS)
+        check_choice("normalize", normalize, NORMALIZE)
+        check_choice("backend", backend, BACKEND_NAMES)
+        check_choice("init", init, INITS)
         check_memory_limit(memory_limit)
+        reason = unsupported(backend, channelwise=patterns == "channel", strided=any(s > 1 for s in self.kv_stride),
+                             same_window=self.window == self.window_v) if backend != "auto" else None
+        if reason:
+            raise ValueError(f"backend={backend!r} cannot serve this layer: {reason}")
         self.memory_limit = memory_limit
         self.num_patterns = num_patterns
+        self.patterns = patterns
         self.normalize = normalize
-        self.share_patterns = share_patterns
         self.backend = backend
         self.last_backend: str | None = None  # the backend the last forward ran ("auto" resolved)
-        shape = ((1,) if share_patterns else (num_heads,)) + (num_patterns,) + self.window
-        self.u_k = nn.Parameter(torch.empty(shape))
-        self.u_v = nn.Parameter(torch.empty(shape))
+        lead = {"channel": (num_heads, self.head_dim), "head": (num_heads,), "shared": ()}[patterns]
+        self.u_k = nn.Parameter(torch.empty(lead + (num_patterns,) + self.window))
+        self.u_v = nn.Parameter(torch.empty(lead + (num_patterns,) + self.window_v))
         self.reset_patterns(init)
+
+    @property
+    def pattern_dim(self) -> int:
+        """The index of D in ``u_k`` / ``u_v``."""
+        return {"channel": 2, "head": 1, "shared": 0}[self.patterns]
 
     @torch.no_grad()
     def reset_patterns(self, init: str = "random", noise_std: float = 0.02) -> None:
@@ -139,63 +177,80 @@ class StructSA(SelfAttention):
 
         ``noise_std`` is the std of the zero-sum perturbations e_d of ``init="sa"``.
         """
+        check_choice("init", init, INITS)
         if init == "random":
-            std = self.u_k[0, 0].numel() ** -0.5
             for u in (self.u_k, self.u_v):
+                std = math.prod(u.shape[-len(self.window):]) ** -0.5
                 nn.init.trunc_normal_(u, std=std, a=-2 * std, b=2 * std)
-        elif init == "sa":
-            delta = torch.zeros(self.window, dtype=self.u_k.dtype, device=self.u_k.device)
-            delta[tuple(s // 2 for s in self.window)] = 1.0
-            self.u_k.copy_(delta.expand_as(self.u_k))
-            e = torch.empty_like(self.u_v)
-            nn.init.trunc_normal_(e, std=noise_std, a=-2 * noise_std, b=2 * noise_std)
-            if self.num_patterns > 1:
-                e -= e.mean(dim=1, keepdim=True)
-            else:
-                e.zero_()  # a single pattern has no zero-sum perturbation but itself
-            centre = 1.0 if self.normalize == "joint" else 1.0 / self.num_patterns
-            self.u_v.copy_(centre * delta + e)
+            return
+        for u, window in ((self.u_k, self.window), (self.u_v, self.window_v)):
+            delta = torch.zeros(window, dtype=u.dtype, device=u.device)
+            delta[tuple(s // 2 for s in window)] = 1.0
+            u.copy_(delta.expand_as(u))
+        e = torch.empty_like(self.u_v)
+        nn.init.trunc_normal_(e, std=noise_std, a=-2 * noise_std, b=2 * noise_std)
+        if self.num_patterns > 1:
+            e -= e.mean(dim=self.pattern_dim, keepdim=True)
         else:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+            e.zero_()  # a single pattern has no zero-sum perturbation but itself
+        centre = 1.0 if self.normalize == "joint" else 1.0 / self.num_patterns
+        self.u_v.mul_(centre).add_(e)
 
-    def patterns_for(self, grid_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """u_k, u_v in the op's layout for a grid of rank 2 or 3."""
-        u_k, u_v = self.u_k, self.u_v
-        if self.share_patterns:
-            u_k, u_v = u_k[0], u_v[0]
-        if len(self.window) == 2 and grid_rank == 3:
-            u_k, u_v = u_k.unsqueeze(-3), u_v.unsqueeze(-3)  # per-frame (1, kh, kw) window
-        elif len(self.window) == 3 and grid_rank == 2:
-            centre = self.window[0] // 2  # other frames of the window see only padding
-            u_k, u_v = u_k[..., centre, :, :], u_v[..., centre, :, :]
-        return u_k, u_v
+    def _canonical(self, u: torch.Tensor, grid_rank: int, dtype: torch.dtype) -> torch.Tensor:
+        """A pattern parameter as the op's canonical (hu, cu, D, kt, kh, kw) for a grid of rank 2 or 3."""
+        if self.patterns != "channel":
+            u = u.unsqueeze(-len(self.window) - 2)  # cu = 1
+        if self.patterns == "shared":
+            u = u.unsqueeze(0)  # hu = 1
+        if len(self.window) == 2:
+            u = u.unsqueeze(-3)  # per-frame (1, kh, kw) window on a video grid; kt = 1 on an image
+        elif grid_rank == 2:
+            centre = u.shape[-3] // 2  # other frames of the window see only padding
+            u = u[..., centre:centre + 1, :, :]
+        return u if u.dtype == dtype else u.to(dtype)  # autocast: the patterns follow q
+
+    def canonical_patterns(self, grid_rank: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """u_k, u_v in the op's canonical layout (hu, cu, D, kt, kh, kw) for a grid of rank 2 or 3."""
+        dtype = self.u_k.dtype if dtype is None else dtype
+        return self._canonical(self.u_k, grid_rank, dtype), self._canonical(self.u_v, grid_rank, dtype)
+
+    def stride_for(self, grid_rank: int) -> tuple[int, int, int]:
+        """The key/value stride as (st, sh, sw) for a grid of rank 2 or 3."""
+        s = self.kv_stride
+        return (1,) + s[-2:] if len(s) == 2 or grid_rank == 2 else s
 
     def forward(self, x: torch.Tensor, grid: Sequence[int], return_weights: bool = False):
         """x: (B, N, dim) on ``grid`` (H, W) or (T, H, W) -> (B, N, dim).
 
-        With ``return_weights=True`` also returns the attention (B, heads, N, D, N).
+        With ``return_weights=True`` also returns the attention (B, heads, N, D, N').
         """
         q, k, v = self._qkv(x)
-        grid = tuple(grid)
-        u_k, u_v = self.patterns_for(len(grid))
+        grid3 = canonical_grid(grid, x.shape[1])
+        rank = len(grid)
+        u_k, u_v = self.canonical_patterns(rank, q.dtype)
         dropout_p = self.attn_drop if self.training else 0.0
-        # resolved here so that what ran is visible (``last_backend``, e.g. for benchmarks)
-        backend = resolve_backend(q, u_k, grid, backend=self.backend, return_weights=return_weights,
-                                  dropout_p=dropout_p, memory_limit=self.memory_limit)
+        out, weights, backend = struct_attention_unchecked(
+            q, k, v, u_k, u_v, grid3, self.stride_for(rank), self.normalize, self.backend, self.scale, dropout_p,
+            return_weights, self.memory_limit)
         self.last_backend = backend
-        res = struct_attention(q, k, v, u_k, u_v, grid, normalize=self.normalize, backend=backend,
-                               scale=self.scale, dropout_p=dropout_p, return_weights=return_weights,
-                               memory_limit=self.memory_limit)
         if return_weights:
-            return self._out(res[0]), res[1]
-        return self._out(res)
+            return self._out(out), weights
+        return self._out(out)
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, num_heads={self.num_heads}, window={self.window}, num_patterns={self.num_patterns}, "
-                f"normalize={self.normalize!r}, share_patterns={self.share_patterns}, backend={self.backend!r}"
-                + (f", memory_limit={self.memory_limit}" if self.memory_limit is not None else ""))
+        extra = [f"dim={self.dim}", f"num_heads={self.num_heads}", f"window={self.window}",
+                 f"num_patterns={self.num_patterns}", f"patterns={self.patterns!r}"]
+        if self.window_v != self.window:
+            extra.append(f"window_v={self.window_v}")
+        if any(s > 1 for s in self.kv_stride):
+            extra.append(f"kv_stride={self.kv_stride}")
+        extra += [f"normalize={self.normalize!r}", f"backend={self.backend!r}"]
+        if self.memory_limit is not None:
+            extra.append(f"memory_limit={self.memory_limit}")
+        return ", ".join(extra)
 
 
 def ConvSA(dim: int, num_heads: int = 8, window: Sequence[int] = (3, 3), **kwargs) -> StructSA:
-    """Convolutional self-attention: StructSA with a single pattern (D = 1)."""
+    """Convolutional self-attention: StructSA with a single pattern (D = 1); channel-wise,
+    it is attention over depthwise-convolved keys and values (the ConvSA of CvT/MViT)."""
     return StructSA(dim, num_heads, window=window, num_patterns=1, **kwargs)

@@ -14,17 +14,16 @@ e.g. when autograd has released a tensor saved for backward after the backward r
 graph kept alive with ``retain_graph=True`` keeps its buffers, and nothing is reused while
 anything can still read it.
 
-``STRUCTVIT_BUFFER_CACHE_MB`` bounds the bytes the cache holds (default 1024; 0 turns it
-off); :func:`empty_cache` releases the free ones.
+``structvit.config.set_buffer_cache_mb`` (``STRUCTVIT_BUFFER_CACHE_MB``) bounds the bytes the
+cache holds (default 1024; 0 turns it off); :func:`empty_cache` releases the free ones.
 """
 from __future__ import annotations
 
-import os
 import threading
 
 import torch
 
-DEFAULT_CACHE_MB = 1024
+from .. import config
 
 
 def _storage_use_count(t: torch.Tensor) -> int | None:
@@ -36,22 +35,15 @@ def _storage_use_count(t: torch.Tensor) -> int | None:
 
 
 def cache_limit_bytes() -> int:
-    """The byte bound from ``STRUCTVIT_BUFFER_CACHE_MB`` (validated)."""
-    raw = os.environ.get("STRUCTVIT_BUFFER_CACHE_MB", str(DEFAULT_CACHE_MB))
-    try:
-        mb = float(raw)
-    except ValueError:
-        raise ValueError(f"STRUCTVIT_BUFFER_CACHE_MB must be a number of MiB >= 0, got {raw!r}") from None
-    if mb < 0:
-        raise ValueError(f"STRUCTVIT_BUFFER_CACHE_MB must be a number of MiB >= 0, got {raw!r}")
-    return int(mb * (1 << 20))
+    """The byte bound from the settings (``STRUCTVIT_BUFFER_CACHE_MB``)."""
+    return config.settings().buffer_cache_bytes
 
 
 class BufferCache:
     """Large 1-D CPU buffers, handed out as views and reused once no view is alive.
 
-    ``max_bytes=None`` reads ``STRUCTVIT_BUFFER_CACHE_MB`` at every :meth:`take` (so it can
-    be changed while running). Thread-safe.
+    ``max_bytes=None`` reads the bound from ``structvit.config`` at every :meth:`take` (so it
+    can be changed while running). Thread-safe.
     """
 
     def __init__(self, max_bytes: int | None = None):

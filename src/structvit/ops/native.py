@@ -1,11 +1,17 @@
 """Build and load the fused CPU kernel (``csrc/folded_cpu.cpp``) on first use.
 
-The kernel has a plain C ABI and no PyTorch headers, so it compiles in about a
-second with the system C++ compiler and loads with :mod:`ctypes`. The shared library
-is cached under ``$STRUCTVIT_CACHE`` (default ``~/.cache/structvit``), keyed by the
-source, the compiler flags and the CPU's feature flags (it is built with
-``-march=native``). Without a compiler the "fused" backend is simply unavailable and
-"auto" does not pick it.
+The kernel has a plain C ABI and no PyTorch headers, so it compiles in about a second
+with the system C++ compiler and loads with :mod:`ctypes`; the ops that call it are
+``torch.library`` custom ops (see ``backends/fused.py``). The shared library is cached
+under the cache directory (``structvit.config``: ``STRUCTVIT_CACHE``, default
+``~/.cache/structvit``), keyed by the source, the compiler, the flags and the CPU's
+feature flags (it is built with ``-march=native``). Without a compiler, or with the
+kernel disabled, the "fused" backend is unavailable, "auto" does not pick it, and one
+warning says why.
+
+A cached library is loaded only if its SHA-256 matches the one recorded when it was
+built, so a truncated or foreign file (which ``dlopen`` would map and crash on) is
+rebuilt instead; an unwritable cache directory falls back to a private temporary one.
 
 Threads: where PyTorch's own GNU OpenMP runtime (``libgomp.so.1``) is loaded, the kernel is
 built with ``-fopenmp`` and runs on PyTorch's thread pool (the dynamic loader binds the
@@ -16,24 +22,30 @@ spin against PyTorch's.
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
+import threading
+import warnings
 from pathlib import Path
 
 import torch
 
+from .. import config
+
 SOURCE = Path(__file__).with_name("csrc") / "folded_cpu.cpp"
-# -fno-trapping-math lets the compiler vectorise floor() in the kernel's exp (measured: the
-# kernel's softmax 8x faster); nothing relies on floating-point exceptions or errno.
-FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-trapping-math", "-fno-math-errno", "-fopenmp-simd", "-pthread", "-shared", "-fPIC", "-std=c++17"]
-
-
+# -fno-trapping-math lets the compiler vectorise floor() in the kernel's exp; nothing
+# relies on floating-point exceptions or errno.
+FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-trapping-math", "-fno-math-errno", "-fopenmp-simd",
+         "-pthread", "-shared", "-fPIC", "-std=c++17"]
 OPENMP_FLAGS = ["-fopenmp", "-DSTRUCTSA_OPENMP"]
+
+
+class NativeUnavailable(RuntimeError):
+    """The fused CPU kernel could not be built or loaded."""
 
 
 def _loaded_gomp() -> list[str]:
@@ -48,15 +60,11 @@ def _loaded_gomp() -> list[str]:
 
 def shares_torch_openmp() -> bool:
     """Whether the kernel joins PyTorch's OpenMP pool: exactly one libgomp with the soname
-    libgomp.so.1 is loaded (PyTorch's, imported by this module), and
-    ``STRUCTVIT_NATIVE_OPENMP=0`` does not ask for the std::thread build."""
-    if os.environ.get("STRUCTVIT_NATIVE_OPENMP", "1") == "0":
+    libgomp.so.1 is loaded (PyTorch's, imported by this module), and the std::thread build
+    is not asked for (``config.set_native_openmp(False)``, ``STRUCTVIT_NATIVE_OPENMP=0``)."""
+    if not config.settings().native_openmp:
         return False
     return "OpenMP" in torch.__config__.parallel_info() and len(_loaded_gomp()) == 1
-
-
-class NativeUnavailable(RuntimeError):
-    """The fused CPU kernel could not be built or loaded."""
 
 
 def _cpu_key() -> str:
@@ -69,43 +77,114 @@ def _cpu_key() -> str:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("STRUCTVIT_CACHE", Path.home() / ".cache" / "structvit"))
+    return config.settings().cache_dir
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if name and shutil.which(name):
+def compiler() -> str:
+    """The C++ compiler to use; raises :class:`NativeUnavailable` naming what was looked for."""
+    cxx = config.settings().cxx
+    if cxx:  # asked for explicitly: that one or nothing
+        found = shutil.which(cxx)
+        if found is None:
+            raise NativeUnavailable(f"the compiler CXX={cxx!r} was not found")
+        return found
+    for name in ("g++", "c++", "clang++"):
+        if shutil.which(name):
             return shutil.which(name)
-    return None
+    raise NativeUnavailable("no C++ compiler found (install g++, or set CXX)")
 
 
-@functools.lru_cache(maxsize=None)
-def load() -> ctypes.CDLL:
-    """The loaded kernel library; raises :class:`NativeUnavailable` with the reason."""
-    if os.environ.get("STRUCTVIT_DISABLE_NATIVE"):
-        raise NativeUnavailable("disabled by STRUCTVIT_DISABLE_NATIVE")
-    cxx = _compiler()
-    if cxx is None:
-        raise NativeUnavailable("no C++ compiler found (set CXX, or install g++)")
-    src = SOURCE.read_bytes()
-    flags = FLAGS + (OPENMP_FLAGS if shares_torch_openmp() else [])
-    key = hashlib.sha256(src + " ".join([cxx] + flags).encode() + _cpu_key().encode()).hexdigest()[:16]
-    lib_path = cache_dir() / f"structsa_folded_{key}.so"
-    if not lib_path.exists():
-        lib_path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
-            out = Path(tmp) / lib_path.name
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _build(cxx: str, flags: list[str], lib_path: Path) -> None:
+    """Compile into ``lib_path`` and record its hash next to it (both atomic replaces)."""
+    lib_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
+        out = Path(tmp) / lib_path.name
+        try:
             res = subprocess.run([cxx, *flags, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
-            if res.returncode != 0:
-                raise NativeUnavailable(f"compiling {SOURCE.name} failed:\n{res.stderr[-3000:]}")
-            os.replace(out, lib_path)  # atomic: concurrent builders leave one complete file
-    lib = ctypes.CDLL(str(lib_path))
+        except OSError as e:
+            raise NativeUnavailable(f"running the compiler {cxx} failed: {e}") from None
+        if res.returncode != 0:
+            raise NativeUnavailable(f"compiling {SOURCE.name} with {cxx} failed:\n{res.stderr[-3000:]}")
+        digest = Path(tmp) / (lib_path.name + ".sha256")
+        digest.write_text(_sha256(out))
+        os.replace(out, lib_path)  # concurrent builders leave one complete file
+        os.replace(digest, lib_path.with_name(lib_path.name + ".sha256"))
+
+
+def _verified(lib_path: Path) -> bool:
+    digest = lib_path.with_name(lib_path.name + ".sha256")
+    try:
+        return lib_path.is_file() and digest.read_text().strip() == _sha256(lib_path)
+    except OSError:
+        return False
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, ptr, cint, dbl = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
     for suffix in ("f32", "f64"):
         # (tensors..., BH, R, dims, scale, joint[, at_saved], threads)
         getattr(lib, f"structsa_folded_forward_{suffix}").argtypes = [ptr] * 5 + [i64, i64, ptr, dbl, cint, cint]
         getattr(lib, f"structsa_folded_backward_{suffix}").argtypes = [ptr] * 10 + [i64, i64, ptr, dbl] + [cint] * 3
     return lib
+
+
+def _load_uncached(cxx: str, flags: list[str], key: str) -> ctypes.CDLL:
+    if not SOURCE.is_file():
+        raise NativeUnavailable(f"the kernel source {SOURCE} is missing from the installed package")
+    name = f"structsa_folded_{key}.so"
+    places = [cache_dir()]
+    last_error = None
+    for attempt in range(2):
+        if attempt == 1:  # the cache directory is unusable: a private one for this process
+            places.append(Path(tempfile.mkdtemp(prefix="structvit-")))
+        lib_path = places[-1] / name
+        try:
+            if not _verified(lib_path):
+                _build(cxx, flags, lib_path)
+            return _declare(ctypes.CDLL(str(lib_path)))
+        except (OSError, AttributeError) as e:  # unwritable/odd cache path, or a bad library
+            last_error = e
+    raise NativeUnavailable(f"could not build or load the kernel (cache {places[0]}): {last_error}")
+
+
+_lock = threading.Lock()
+_loaded: dict[tuple, ctypes.CDLL | NativeUnavailable] = {}
+_warned: set[str] = set()
+
+
+def _settings_key() -> tuple:
+    s = config.settings()
+    return (s.native, str(s.cache_dir), s.native_openmp, s.cxx)
+
+
+def load() -> ctypes.CDLL:
+    """The loaded kernel library; raises :class:`NativeUnavailable` with the reason.
+
+    Built and loaded once per combination of settings (``structvit.config``)."""
+    key = _settings_key()
+    with _lock:
+        if key not in _loaded:
+            try:
+                if not config.settings().native:
+                    raise NativeUnavailable("disabled (STRUCTVIT_DISABLE_NATIVE, or structvit.config.set_native(False))")
+                cxx = compiler()
+                flags = FLAGS + (OPENMP_FLAGS if shares_torch_openmp() else [])
+                digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([cxx] + flags).encode() + _cpu_key().encode())
+                _loaded[key] = _load_uncached(cxx, flags, digest.hexdigest()[:16])
+            except NativeUnavailable as e:
+                _loaded[key] = e
+                if config.settings().native and str(e) not in _warned:
+                    _warned.add(str(e))
+                    warnings.warn(f"structvit: the fused CPU kernel is unavailable, using PyTorch-op backends: {e}",
+                                  RuntimeWarning, stacklevel=3)
+        result = _loaded[key]
+    if isinstance(result, NativeUnavailable):
+        raise result
+    return result
 
 
 def available() -> bool:
@@ -115,3 +194,19 @@ def available() -> bool:
         return True
     except NativeUnavailable:
         return False
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernel is unavailable (None when it is available)."""
+    try:
+        load()
+        return None
+    except NativeUnavailable as e:
+        return str(e)
+
+
+def reset() -> None:
+    """Forget loaded libraries and failures (the next call builds or loads again)."""
+    with _lock:
+        _loaded.clear()
+        _warned.clear()

@@ -1,0 +1,69 @@
+"""FLOP formulas for PyTorch's FLOP counter (``torch.utils.flop_counter.FlopCounterMode``).
+
+Registered on import of :mod:`structvit.ops`, so every FLOP count in the project (``structvit
+models``, ``structvit report``, the study) counts what eager mode runs:
+
+- ``structvit::fused_forward`` / ``structvit::fused_backward``, the fused CPU kernel: the
+  folded form's work (see :func:`fused_forward_flops`);
+- ``aten::_scaled_dot_product_flash_attention_for_cpu`` (and its backward), PyTorch's CPU
+  attention kernel, which ``FlopCounterMode`` does not count by itself (its CUDA
+  counterparts are counted with the same formula).
+
+Counts are FLOPs (2 per multiply-add), the counter's convention.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+
+from .backends import fused  # noqa: F401  (registers the structvit:: custom ops)
+
+
+def fused_forward_flops(q_shape, v_shape, uk_shape) -> int:
+    """FLOPs of the fused forward: per (batch, head), ``q K^T`` (N^2 C), the D-output
+    key-grid convolution and the transposed convolution back (N^2 M D each) and ``At V``
+    (N^2 Cv)."""
+    b, h, n, c = q_shape
+    cv = v_shape[-1]
+    d, m = uk_shape[1], math.prod(uk_shape[2:])
+    return 2 * b * h * n * n * (c + cv + 2 * m * d)
+
+
+def fused_backward_flops(q_shape, v_shape, uk_shape, at_kept: bool, s0_kept: bool) -> int:
+    """FLOPs of the fused backward: ``dY V^T`` and ``At^T dY`` (N^2 Cv each), the kernel's
+    convolution passes (recomputed scores, gradient through the transposed convolution and
+    through the convolution, both pattern gradients: 5 N^2 M D, one more when At is
+    recomputed), ``dS0 K`` and ``Q^T dS0`` (N^2 C each) and ``q K^T`` when S0 was not kept."""
+    b, h, n, c = q_shape
+    cv = v_shape[-1]
+    d, m = uk_shape[1], math.prod(uk_shape[2:])
+    macs = n * n * (2 * cv + (5 + (not at_kept)) * m * d + (2 + (not s0_kept)) * c)
+    return 2 * b * h * macs
+
+
+@register_flop_formula(torch.ops.structvit.fused_forward)
+def _fused_forward_formula(q_shape, k_shape, v_shape, uk_shape, uv_shape, *args, out_shape=None, **kwargs) -> int:
+    return fused_forward_flops(q_shape, v_shape, uk_shape)
+
+
+@register_flop_formula(torch.ops.structvit.fused_backward)
+def _fused_backward_formula(grad_shape, q_shape, k_shape, v_shape, uk_shape, uv_shape, out_shape_, lse_shape, at_shape,
+                            s0_shape, *args, out_shape=None, **kwargs) -> int:
+    return fused_backward_flops(q_shape, v_shape, uk_shape, math.prod(at_shape) > 0, math.prod(s0_shape) > 0)
+
+
+_cpu_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_cpu_sdpa_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+@register_flop_formula(_cpu_sdpa)
+def _cpu_sdpa_formula(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+@register_flop_formula(_cpu_sdpa_backward)
+def _cpu_sdpa_backward_formula(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                               **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
