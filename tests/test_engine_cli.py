@@ -168,22 +168,85 @@ def fake_roots(tmp_path_factory):
     return roots
 
 
-def _dataset_of(cfg: Path) -> str:
+#: the paper's published number of each row a config reproduces (Table 2; Diving-48 top-1;
+#: FineGym mean per-class accuracy), None where the paper publishes none (S on Diving/Gym)
+PUBLISHED = {
+    "imagenet": {"s_4_2": "82.9", "s_4_1": "83.2", "s_8_1": "83.3", "b_4_2": "84.0", "b_4_1": "84.2",
+                 "b_8_1": "84.3", "l_4_1": "86.0"},
+    "k400": {"s_4_2": "81.1", "s_4_1": "81.4", "s_8_1": "81.6", "b_4_2": "83.1", "b_4_1": "83.3"},
+    "ssv1": {"s_4_2": "57.6", "s_4_1": "58.0", "s_8_1": "58.0", "b_4_2": "61.1", "b_4_1": "61.3"},
+    "ssv2": {"s_4_2": "68.3", "s_4_1": "68.8", "s_8_1": "69.0", "b_4_2": "71.1", "b_4_1": "71.5"},
+    "diving48": {"b_4_2": "87.8", "b_4_1": "88.3", "s_4_1": None},
+    "gym99": {"b_4_2": "89.3", "b_4_1": "89.5", "s_4_1": None},
+    "gym288": {"b_4_2": "53.8", "b_4_1": "54.2", "s_4_1": None},
+}
+PAPER_CONFIGS = [c for c in CONFIGS if "_structvit_" in c.stem and not c.stem.endswith("_tiny")]
+
+
+def test_one_config_per_published_row():
+    have = {c.stem for c in PAPER_CONFIGS}
+    want = {f"{ds}_structvit_{tag}" for ds, rows in PUBLISHED.items() for tag in rows}
+    assert have == want, (sorted(want - have), sorted(have - want))
+
+
+def _check_paper_recipe(cfg: Path, c) -> None:
+    """A config named <dataset>_structvit_<x>_<d>_<s> builds StructViT-X-D-S, names its row and
+    number in its header, and follows the paper's recipe (Sec. 4.1)."""
     import yaml
 
-    return yaml.safe_load(cfg.read_text())["data"]["init_args"]["dataset"]
+    ds, tag = cfg.stem.split("_structvit_")
+    size, d, stride = tag.split("_")
+    header = "".join(ln for ln in cfg.read_text().splitlines(True) if ln.startswith("#"))
+    assert "Reproduces" in header and f"StructViT-{size.upper()}-{d}-{stride}" in header
+    number = PUBLISHED[ds][tag]
+    assert (f"published {number} " in header) if number else ("no published number" in header)
+    raw = yaml.safe_load(cfg.read_text())
+    video = ds != "imagenet"
+    assert raw["model"]["model"] == f"structvit_{tag}" + ("_video" if video else "")
+    kwargs = raw["model"].get("model_kwargs") or {}
+    assert set(kwargs) <= {"drop_path_rate"}, kwargs  # D, stride, size and frames come with the name
+    structsa = [m for m in c.model.model.modules() if type(m).__name__ == "StructSA"]
+    assert structsa and all(m.num_patterns == int(d) for m in structsa)
+    hp, trainer = c.datamodule.hparams, c.trainer
+    glob_batch = 8 * hp.batch_size * trainer.accumulate_grad_batches  # the 8 GPUs the headers assume
+    if not video:
+        assert (trainer.max_epochs, c.model.hparams.lr, glob_batch, c.model.hparams.warmup_epochs) == (300, 1e-3, 1024, 5)
+        assert hp.randaugment == "rand-m9-mstd0.5-inc1" and hp.random_erasing == 0.25
+        assert (c.model.hparams.mixup, c.model.hparams.cutmix, c.model.hparams.label_smoothing) == (0.8, 1.0, 0.1)
+        return
+    frames = 16 if size == "s" else 32
+    assert hp.num_frames == c.model.model.num_frames == frames
+    assert (c.model.hparams.lr, glob_batch, kwargs.get("drop_path_rate")) == (2e-4, 64, 0.1)
+    assert c.model.hparams.weight_decay == 0.05
+    if ds == "k400":
+        assert (trainer.max_epochs, c.model.hparams.warmup_epochs) == (110, 10)
+        assert (hp.sampling, hp.flip, hp.crop, hp.num_clips, hp.num_crops) == ("dense", True, "random_resized", 4, 1)
+        assert c.model.hparams.pretrained_inflate == "center"
+    else:
+        assert (trainer.max_epochs, c.model.hparams.warmup_epochs) == (60, 5)
+        assert (hp.sampling, hp.flip, hp.num_clips, hp.num_crops) == ("segment", False, 1, 3)
+        assert hp.crop == ("random_resized" if size == "b" else "center")  # random cropping only for B
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_config_parses_and_builds(cfg, fake_roots, tmp_path):
+    """Every config parses with the CLI and builds its model and data module; the paper-sized
+    models are built on the meta device (construction only, no memory, no forward)."""
+    import contextlib
+
+    import yaml
+
     from structvit.engine.cli import StructViTCLI
 
-    ds = _dataset_of(cfg)
+    raw = yaml.safe_load(cfg.read_text())
+    ds = raw["data"]["init_args"]["dataset"]
     args = ["--config", str(cfg), "--trainer.default_root_dir", str(tmp_path)]
     if ds in fake_roots:
         args += ["--data.root", str(fake_roots[ds])]
-    c = StructViTCLI(args=args, run=False)
-    assert c.model.hparams.model == __import__("yaml").safe_load(cfg.read_text())["model"]["model"]
+    big = "tiny" not in raw["model"]["model"]
+    with torch.device("meta") if big else contextlib.nullcontext():
+        c = StructViTCLI(args=args, run=False)
+    assert c.model.hparams.model == raw["model"]["model"]
     assert c.model.model.num_classes == c.datamodule.num_classes > 1
     assert c.trainer.max_epochs > 0 or c.trainer.max_steps > 0
     assert any(type(cb).__name__ == "StructViTCheckpoint" for cb in c.trainer.callbacks)
@@ -192,8 +255,10 @@ def test_config_parses_and_builds(cfg, fake_roots, tmp_path):
         assert kinds == {"sa"}
     elif "convsa" in cfg.stem:
         assert kinds == {"convsa"}
-    else:  # StructViT: StructSA everywhere, or in the last 4 + 1 blocks (S-4-1, B-4-1)
-        assert "structsa" in kinds and (kinds == {"structsa"}) == ("_4_1" not in cfg.stem)
+    else:  # StructViT: StructSA in every attention block
+        assert kinds == {"structsa"}
+    if cfg in PAPER_CONFIGS:
+        _check_paper_recipe(cfg, c)
 
 
 def test_issue_command_on_fake_ssv2(fake_roots, tmp_path):
@@ -231,9 +296,9 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys, fake_roots):
     # a checkpoint of another model
     assert cli.main(["fit", "--config", cfg]) == 0
     capsys.readouterr()
-    _one_line_error(capsys, ["validate", "--config", cfg, "--model.model", "structvit_small",
+    _one_line_error(capsys, ["validate", "--config", cfg, "--model.model", "structvit_s_4_1",
                              "--model.model_kwargs", "{}", "--ckpt_path", "last"],
-                    "structvit_tiny", "structvit_small")
+                    "structvit_tiny", "structvit_s_4_1")
 
 
 # ------------------------------------------------------------------------------ demo
