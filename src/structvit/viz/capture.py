@@ -5,10 +5,12 @@ with D = 1) is called as ``attn(x, grid)`` with ``x`` (B, N, dim) the normalised
 and ``grid`` (H, W) or (T, H, W). A forward pre-hook on the layer records both; the
 weights are then recomputed exactly as the layer computes them:
 
-- StructSA / ConvSA: ``struct_attention(q, k, v, u_k, u_v, grid, return_weights=True)``
-  with the layer's own q, k, v, patterns, scale and normalisation, on the
-  "correlation" backend (a layer configured for "keyconv" computes the same weights
-  but cannot return them);
+- StructSA / ConvSA: the op (``struct_attention_unchecked``) with the layer's own q, k,
+  v, canonical patterns (:meth:`StructSA.canonical_patterns`), key/value stride
+  (:meth:`StructSA.stride_for`), scale and normalisation, asked for the weights
+  (B, heads, N, D, N'): N' = the keys on the strided grid (N at stride 1). A layer whose
+  backend cannot return weights ("fused") is recomputed on "auto", which picks a backend
+  that can (channel-wise patterns: "keyconv", which then forms the weights explicitly);
 - SA: ``softmax(q k^T * scale)``, returned with a pattern axis of size 1.
 
 The model code is not touched: hooks are removed when the capture ends.
@@ -23,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..nn.attention import SelfAttention, StructSA
-from ..ops import struct_attention
+from ..ops import struct_attention_unchecked
 
 __all__ = ["AttentionCapture", "attention_layers", "layer_kind", "capture", "attention_weights", "parse_query",
            "query_index", "default_block"]
@@ -68,23 +70,32 @@ class AttentionCapture:
     def num_heads(self) -> int:
         return self.module.num_heads
 
+    @property
+    def kv_stride3(self) -> tuple[int, int, int]:
+        """The key/value stride (st, sh, sw) on this grid; (1, 1, 1) for SA."""
+        if isinstance(self.module, StructSA):
+            return tuple(self.module.stride_for(len(self.grid)))
+        return (1, 1, 1)
+
+    @property
+    def key_grid3(self) -> tuple[int, int, int]:
+        """The (T', H', W') grid of the keys: ceil(n / s) per axis (the query grid at stride 1)."""
+        return tuple(-(-n // s) for n, s in zip(self.grid3, self.kv_stride3))
+
     def weights(self, normalize: str | None = None) -> torch.Tensor:
-        """Attention weights (B, heads, N, D, N) of this layer on the captured input."""
+        """Attention weights (B, heads, N, D, N') of this layer on the captured input."""
         return attention_weights(self.module, self.x, self.grid, normalize=normalize)
 
     def patterns(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """u_k, u_v as (heads, D, kt, kh, kw) for this grid (heads expanded when shared)."""
+        """u_k, u_v as (heads, cu, D, kt, kh, kw) for this grid: the op's canonical layout with
+        the head axis expanded (shared patterns); cu = the head width for channel-wise
+        patterns, 1 for the dot-product layouts. The value window may differ from the key window."""
         if not isinstance(self.module, StructSA):
             raise TypeError(f"block {self.index} ({self.name}) is plain self-attention (SA): it has no patterns")
-        u_k, u_v = self.module.patterns_for(len(self.grid))
-        rank = len(self.grid)
-        win = tuple(u_k.shape[-rank:])
-        win3 = (1,) * (3 - rank) + win
         heads = self.module.num_heads
-        d = self.module.num_patterns
-        shape = (heads, d) + win3
-        return (u_k.detach().reshape(-1, d, *win3).expand(shape),
-                u_v.detach().reshape(-1, d, *win3).expand(shape))
+        u_k, u_v = self.module.canonical_patterns(len(self.grid))
+        return (u_k.detach().expand((heads,) + tuple(u_k.shape[1:])),
+                u_v.detach().expand((heads,) + tuple(u_v.shape[1:])))
 
 
 def capture(model: nn.Module, x: torch.Tensor, blocks: Sequence[int] | None = None) -> list[AttentionCapture]:
@@ -143,20 +154,25 @@ def capture(model: nn.Module, x: torch.Tensor, blocks: Sequence[int] | None = No
 @torch.no_grad()
 def attention_weights(module: nn.Module, x: torch.Tensor, grid: Sequence[int],
                       normalize: str | None = None) -> torch.Tensor:
-    """The attention weights (B, heads, N, D, N) of ``module`` on input tokens ``x``.
+    """The attention weights (B, heads, N, D, N') of ``module`` on input tokens ``x``.
 
-    SA layers give D = 1. ``normalize`` overrides a StructSA layer's softmax reading
-    ("joint" / "per_pattern") on the same scores; default: the layer's own.
+    N' is the number of keys (on the grid strided by the layer's ``kv_stride``); SA
+    layers give D = 1 and N' = N. ``normalize`` overrides a StructSA layer's softmax
+    reading ("joint" / "per_pattern") on the same scores; default: the layer's own.
     """
+    if normalize not in (None, "joint", "per_pattern"):
+        raise ValueError(f"normalize must be 'joint' or 'per_pattern', got {normalize!r}")
     q, k, v = module._qkv(x)
     if isinstance(module, StructSA):
-        u_k, u_v = module.patterns_for(len(grid))
-        _, w = struct_attention(q, k, v, u_k, u_v, tuple(grid), normalize=normalize or module.normalize,
-                                backend="correlation", scale=module.scale, return_weights=True)
+        rank = len(grid)
+        grid3 = (1,) * (3 - rank) + tuple(int(s) for s in grid)
+        u_k, u_v = module.canonical_patterns(rank, q.dtype)
+        backend = module.backend if module.backend in ("naive", "keyconv", "correlation") else "auto"
+        _, w, _ = struct_attention_unchecked(q, k, v, u_k, u_v, grid3, module.stride_for(rank),
+                                             normalize or module.normalize, backend, module.scale, 0.0, True,
+                                             module.memory_limit)
         return w
     if isinstance(module, SelfAttention):
-        if normalize not in (None, "joint", "per_pattern"):
-            raise ValueError(f"normalize must be 'joint' or 'per_pattern', got {normalize!r}")
         a = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * module.scale, dim=-1)
         return a.unsqueeze(3)
     raise TypeError(f"not an attention layer: {type(module).__name__}")

@@ -2,6 +2,7 @@
 
     structvit viz attention --model structvit_tiny --sample builtin:digits:3 --out figs/
     structvit viz kernels   --checkpoint run.ckpt --model structvit_tiny_video --sample builtin:moving_digits:0
+    structvit viz kernels   --model structvit_tiny --channel 5    # one channel's kernels (default: the mean)
     structvit viz compare   --model structvit_tiny --input cat.png --block 1 --query 3,4
     structvit viz demo      --out docs/figures      # the committed example figures
 
@@ -84,7 +85,7 @@ def _model_kwargs(text: str | None) -> dict:
         raise ArgumentError(f"--model-kwargs must be a JSON object, e.g. '{{\"num_classes\": 10}}' ({e})") from None
     if not isinstance(kw, dict):
         raise ArgumentError(f"--model-kwargs must be a JSON object, got {text!r}")
-    for k in ("window", "struct_blocks", "depths", "embed_dims"):
+    for k in ("window", "window_v", "kv_stride", "struct_blocks", "depths", "embed_dims"):
         if isinstance(kw.get(k), list):
             kw[k] = tuple(kw[k])
     return kw
@@ -284,6 +285,9 @@ def _parser() -> argparse.ArgumentParser:
     sel.add_argument("--normalize", choices=("joint", "per_pattern"), default=None,
                      help="read the scores with this softmax (default: the block's own)")
     sel.add_argument("--top-k", type=int, default=4, help="dynamic kernels shown (most attended keys)")
+    sel.add_argument("--channel", type=int, default=None,
+                     help="attention/kernels: the channel of the head whose patterns and dynamic kernels are "
+                          "shown (channel-wise StructSA has one kernel per channel); default: the channel mean")
     p.add_argument("--out", default="figures", help="output directory (default ./figures)")
     return p
 
@@ -324,10 +328,10 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if args.figure == "attention":
                     paths = [figures.attention_figure(model, x, out / f"{stem}.png", normalize=args.normalize,
-                                                      top_k=args.top_k, **common)]
+                                                      top_k=args.top_k, channel=args.channel, **common)]
                 elif args.figure == "kernels":
                     paths = [figures.kernels_figure(model, x, out / f"{stem}.png", normalize=args.normalize,
-                                                    top_k=args.top_k, **common)]
+                                                    top_k=args.top_k, channel=args.channel, **common)]
                 elif args.figure == "readings":
                     paths = [figures.readings_figure(model, x, out / f"{stem}.png", **common)]
                 else:
@@ -342,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                     paths = [figures.compare_figure(models, x, out / f"{stem}.png", **common)]
             except ValueError as e:
                 msg = str(e)
-                for word in ("query", "block", "head"):
+                for word in ("query", "block", "head", "channel"):
                     if msg.startswith(word):
                         raise ArgumentError(f"--{msg}") from None
                 raise

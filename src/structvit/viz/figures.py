@@ -16,10 +16,14 @@ recomputed from the captured input of the block (:mod:`structvit.viz.capture`).
   "joint" (one distribution over all (d, j): shares of one total, one colour scale)
   and "per_pattern" (D distributions over j, each on its own scale).
 
-Notation: ``A`` has shape (heads, D, N) for the chosen query; token grids are shown as
-(T, H, W) (T = 1 for images); kappa[j] = sum_d A[d, j] U^V[d] has the window's shape
-(kt, kh, kw). Video inputs show, for each time step of the key grid, the input frame at
-its centre.
+Notation: ``A`` has shape (heads, D, N') for the chosen query, over the N' keys of the
+block (its key grid (T', H', W') = the token grid strided by the layer's ``kv_stride``;
+N' = N at stride 1); token grids are shown as (T, H, W) (T = 1 for images). The dynamic
+kernel at key j, kappa[j, o, c] = sum_d A[d, j] U^V[c, d, o], has one (kt, kh, kw) kernel
+per channel c for channel-wise patterns (the paper's) and one for all channels of a head
+otherwise; figures show the channel mean (``channel=None``) or one channel. A strided key
+is drawn as a cell of s x s tokens centred on its window's centre. Video inputs show,
+for each time step of the key grid, the input frame at its centre.
 """
 from __future__ import annotations
 
@@ -140,16 +144,36 @@ class _Canvas:
         slot = t if frame_slot is None else frame_slot
         return slot * self.width + (w + 0.5) * self.sw, (h + 0.5) * self.sh
 
+    def key_frames(self, kv_stride=(1, 1, 1), count: int | None = None) -> list[int]:
+        """The grid time steps of the key frames 0..count-1 at temporal stride kv_stride[0]."""
+        st = kv_stride[0]
+        count = -(-self.grid[0] // st) if count is None else count
+        return [t * st for t in range(count)]
+
     def show(self, ax, heat: np.ndarray | None = None, frames: Sequence[int] | None = None, vmin=None, vmax=None,
-             cmap="magma", alpha=0.75):
-        """Frames (a strip) with an optional (T', H, W) token map on top; returns the heat image."""
+             cmap="magma", alpha=0.75, kv_stride=(1, 1, 1)):
+        """Frames (a strip) with an optional (T', H', W') key map on top; returns the heat image.
+
+        ``heat`` lies on the key grid of stride ``kv_stride`` (st, sh, sw): key (h', w') is a
+        cell of sh x sw tokens centred on token (sh h', sw w'), clipped to its frame; its
+        frames are the grid time steps ``frames`` (default: every st-th).
+        """
+        if frames is None:
+            frames = self.key_frames(kv_stride, heat.shape[0]) if heat is not None and heat.ndim == 3 else None
         sel = list(range(self.grid[0]) if frames is None else frames)
         ax.imshow(self.strip(sel), extent=(0, len(sel) * self.width, self.height, 0), interpolation="nearest")
         im = None
         if heat is not None:
-            strip = np.concatenate([heat[t] for t in range(len(sel))], axis=1) if heat.ndim == 3 else heat
-            im = ax.imshow(strip, extent=(0, len(sel) * self.width, self.height, 0), cmap=cmap, alpha=alpha,
-                           vmin=vmin, vmax=vmax, interpolation="nearest")
+            maps = heat if heat.ndim == 3 else heat[None]
+            _, sh, sw = kv_stride
+            hk, wk = maps.shape[1:]
+            for slot, m in enumerate(maps[:len(sel)]):
+                x0 = slot * self.width - (sw - 1) / 2 * self.sw
+                y0 = -(sh - 1) / 2 * self.sh
+                im = ax.imshow(m, extent=(x0, x0 + wk * sw * self.sw, y0 + hk * sh * self.sh, y0), cmap=cmap,
+                               alpha=alpha, vmin=vmin, vmax=vmax, interpolation="nearest")
+                im.set_clip_path(_plt().Rectangle((slot * self.width, 0), self.width, self.height,
+                                                  transform=ax.transData))
         for k in range(1, len(sel)):
             ax.axvline(k * self.width, color="white", lw=1.5)
         ax.set_xlim(0, len(sel) * self.width)
@@ -159,6 +183,7 @@ class _Canvas:
         return im
 
     def mark(self, ax, t, h, w, frames: Sequence[int] | None = None, color="cyan", label=None, marker="s"):
+        """Mark token (t, h, w) of the grid (a key: its position on the grid, see ``QueryAttention.key_position``)."""
         sel = list(range(self.grid[0]) if frames is None else frames)
         if t not in sel:
             return
@@ -182,38 +207,87 @@ class QueryAttention:
     query_index: int
     head: int
     normalize: str  # the reading of ``weights``
-    weights: np.ndarray  # (heads, D, T, H, W): A[head, d, j] for this query
-    u_k: np.ndarray | None  # (heads, D, kt, kh, kw) or None for SA
-    u_v: np.ndarray | None
+    weights: np.ndarray  # (heads, D, T', H', W'): A[head, d, j'] for this query, on the key grid
+    u_k: np.ndarray | None  # (heads, cu, D, kt, kh, kw) or None for SA; cu = 1 unless channel-wise
+    u_v: np.ndarray | None  # (heads, cu_v, D, kt, kh, kw) (its own window)
+    channel: int | None = None  # channel shown of channel-wise patterns and kernels; None = the mean
 
     @property
     def grid3(self):
         return self.capture.grid3
 
     @property
+    def key_grid3(self):
+        return tuple(self.weights.shape[2:])
+
+    @property
+    def kv_stride3(self):
+        return self.capture.kv_stride3
+
+    @property
     def num_patterns(self) -> int:
         return self.weights.shape[1]
 
+    @property
+    def channelwise(self) -> bool:
+        return self.u_v is not None and (self.u_v.shape[1] > 1 or self.u_k.shape[1] > 1)
+
     def head_weights(self) -> np.ndarray:
-        """(D, T, H, W) for the chosen head."""
+        """(D, T', H', W') for the chosen head."""
         return self.weights[self.head]
 
     def mass(self) -> np.ndarray:
-        """(T, H, W): attention on each key position, summed over patterns."""
+        """(T', H', W'): attention on each key, summed over patterns."""
         return self.head_weights().sum(0)
 
     def top_keys(self, k: int) -> list[tuple[int, int, int]]:
+        """The ``k`` most attended keys, as (t', h', w') on the key grid."""
         m = self.mass().reshape(-1)
         order = np.argsort(-m, kind="stable")[:k]
-        T, H, W = self.grid3
+        T, H, W = self.key_grid3
         return [(int(i // (H * W)), int(i // W % H), int(i % W)) for i in order]
 
-    def kappa(self, key: tuple[int, int, int]) -> np.ndarray:
-        """Dynamic kernel at key position ``key``: sum_d A[d, key] U^V[d], shape (kt, kh, kw)."""
+    def key_position(self, key) -> tuple[int, int, int]:
+        """Grid position (t, h, w) of the centre of key ``key`` (t', h', w'): s * key per axis."""
+        return tuple(int(k * s) for k, s in zip(key, self.kv_stride3))
+
+    def _select(self, u: np.ndarray) -> np.ndarray:
+        """(cu, D, ...) of the head -> (D, ...): the chosen channel, or the mean over channels."""
+        if u.shape[0] == 1:
+            return u[0]
+        return u[self.channel] if self.channel is not None else u.mean(0)
+
+    def pattern(self, which: str) -> np.ndarray:
+        """"u_k" or "u_v" of the head as shown: (D, kt, kh, kw), channel ``channel`` or the channel mean."""
+        return self._select(getattr(self, which)[self.head])
+
+    def pattern_std(self, which: str) -> np.ndarray:
+        """(D, kt, kh, kw): std of "u_k"/"u_v" over the head's channels (0 for the dot-product layouts)."""
+        return getattr(self, which)[self.head].std(0)
+
+    def kappa_channels(self, key) -> np.ndarray:
+        """Dynamic kernels at key ``key`` (t', h', w'): sum_d A[d, key] U^V[c, d], (cu_v, kt, kh, kw)."""
         if self.u_v is None:
             raise TypeError("SA blocks have no dynamic kernels")
         a = self.head_weights()[(slice(None),) + tuple(key)]  # (D,)
-        return np.tensordot(a, self.u_v[self.head], axes=(0, 0))
+        return np.einsum("d,cdthw->cthw", a, self.u_v[self.head])
+
+    def kappa(self, key) -> np.ndarray:
+        """Dynamic kernel at key ``key`` as shown: (kt, kh, kw), channel ``channel`` or the channel mean."""
+        k = self.kappa_channels(key)
+        if k.shape[0] == 1:
+            return k[0]
+        return k[self.channel] if self.channel is not None else k.mean(0)
+
+
+def _check_channel(channel, cap: AttentionCapture) -> int | None:
+    if channel is None:
+        return None
+    width = cap.module.head_dim
+    if isinstance(channel, bool) or not isinstance(channel, int) or not 0 <= channel < width:
+        raise ValueError(f"channel must be an int in [0, {width}) (block {cap.index} has head width {width}) "
+                         f"or None for the channel mean, got {channel!r}")
+    return channel
 
 
 def _check_head(head, heads: int, what: str) -> int:
@@ -223,7 +297,8 @@ def _check_head(head, heads: int, what: str) -> int:
 
 
 def query_attention(model: nn.Module, sample: torch.Tensor, block: int | None = None, query=None, head: int = 0,
-                    normalize: str | None = None, captures: list[AttentionCapture] | None = None) -> QueryAttention:
+                    normalize: str | None = None, captures: list[AttentionCapture] | None = None,
+                    channel: int | None = None) -> QueryAttention:
     """Capture ``block``'s input on ``sample`` and recompute one query's attention.
 
     Args:
@@ -234,6 +309,8 @@ def query_attention(model: nn.Module, sample: torch.Tensor, block: int | None = 
         query: (h, w) / (t, h, w) or "h,w" / "t,h,w" on the block's token grid; default the centre.
         head: attention head.
         normalize: softmax reading, "joint" or "per_pattern"; default the layer's own.
+        channel: the channel whose patterns and dynamic kernels are shown (channel-wise
+            patterns); default None, the mean over the head's channels.
     """
     x = prepare_sample(model, sample)
     if captures is None:
@@ -247,21 +324,37 @@ def query_attention(model: nn.Module, sample: torch.Tensor, block: int | None = 
         cap = found[0]
     qi, pos = query_index(query, cap.grid)
     head = _check_head(head, cap.num_heads, f"block {cap.index}")
-    w = cap.weights(normalize)[0, :, qi]  # (heads, D, N)
-    T, H, W = cap.grid3
-    w = w.reshape(w.shape[0], w.shape[1], T, H, W).float().cpu().numpy()
+    channel = _check_channel(channel, cap)
+    w = cap.weights(normalize)[0, :, qi]  # (heads, D, N')
+    w = w.reshape(w.shape[0], w.shape[1], *cap.key_grid3).float().cpu().numpy()
     u_k = u_v = None
     if cap.kind != "sa":
         uk, uv = cap.patterns()
         u_k, u_v = uk.float().cpu().numpy(), uv.float().cpu().numpy()
     reading = normalize or getattr(cap.module, "normalize", "joint")
-    return QueryAttention(cap, x, pos, qi, head, reading if cap.kind != "sa" else "softmax", w, u_k, u_v)
+    return QueryAttention(cap, x, pos, qi, head, reading if cap.kind != "sa" else "softmax", w, u_k, u_v, channel)
 
 
 def _common_npz(qa: QueryAttention, model_name: str | None = None) -> dict:
+    layout = getattr(qa.capture.module, "patterns", "sa")
     return dict(query=np.array(qa.query), query_index=np.array(qa.query_index), grid=np.array(qa.grid3),
+                key_grid=np.array(qa.key_grid3), kv_stride=np.array(qa.kv_stride3),
                 block=np.array(qa.capture.index), block_name=np.array(qa.capture.name), head=np.array(qa.head),
-                kind=np.array(qa.capture.kind), normalize=np.array(qa.normalize))
+                kind=np.array(qa.capture.kind), normalize=np.array(qa.normalize), patterns=np.array(layout),
+                channel=np.array(-1 if qa.channel is None else qa.channel))
+
+
+def _channel_text(qa: QueryAttention) -> str:
+    if not qa.channelwise:
+        return ""
+    return f"channel {qa.channel}" if qa.channel is not None else "mean over channels"
+
+
+def _pattern_arrays(qa: QueryAttention) -> dict:
+    """The patterns and their channel statistics of the head, for the .npz files."""
+    h = qa.head
+    return dict(u_k=qa.pattern("u_k"), u_v=qa.pattern("u_v"), u_k_std=qa.pattern_std("u_k"),
+                u_v_std=qa.pattern_std("u_v"), u_k_channels=qa.u_k[h], u_v_channels=qa.u_v[h])
 
 
 def _save(fig, path, arrays: dict) -> Path:
@@ -297,10 +390,13 @@ def _unit_text(unit: float) -> str:
     return "" if unit == 1.0 else f" (x1e{int(round(math.log10(unit)))})"
 
 
-def _show_kernel(ax, u: np.ndarray, vmax: float, annotate: bool = True, cmap="RdBu_r", unit: float = 1.0):
+def _show_kernel(ax, u: np.ndarray, vmax: float, annotate: bool = True, cmap="RdBu_r", unit: float = 1.0,
+                 signed: bool = True):
+    """A (kt, kh, kw) kernel as a strip; ``signed``: colour scale [-vmax, vmax], else [0, vmax]."""
     strip = _kernel_strip(u)
     cm = _plt().get_cmap(cmap).with_extremes(bad="white")
-    im = ax.imshow(np.ma.masked_invalid(strip), cmap=cm, vmin=-vmax, vmax=vmax, interpolation="nearest")
+    im = ax.imshow(np.ma.masked_invalid(strip), cmap=cm, vmin=-vmax if signed else 0.0, vmax=vmax,
+                   interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
     kt, kh, kw = u.shape
@@ -318,8 +414,14 @@ def _show_kernel(ax, u: np.ndarray, vmax: float, annotate: bool = True, cmap="Rd
 def _label(qa: QueryAttention) -> str:
     q = qa.query if qa.grid3[0] > 1 else qa.query[1:]
     g = qa.grid3 if qa.grid3[0] > 1 else qa.grid3[1:]
-    return (f"block {qa.capture.index} ({qa.capture.name}, {_KIND_LABEL[qa.capture.kind]}), head {qa.head}, "
-            f"query {tuple(q)} on the {'x'.join(map(str, g))} token grid")
+    text = (f"block {qa.capture.index} ({qa.capture.name}, {_KIND_LABEL[qa.capture.kind]}"
+            + (f", {qa.capture.module.patterns} patterns" if qa.u_v is not None else "")
+            + f"), head {qa.head}, query {tuple(q)} on the {'x'.join(map(str, g))} token grid")
+    if qa.kv_stride3 != (1, 1, 1):
+        kg = qa.key_grid3 if qa.grid3[0] > 1 else qa.key_grid3[1:]
+        st = qa.kv_stride3 if qa.grid3[0] > 1 else qa.kv_stride3[1:]
+        text += f", keys on the {'x'.join(map(str, kg))} grid (kv_stride {tuple(st)})"
+    return text
 
 
 def _reading_text(normalize: str) -> str:
@@ -333,8 +435,9 @@ def _reading_text(normalize: str) -> str:
 
 def _pattern_maps(fig, gs, qa: QueryAttention, canvas: _Canvas, maps: np.ndarray, normalize: str, ncols: int,
                   title_prefix: str = "") -> None:
-    """D attention maps (D, T, H, W) in a sub-grid of ``gs``, styled by their normalisation."""
+    """D attention maps (D, T', H', W') over the key grid in a sub-grid of ``gs``, styled by their normalisation."""
     d = maps.shape[0]
+    frames = canvas.key_frames(qa.kv_stride3, maps.shape[1])
     nrows = math.ceil(d / ncols)
     sub = gs.subgridspec(nrows, ncols, wspace=0.08, hspace=0.3)
     shares = maps.reshape(d, -1).sum(1)
@@ -344,8 +447,8 @@ def _pattern_maps(fig, gs, qa: QueryAttention, canvas: _Canvas, maps: np.ndarray
     for i in range(d):
         ax = fig.add_subplot(sub[i // ncols, i % ncols])
         lo, hi = (float(maps.min()), float(maps.max())) if joint else (float(maps[i].min()), float(maps[i].max()))
-        im = canvas.show(ax, maps[i], vmin=lo, vmax=hi if hi > lo else None)
-        canvas.mark(ax, t, h, w)
+        im = canvas.show(ax, maps[i], frames=frames, vmin=lo, vmax=hi if hi > lo else None, kv_stride=qa.kv_stride3)
+        canvas.mark(ax, t, h, w, frames=frames)
         axes.append(ax)
         if normalize == "joint":
             ax.set_title(f"{title_prefix}d={i}: share {100 * shares[i]:.1f}%", fontsize=8)
@@ -362,36 +465,42 @@ def _pattern_maps(fig, gs, qa: QueryAttention, canvas: _Canvas, maps: np.ndarray
 
 
 def attention_figure(model: nn.Module, sample: torch.Tensor, path, *, block: int | None = None, query=None,
-                     head: int = 0, normalize: str | None = None, top_k: int = 4) -> Path:
+                     head: int = 0, normalize: str | None = None, top_k: int = 4, channel: int | None = None) -> Path:
     """Fig. 2: structural attention of one query, with the patterns and dynamic kernels.
 
     Rows: the input with the query (cyan square); the D attention maps A[d, :] over the
     key grid overlaid on the input (styled by the softmax reading, see
     :func:`readings_figure`); the D pattern detectors U^K and aggregators U^V (small
-    kernels, blue < 0 < red); the dynamic kernels kappa at the ``top_k`` most attended
-    keys (by attention summed over d), drawn over the window they aggregate on the input
-    and, numbered, next to it. An SA block shows its one attention map only.
+    kernels, blue < 0 < red; channel-wise patterns: the mean over the head's channels and,
+    in a third row, the std of U^V over them, or channel ``channel``); the dynamic kernels
+    kappa at the ``top_k`` most attended keys (by attention summed over d; channel mean or
+    ``channel``), drawn over the window they aggregate on the input and, numbered, next to
+    it. An SA block shows its one attention map only.
 
-    The ``.npz`` holds: ``attention`` (D, T, H, W) for the head, ``attention_all_heads``
-    (heads, D, T, H, W), ``u_k``/``u_v`` (D, kt, kh, kw), ``kappa`` (top_k, kt, kh, kw),
-    ``top_keys`` (top_k, 3), ``top_mass``, ``shares`` (D,), ``frames`` (the input frames
-    shown), and query/grid/block/head/kind/normalize.
+    The ``.npz`` holds: ``attention`` (D, T', H', W') for the head, ``attention_all_heads``
+    (heads, D, T', H', W'), ``u_k``/``u_v`` (D, kt, kh, kw) as shown, ``u_k_std``/``u_v_std``
+    (std over channels), ``u_k_channels``/``u_v_channels`` (cu, D, kt, kh, kw), ``kappa``
+    (top_k, kt, kh, kw) as shown, ``kappa_channels`` (top_k, cu, kt, kh, kw), ``top_keys``
+    (top_k, 3) on the key grid, ``top_positions`` (their grid positions), ``top_mass``,
+    ``shares`` (D,), ``frames`` (the input frames shown), and
+    query/grid/key_grid/kv_stride/block/head/kind/normalize/patterns/channel (-1: mean).
     """
     plt = _plt()
-    qa = query_attention(model, sample, block, query, head, normalize)
+    qa = query_attention(model, sample, block, query, head, normalize, channel=channel)
     canvas = _Canvas.make(qa.sample, qa.grid3)
     maps = qa.head_weights()
     d = maps.shape[0]
-    T = qa.grid3[0]
+    T = qa.key_grid3[0]
     structural = qa.u_v is not None
+    std_row = structural and qa.channelwise and qa.channel is None
     if T == 1:
         ncols = max(d, top_k + 2 if structural else 1)
         map_cols, width = ncols, max(8.0, 1.9 * ncols)
-    else:  # video: attention maps are strips of T frames, two per row
+    else:  # video: attention maps are strips of T' frames, two per row
         ncols = map_cols = min(d, 2)
         width = max(10.0, 2 * 1.6 * T + 1.0)
     map_rows = math.ceil(d / map_cols)
-    heights = [1.0] + [map_rows] + ([0.75, 0.75, 1.1] if structural else [])
+    heights = [1.0] + [map_rows] + ([0.75, 0.75] + ([0.75] if std_row else []) + [1.1] if structural else [])
     fig = plt.figure(figsize=(width, 2.1 * sum(heights) + 0.6))
     gs = fig.add_gridspec(len(heights), 1, height_ratios=heights, hspace=0.45)
     arrays = _common_npz(qa)
@@ -403,7 +512,7 @@ def attention_figure(model: nn.Module, sample: torch.Tensor, path, *, block: int
     ax = fig.add_subplot(top[0, 0:in_span])
     canvas.show(ax)
     canvas.mark(ax, *qa.query, label="q")
-    ax.set_title("input and query" + (" (frames of the key grid)" if T > 1 else ""), fontsize=8)
+    ax.set_title("input and query" + (" (frames of the token grid)" if qa.grid3[0] > 1 else ""), fontsize=8)
     if d > 1:
         ax = fig.add_subplot(top[0, in_span:in_span + (2 if T == 1 else 1)])
         shares = maps.reshape(d, -1).sum(1)
@@ -417,34 +526,42 @@ def attention_figure(model: nn.Module, sample: torch.Tensor, path, *, block: int
     _pattern_maps(fig, gs[1], qa, canvas, maps, qa.normalize, map_cols)
 
     if structural:
-        h = qa.head
-        for row, (name, u) in enumerate((("U^K (pattern detectors)", qa.u_k[h]), ("U^V (aggregation patterns)", qa.u_v[h]))):
+        which = _channel_text(qa)
+        rows = [("U^K", "pattern detectors", qa.pattern("u_k"), True),
+                ("U^V", "aggregation patterns", qa.pattern("u_v"), True)]
+        if std_row:
+            rows.append(("std U^V", "std over channels", qa.pattern_std("u_v"), False))
+        for row, (name, desc, u, signed) in enumerate(rows):
             sub = gs[2 + row].subgridspec(1, max(d, ncols) if T == 1 else d, wspace=0.1)
             vmax = float(np.abs(u).max()) or 1.0
             for i in range(d):
                 ax = fig.add_subplot(sub[0, i])
-                _show_kernel(ax, u[i], vmax, annotate=u.shape[1] == 1)
-                ax.set_title(f"{name.split()[0]}[{i}]", fontsize=8)
+                _show_kernel(ax, u[i], vmax, annotate=u.shape[1] == 1, cmap="RdBu_r" if signed else "viridis",
+                             signed=signed)
+                ax.set_title(f"{name}[{i}]", fontsize=8)
                 if i == 0:
-                    ax.set_ylabel(name.split(" ", 1)[1], fontsize=7)
+                    ax.set_ylabel(desc + (f"\n({which})" if which and signed else ""), fontsize=7)
         keys = qa.top_keys(top_k)
+        positions = [qa.key_position(k) for k in keys]
         kappas = np.stack([qa.kappa(k) for k in keys])
         mass = qa.mass()
         top_mass = np.array([mass[k] for k in keys])
-        arrays.update(u_k=qa.u_k[h], u_v=qa.u_v[h], kappa=kappas, top_keys=np.array(keys), top_mass=top_mass)
+        arrays.update(_pattern_arrays(qa))
+        arrays.update(kappa=kappas, kappa_channels=np.stack([qa.kappa_channels(k) for k in keys]),
+                      top_keys=np.array(keys), top_positions=np.array(positions), top_mass=top_mass)
         kcols = ncols if T == 1 else top_k + 2
-        sub = gs[4].subgridspec(1, kcols, wspace=0.15)
+        sub = gs[2 + len(rows)].subgridspec(1, kcols, wspace=0.15)
         kmax = float(np.abs(kappas).max()) or 1.0
         unit = _unit(kmax)
-        frames_shown = sorted({k[0] for k in keys} | {qa.query[0]})
+        frames_shown = sorted({p[0] for p in positions} | {qa.query[0]})
         span = max(1, min(kcols - top_k, 2))
         ax = fig.add_subplot(sub[0, 0:span])
         canvas.show(ax, frames=frames_shown)
         kt, kh, kw = kappas.shape[1:]
         cm = plt.get_cmap("RdBu_r")
-        for n, (key, kap) in enumerate(zip(keys, kappas)):
-            slot = frames_shown.index(key[0])
-            cx, cy = canvas.cell(*key, frame_slot=slot)
+        for n, (pos, kap) in enumerate(zip(positions, kappas)):
+            slot = frames_shown.index(pos[0])
+            cx, cy = canvas.cell(*pos, frame_slot=slot)
             x0, y0 = cx - kw / 2 * canvas.sw, cy - kh / 2 * canvas.sh
             ax.imshow(kap[kt // 2], cmap=cm, vmin=-kmax, vmax=kmax, alpha=0.8, interpolation="nearest",
                       extent=(x0, x0 + kw * canvas.sw, y0 + kh * canvas.sh, y0))
@@ -454,12 +571,13 @@ def attention_figure(model: nn.Module, sample: torch.Tensor, path, *, block: int
         canvas.mark(ax, *qa.query, frames=frames_shown)
         ax.set_xlim(0, len(frames_shown) * canvas.width)
         ax.set_ylim(canvas.height, 0)
-        ax.set_title("kappa of the top keys over their windows" + (" (centre frame)" if kt > 1 else ""), fontsize=8)
-        for n, (key, kap) in enumerate(zip(keys, kappas)):
+        ax.set_title("kappa of the top keys over their windows" + (" (centre frame)" if kt > 1 else "")
+                     + (f"\n{which}" if which else ""), fontsize=8)
+        for n, (pos, kap) in enumerate(zip(positions, kappas)):
             ax = fig.add_subplot(sub[0, kcols - top_k + n])
             _show_kernel(ax, kap, kmax, unit=unit, annotate=kt == 1)
-            pos = key if T > 1 else key[1:]
-            ax.set_title(f"kappa {n + 1} at {tuple(pos)}{_unit_text(unit)}\nmass {100 * top_mass[n]:.1f}%",
+            shown = pos if qa.grid3[0] > 1 else pos[1:]
+            ax.set_title(f"kappa {n + 1} at {tuple(shown)}{_unit_text(unit)}\nmass {100 * top_mass[n]:.1f}%",
                          fontsize=7)
     fig.suptitle(f"Structural attention (Fig. 2) - {_label(qa)}\n{_reading_text(qa.normalize)}", fontsize=9)
     return _save(fig, path, arrays)
@@ -476,29 +594,34 @@ def _require_structural(cap: AttentionCapture, model: nn.Module, what: str) -> N
 
 
 def kernels_figure(model: nn.Module, sample: torch.Tensor, path, *, block: int | None = None, query=None,
-                   head: int = 0, normalize: str | None = None, top_k: int = 4) -> Path:
+                   head: int = 0, normalize: str | None = None, top_k: int = 4, channel: int | None = None) -> Path:
     """Fig. 3: dynamic kernels of one query over the space-time key grid.
 
     Top row: the query's attention summed over patterns, over the key grid frame by frame
     (one colour scale for all frames), with the query (cyan) and the ``top_k`` most
     attended keys (numbered, lime). One row per top key: kappa over its (t, h, w) window,
     one panel per temporal offset (images: one panel), one symmetric colour scale for all
-    kernels. Needs a StructSA or ConvSA block.
+    kernels. Channel-wise patterns give one kernel per channel: shown is their mean
+    (default) or channel ``channel``. Needs a StructSA or ConvSA block.
 
-    The ``.npz`` holds ``attention`` (T, H, W) summed over d, ``attention_patterns``
-    (D, T, H, W), ``kappa`` (top_k, kt, kh, kw), ``top_keys`` (top_k, 3), ``top_mass``,
-    ``u_v`` (D, kt, kh, kw), ``frames`` and query/grid/block/head/kind/normalize.
+    The ``.npz`` holds ``attention`` (T', H', W') summed over d, ``attention_patterns``
+    (D, T', H', W'), ``kappa`` (top_k, kt, kh, kw) as shown, ``kappa_channels``
+    (top_k, cu, kt, kh, kw), ``top_keys`` (top_k, 3) on the key grid, ``top_positions``,
+    ``top_mass``, ``u_v`` (D, kt, kh, kw) as shown (and the other pattern arrays of
+    :func:`attention_figure`), ``frames`` and query/grid/key_grid/kv_stride/block/head/kind/normalize/channel.
     """
     plt = _plt()
     x = prepare_sample(model, sample)
     caps = capture(model, x, None if block is None else [block])
     cap = default_block(caps) if block is None else caps[0]
     _require_structural(cap, model, "a kernels plot")
-    qa = query_attention(model, x, cap.index, query, head, normalize, captures=[cap])
+    qa = query_attention(model, x, cap.index, query, head, normalize, captures=[cap], channel=channel)
     canvas = _Canvas.make(qa.sample, qa.grid3)
-    T = qa.grid3[0]
+    T = qa.key_grid3[0]
+    key_frames = canvas.key_frames(qa.kv_stride3, T)
     mass = qa.mass()
     keys = qa.top_keys(top_k)
+    positions = [qa.key_position(k) for k in keys]
     kappas = np.stack([qa.kappa(k) for k in keys])
     kt = kappas.shape[1]
     top_mass = np.array([mass[k] for k in keys])
@@ -515,23 +638,24 @@ def kernels_figure(model: nn.Module, sample: torch.Tensor, path, *, block: int |
         gs = fig.add_gridspec(1 + top_k, ncols, hspace=0.55, wspace=0.15)
     lo, hi = float(mass.min()), float(mass.max())
     top_axes = []
-    for t in range(T):
+    for t, frame in enumerate(key_frames):
         ax = fig.add_subplot(gs[0, t])
-        im = canvas.show(ax, mass[t:t + 1], frames=[t], vmin=lo, vmax=hi if hi > lo else None)
-        canvas.mark(ax, *qa.query, frames=[t], label="q")
-        for n, key in enumerate(keys):
-            canvas.mark(ax, *key, frames=[t], color="lime", label=str(n + 1), marker="o")
-        ax.set_title(f"key frame t={t} (input frame {canvas.frame_index[t]})\nmass {100 * mass[t].sum():.1f}%"
+        im = canvas.show(ax, mass[t:t + 1], frames=[frame], vmin=lo, vmax=hi if hi > lo else None,
+                         kv_stride=qa.kv_stride3)
+        canvas.mark(ax, *qa.query, frames=[frame], label="q")
+        for n, pos in enumerate(positions):
+            canvas.mark(ax, *pos, frames=[frame], color="lime", label=str(n + 1), marker="o")
+        ax.set_title(f"key frame t={t} (input frame {canvas.frame_index[frame]})\nmass {100 * mass[t].sum():.1f}%"
                      if T > 1 else "attention over keys (sum over d)", fontsize=8)
         top_axes.append(ax)
     fig.colorbar(im, ax=top_axes, fraction=0.02, pad=0.01).ax.tick_params(labelsize=6)
-    for n, (key, kap) in enumerate(zip(keys, kappas)):
-        pos = key if T > 1 else key[1:]
+    for n, (pos, kap) in enumerate(zip(positions, kappas)):
+        shown = pos if qa.grid3[0] > 1 else pos[1:]
         ax = fig.add_subplot(gs[1, n] if kt == 1 else gs[1 + n, 0])
-        canvas.show(ax, frames=[key[0]])
-        canvas.mark(ax, *key, frames=[key[0]], color="lime", label=str(n + 1), marker="o")
-        canvas.mark(ax, *qa.query, frames=[key[0]])
-        ax.set_title(f"key {n + 1} at {tuple(pos)}, mass {100 * top_mass[n]:.1f}%", fontsize=8)
+        canvas.show(ax, frames=[pos[0]])
+        canvas.mark(ax, *pos, frames=[pos[0]], color="lime", label=str(n + 1), marker="o")
+        canvas.mark(ax, *qa.query, frames=[pos[0]])
+        ax.set_title(f"key {n + 1} at {tuple(shown)}, mass {100 * top_mass[n]:.1f}%", fontsize=8)
         for s in range(kt):
             ax = fig.add_subplot(gs[2, n] if kt == 1 else gs[1 + n, 1 + s])
             im = _show_kernel(ax, kap[s:s + 1], kmax, unit=unit)
@@ -540,10 +664,15 @@ def kernels_figure(model: nn.Module, sample: torch.Tensor, path, *, block: int |
         if n == 0:
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
     arrays = _common_npz(qa)
-    arrays.update(attention=mass, attention_patterns=qa.head_weights(), kappa=kappas, top_keys=np.array(keys),
-                  top_mass=top_mass, u_v=qa.u_v[qa.head], frames=canvas.frames, frame_index=canvas.frame_index)
-    kind = "Video dynamic kernels (Fig. 3)" if T > 1 else "Dynamic kernels"
-    fig.suptitle(f"{kind} - {_label(qa)}\nkappa[j] = sum_d A[d, j] U^V[d] over the "
+    arrays.update(_pattern_arrays(qa))
+    arrays.update(attention=mass, attention_patterns=qa.head_weights(), kappa=kappas,
+                  kappa_channels=np.stack([qa.kappa_channels(k) for k in keys]), top_keys=np.array(keys),
+                  top_positions=np.array(positions), top_mass=top_mass, frames=canvas.frames,
+                  frame_index=canvas.frame_index)
+    kind = "Video dynamic kernels (Fig. 3)" if qa.grid3[0] > 1 else "Dynamic kernels"
+    which = _channel_text(qa)
+    formula = ("kappa[j, c] = sum_d A[d, j] U^V[c, d]" if qa.channelwise else "kappa[j] = sum_d A[d, j] U^V[d]")
+    fig.suptitle(f"{kind} - {_label(qa)}\n{formula}{f' ({which})' if which else ''} over the "
                  f"{'x'.join(map(str, kappas.shape[1:]))} (t, h, w) window of each key; "
                  f"{_reading_text(qa.normalize).split(':')[0]}", fontsize=9)
     return _save(fig, path, arrays)
@@ -558,8 +687,9 @@ def derive_variants(model: nn.Module, seed: int = 0) -> dict[str, nn.Module]:
 
     Every StructSA layer is replaced, in copies of ``model``, by (a) a SelfAttention with
     the same qkv/proj weights ("SA") and (b) a ConvSA (one pattern) with the same
-    qkv/proj whose single pattern is the mean of the layer's D patterns (u_k and u_v),
-    a D = 1 summary of what the layer learned ("ConvSA"). A ConvSA model keeps its
+    qkv/proj, layout, windows and key/value stride whose single pattern is the mean of
+    the layer's D patterns (u_k and u_v, per channel for channel-wise patterns), a D = 1
+    summary of what the layer learned ("ConvSA"). A ConvSA model keeps its
     pattern and gets the SA copy only. Without separately trained models this is the
     closest like-for-like comparison: same tokens into the first attention block, same
     q and k, only the structural part differs.
@@ -577,21 +707,22 @@ def derive_variants(model: nn.Module, seed: int = 0) -> dict[str, nn.Module]:
             if kind == "sa":
                 new = SelfAttention(m.dim, m.num_heads, qkv_bias=m.qkv.bias is not None)
             elif m.num_patterns > 1:
-                new = StructSA(m.dim, m.num_heads, window=m.window, num_patterns=1, normalize=m.normalize,
-                               share_patterns=m.share_patterns, qkv_bias=m.qkv.bias is not None, backend=m.backend)
-                new.u_k.copy_(m.u_k.mean(1, keepdim=True))
-                new.u_v.copy_(m.u_v.mean(1, keepdim=True) * (m.num_patterns if m.normalize == "per_pattern" else 1))
+                new = StructSA(m.dim, m.num_heads, window=m.window, num_patterns=1, patterns=m.patterns,
+                               window_v=m.window_v, kv_stride=m.kv_stride, normalize=m.normalize,
+                               qkv_bias=m.qkv.bias is not None, backend=m.backend, memory_limit=m.memory_limit)
+                pd = m.pattern_dim
+                new.u_k.copy_(m.u_k.mean(pd, keepdim=True))
+                new.u_v.copy_(m.u_v.mean(pd, keepdim=True) * (m.num_patterns if m.normalize == "per_pattern" else 1))
             else:
                 continue
             new.qkv.load_state_dict(m.qkv.state_dict())
             new.proj.load_state_dict(m.proj.state_dict())
             new.to(device=m.qkv.weight.device, dtype=m.qkv.weight.dtype)
             parent_name, _, attr = name.rpartition(".")
-            parent = variant.get_submodule(parent_name) if parent_name else None
-            if parent is None:
+            if not name:  # the model is the attention layer itself
                 variant = new
             else:
-                setattr(parent, attr, new)
+                setattr(variant.get_submodule(parent_name), attr, new)
         if kind == "sa":
             sa = variant
         else:
@@ -617,8 +748,10 @@ def compare_figure(models, sample: torch.Tensor, path, *, block: int | None = No
 
     Each map is the query's attention over the key grid summed over patterns (for SA the
     softmax itself), so all models show one distribution over keys; each has its own
-    colour scale (SA maps are flatter). Video: one row per model, one column per key frame.
-    The ``.npz`` holds ``attention`` (models, T, H, W), ``labels``, ``kinds`` and the query.
+    colour scale (SA maps are flatter). Video: one row per model, one column per frame.
+    The ``.npz`` holds ``attention`` (models, T', H', W') (when the key grids differ, e.g.
+    a strided StructSA next to SA, ``attention_0``, ``attention_1``, ... instead),
+    ``labels``, ``kinds``, ``kv_strides`` and the query.
     """
     plt = _plt()
     if isinstance(models, nn.Module):
@@ -644,33 +777,45 @@ def compare_figure(models, sample: torch.Tensor, path, *, block: int | None = No
     qa0 = results[0]
     canvas = _Canvas.make(x, qa0.grid3)
     T = qa0.grid3[0]
-    maps = np.stack([r.mass() for r in results])
+    maps = [r.mass() for r in results]  # each on its model's key grid (a strided layer has fewer keys)
     if T == 1:
         fig, axes = plt.subplots(1, len(labels) + 1, figsize=(2.6 * (len(labels) + 1), 3.2))
         canvas.show(axes[0])
         canvas.mark(axes[0], *qa0.query, label="q")
         axes[0].set_title("input and query", fontsize=9)
         for ax, label, r, mp in zip(axes[1:], labels, results, maps):
-            im = canvas.show(ax, mp, vmin=float(mp.min()), vmax=float(mp.max()))
+            im = canvas.show(ax, mp, vmin=float(mp.min()), vmax=float(mp.max()), kv_stride=r.kv_stride3)
             canvas.mark(ax, *r.query)
             ax.set_title(f"{label}\nmax {mp.max():.3f}", fontsize=9)
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
     else:
         fig, axes = plt.subplots(len(labels), T, figsize=(2.3 * T, 2.3 * len(labels) + 0.4), squeeze=False)
         for row, (label, r, mp) in enumerate(zip(labels, results, maps)):
+            key_frames = canvas.key_frames(r.kv_stride3, mp.shape[0])
             for t in range(T):
                 ax = axes[row, t]
-                im = canvas.show(ax, mp[t:t + 1], frames=[t], vmin=float(mp.min()), vmax=float(mp.max()))
+                if t in key_frames:
+                    tk = key_frames.index(t)
+                    im = canvas.show(ax, mp[tk:tk + 1], frames=[t], vmin=float(mp.min()), vmax=float(mp.max()),
+                                     kv_stride=r.kv_stride3)
+                else:  # a frame without keys (temporal key stride)
+                    canvas.show(ax, frames=[t])
                 canvas.mark(ax, *r.query, frames=[t])
                 if row == 0:
-                    ax.set_title(f"key frame t={t}", fontsize=9)
+                    ax.set_title(f"frame t={t}", fontsize=9)
                 if t == 0:
                     ax.set_ylabel(label, fontsize=9)
             fig.colorbar(im, ax=axes[row, T - 1], fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+    if len({mp.shape for mp in maps}) == 1:
+        att = {"attention": np.stack(maps)}
+    else:  # key grids differ between the models: one array each
+        att = {f"attention_{i}": mp for i, mp in enumerate(maps)}
     arrays = _common_npz(qa0)
-    arrays.update(attention=maps, labels=np.array(labels), kinds=np.array([r.capture.kind for r in results]),
-                  frames=canvas.frames, frame_index=canvas.frame_index)
-    del arrays["kind"], arrays["normalize"]
+    arrays.update(att, labels=np.array(labels), kinds=np.array([r.capture.kind for r in results]),
+                  kv_strides=np.array([r.kv_stride3 for r in results]), frames=canvas.frames,
+                  frame_index=canvas.frame_index)
+    for key in ("kind", "normalize", "patterns", "channel", "key_grid", "kv_stride"):
+        del arrays[key]
     fig.suptitle(f"SA vs ConvSA vs StructSA (Fig. 4) - block {block}, head {qa0.head}, query "
                  f"{tuple(qa0.query if T > 1 else qa0.query[1:])}\nattention over keys, summed over patterns; "
                  f"each map on its own colour scale", fontsize=9)
@@ -689,7 +834,7 @@ def readings_figure(model: nn.Module, sample: torch.Tensor, path, *, block: int 
     and each title gives the pattern's share of the query's total attention (shares sum
     to 100 %). Row 2, "per_pattern": D distributions over j, each map summing to 1 and
     shown on its own colour scale. The block's own reading is marked. Needs a StructSA or
-    ConvSA block. The ``.npz`` holds ``joint`` and ``per_pattern`` (D, T, H, W), ``shares``.
+    ConvSA block. The ``.npz`` holds ``joint`` and ``per_pattern`` (D, T', H', W'), ``shares``.
     """
     plt = _plt()
     x = prepare_sample(model, sample)
@@ -699,7 +844,7 @@ def readings_figure(model: nn.Module, sample: torch.Tensor, path, *, block: int 
     res = {r: query_attention(model, x, cap.index, query, head, r, captures=[cap]) for r in ("joint", "per_pattern")}
     qa = res["joint"]
     canvas = _Canvas.make(x, qa.grid3)
-    d, T = qa.num_patterns, qa.grid3[0]
+    d, T = qa.num_patterns, qa.key_grid3[0]
     ncols = d if T == 1 else max(1, min(d, 8 // T))
     rows = math.ceil(d / ncols)
     strip_w = 1.9 if T == 1 else 1.5 * T  # a panel: one map, or a strip of T frames
@@ -724,7 +869,7 @@ def readings_figure(model: nn.Module, sample: torch.Tensor, path, *, block: int 
 
 def write_demo_figures(model: nn.Module, sample: torch.Tensor, out_dir, *, block: int | None = None, query=None,
                        head: int = 0, compare_models: Mapping[str, nn.Module] | None = None,
-                       prefix: str | None = None) -> list[Path]:
+                       prefix: str | None = None, channel: int | None = None) -> list[Path]:
     """One of each figure for ``model`` on ``sample``; returns the PNG paths (each with a .npz).
 
     Files (``prefix`` default "image" or "video"): ``{prefix}_attention.png`` (Fig. 2),
@@ -735,8 +880,8 @@ def write_demo_figures(model: nn.Module, sample: torch.Tensor, out_dir, *, block
     out_dir = Path(out_dir)
     prefix = prefix or ("video" if getattr(model, "video", False) else "image")
     kw = dict(block=block, query=query, head=head)
-    paths = [attention_figure(model, sample, out_dir / f"{prefix}_attention.png", **kw),
-             kernels_figure(model, sample, out_dir / f"{prefix}_kernels.png", **kw),
+    paths = [attention_figure(model, sample, out_dir / f"{prefix}_attention.png", channel=channel, **kw),
+             kernels_figure(model, sample, out_dir / f"{prefix}_kernels.png", channel=channel, **kw),
              compare_figure(compare_models if compare_models is not None else model, sample,
                             out_dir / f"{prefix}_compare.png", **kw),
              readings_figure(model, sample, out_dir / f"{prefix}_readings.png", **kw)]
