@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -31,10 +32,11 @@ def test_sa_block_flops(device):
     assert attention_flops_analytic(sa, b, grid)["total"] == want
 
 
-def _structsa_formula(backend, n, c, d, m, heads, b):
-    """DESIGN.md section 1, per head, multiply-adds; x2 for FLOPs."""
-    if backend == "keyconv":
-        macs = 2 * d * n * n * c + 2 * n * m * d * c
+def _structsa_formula(backend, n, c, d, m, heads, b, n_kv=None):
+    """Per head, multiply-adds (N' = n_kv keys); x2 for FLOPs."""
+    n_kv = n if n_kv is None else n_kv
+    if backend == "keyconv":  # depthwise pattern convolutions of K and V, then attention over D N' keys
+        macs = 2 * n_kv * d * m * c + 2 * n * d * n_kv * c
     elif m <= c:  # correlation, value side folded into a transposed convolution
         macs = n * n * c + n * n * m * d + (n * n * m * d + n * n * c)
     else:  # correlation, shifted values
@@ -42,24 +44,21 @@ def _structsa_formula(backend, n, c, d, m, heads, b):
     return 2 * b * heads * macs
 
 
-@pytest.mark.parametrize("backend,window,normalize,grid,head_dim", [
-    ("correlation", (3, 3), "joint", (7, 7), 16),          # folded value side (M <= C)
-    ("correlation", (5, 5), "per_pattern", (6, 6), 16),    # shifted value side (M > C)
-    ("keyconv", (3, 3), "joint", (7, 7), 16),
-    ("keyconv", (3, 3), "per_pattern", (7, 7), 16),
-    ("keyconv", (3, 3, 3), "joint", (2, 4, 4), 32),
-    ("correlation", (3, 3, 3), "joint", (2, 4, 4), 32),
+@pytest.mark.parametrize("backend,patterns,window,normalize,grid,head_dim", [
+    ("correlation", "head", (3, 3), "joint", (7, 7), 16),          # folded value side (M <= C)
+    ("correlation", "shared", (5, 5), "per_pattern", (6, 6), 16),  # shifted value side (M > C)
+    ("keyconv", "channel", (3, 3), "joint", (7, 7), 16),
+    ("keyconv", "channel", (3, 3), "per_pattern", (7, 7), 16),
+    ("keyconv", "head", (3, 3), "joint", (7, 7), 16),
+    ("keyconv", "channel", (3, 3, 3), "joint", (2, 4, 4), 32),
+    ("correlation", "head", (3, 3, 3), "joint", (2, 4, 4), 32),
 ])
-def test_structsa_block_flops_match_backend_formula(backend, window, normalize, grid, head_dim):
+def test_structsa_block_flops_match_backend_formula(backend, patterns, window, normalize, grid, head_dim):
     b, heads, d = 2, 2, 4
     dim = heads * head_dim
-    n = 1
-    for s in grid:
-        n *= s
-    m = 1
-    for s in window:
-        m *= s
-    layer = StructSA(dim, heads, window=window, num_patterns=d, normalize=normalize, backend=backend)
+    n, m = math.prod(grid), math.prod(window)
+    layer = StructSA(dim, heads, window=window, num_patterns=d, patterns=patterns, normalize=normalize,
+                     backend=backend)
     x = torch.randn(b, n, dim)
     linear = 2 * b * n * (dim * 3 * dim + dim * dim)
     want = _structsa_formula(backend, n, head_dim, d, m, heads, b) + linear
@@ -68,14 +67,29 @@ def test_structsa_block_flops_match_backend_formula(backend, window, normalize, 
         attention=want - linear, linear=linear, total=want, backend=backend)
 
 
+@pytest.mark.parametrize("grid,window,stride,n_kv", [
+    ((7, 7), (3, 3), 2, 16),                # ceil(7 / 2) ** 2 keys
+    ((2, 6, 6), (3, 3, 3), (1, 2, 2), 18),  # video, spatial stride (the paper's StructViT-X-D-2)
+])
+def test_strided_channelwise_flops(grid, window, stride, n_kv):
+    b, heads, c, d = 1, 2, 8, 4
+    layer = StructSA(heads * c, heads, window=window, num_patterns=d, kv_stride=stride)
+    n = math.prod(grid)
+    linear = 2 * b * n * 4 * (heads * c) ** 2
+    want = _structsa_formula("keyconv", n, c, d, math.prod(window), heads, b, n_kv=n_kv) + linear
+    assert _count(layer, torch.randn(b, n, heads * c), grid) == want
+    assert layer.last_backend == "keyconv"
+    assert attention_flops_analytic(layer, b, grid)["total"] == want
+
+
 def test_auto_backend_is_resolved_like_the_op():
-    layer = StructSA(64, 2, window=(3, 3), num_patterns=8)
-    small = attention_flops_analytic(layer, 1, (3, 3))
-    large = attention_flops_analytic(layer, 1, (14, 14))
-    assert small["backend"] == "correlation" and large["backend"] == "keyconv"
-    for grid, a in (((3, 3), small), ((14, 14), large)):
+    layer = StructSA(64, 2, window=(3, 3), num_patterns=8, patterns="head")
+    for grid in ((3, 3), (14, 14)):
         n = grid[0] * grid[1]
+        a = attention_flops_analytic(layer, 1, grid)
         assert _count(layer, torch.randn(1, n, 64), grid) == a["total"]
+        assert a["backend"] == layer.last_backend  # what the op resolved in the counted forward
+    assert attention_flops_analytic(StructSA(64, 2), 1, (14, 14))["backend"] == "keyconv"  # channel-wise
 
 
 def test_report_per_block_type():

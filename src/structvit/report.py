@@ -1,24 +1,29 @@
 """``structvit report MODEL``: parameters, FLOPs per block type, activation memory, throughput.
 
-FLOPs come from :class:`torch.utils.flop_counter.FlopCounterMode` (2 FLOPs per
-multiply-add; softmax, norms and element-wise ops are not counted) on one forward pass.
-The counter sees matrix products, (grouped, transposed) convolutions and fused attention,
-which is every multiply-add of the StructSA backends, with one gap this module closes:
-on CPU, ``scaled_dot_product_attention`` runs ``aten._scaled_dot_product_flash_attention_for_cpu``,
-which the counter has no formula for (it would count SA, and StructSA's key-convolution
-form, as 0); it is given the formula of the other fused attention kernels.
+FLOPs are those of the project's one counter, :func:`structvit.models.summary.count_flops`
+(``torch.utils.flop_counter.FlopCounterMode`` with the formulas :mod:`structvit.ops`
+registers: the fused StructSA kernel and PyTorch's CPU attention kernel
+``aten._scaled_dot_product_flash_attention_for_cpu``, which the counter would otherwise
+count as 0); the report gives FLOPs (2 per multiply-add; softmax, norms and element-wise
+ops are not counted) and multiply-adds, and splits them over the parts of the model with
+forward hooks under the same counter.
 
 Each attention layer's count is checked against the analytic cost of the form it runs
-(DESIGN.md section 1, per head, multiply-adds; FLOPs = 2 x MACs):
+(per head, multiply-adds; FLOPs = 2 x MACs), for a query grid of N tokens and N' keys
+(N' = prod(ceil(n / s)) with key/value stride s), key window M, value window Mv, D
+patterns, head width C (Cv for values):
 
-- SA: 2 N^2 C (q k^T and A V), i.e. 4 N^2 C FLOPs per head, plus the qkv and proj layers;
-- StructSA "correlation": N^2 C + N^2 M D + value side, the value side being folded
-  (N^2 M D + N^2 Cv, when M <= Cv) or shifted (N M D Cv + D N^2 Cv);
-- StructSA "keyconv": D N^2 (C + Cv) + N M D (C + Cv) = 2 D N^2 C + 2 N M D C;
-- StructSA "naive": N^2 M (C + 2 D + Cv).
+- SA: 2 N^2 C (q k^T and A V), plus the qkv and proj layers;
+- StructSA "keyconv" (and "naive", which does the same products with gathered
+  contexts): the pattern convolutions N' D (M C + Mv Cv) and attention over the D N'
+  keys, N D N' (C + Cv) -- the paper's form, any layout and stride;
+- StructSA "correlation" (dot-product layouts, stride 1): N^2 C + N^2 M D + the value
+  side, folded (N^2 M D + N^2 Cv, when M <= Cv) or shifted (N M D Cv + D N^2 Cv);
+- StructSA "fused": the folded form, N^2 (C + Cv) + 2 N^2 M D.
 
-M is the window size the op really uses (an image grid sees only the centre frame of a
-3-D window); "auto" is resolved with the op's own :func:`structvit.ops.choose_backend`.
+M is the window the op really uses (an image grid sees only the centre frame of a 3-D
+window); the backend is the one the layer ran in the counted forward ("auto" resolved by
+the op itself).
 """
 from __future__ import annotations
 
@@ -37,41 +42,47 @@ __all__ = ["flop_counter", "count_flops_by_block", "attention_flops_analytic", "
 
 
 def flop_counter(display: bool = False):
-    """A FlopCounterMode that also counts CPU fused attention (see the module docstring)."""
-    from torch.utils import flop_counter as fc
+    """The counter of :func:`structvit.models.summary.count_flops`: a FlopCounterMode with the
+    formulas :mod:`structvit.ops` registers (fused StructSA kernel, CPU fused attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-    def cpu_sdpa(query, key, value, *args, out_shape=None, **kwargs) -> int:
-        return fc.sdpa_flop_count(query, key, value)
+    from . import ops  # noqa: F401  (registers the FLOP formulas)
 
-    def cpu_sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-        return fc.sdpa_backward_flop_count(grad_out, query, key, value)
-
-    custom = {}
-    for name, formula in (("_scaled_dot_product_flash_attention_for_cpu", cpu_sdpa),
-                          ("_scaled_dot_product_flash_attention_for_cpu_backward", cpu_sdpa_backward)):
-        op = getattr(torch.ops.aten, name, None)
-        if op is not None and op not in fc.flop_registry:
-            custom[op] = formula  # FlopCounterMode hands custom formulas the shapes of the arguments
-    return fc.FlopCounterMode(display=display, custom_mapping=custom)
+    return FlopCounterMode(display=display)
 
 
 # --------------------------------------------------------------------------- analytic
 
 
+def _layer_shapes(module, grid) -> dict:
+    """n, n_kv, heads, c, cv, d, m, m_v of a StructSA layer on ``grid`` (the op's canonical view)."""
+    rank = len(grid)
+    u_k, u_v = module.canonical_patterns(rank)
+    stride = module.stride_for(rank)
+    grid3 = (1,) * (3 - rank) + tuple(grid)
+    n_kv = math.prod(-(-g // st) for g, st in zip(grid3, stride))
+    return dict(n=math.prod(grid3), n_kv=n_kv, heads=module.num_heads, c=module.head_dim, cv=module.head_dim,
+                d=module.num_patterns, m=math.prod(u_k.shape[3:]), m_v=math.prod(u_v.shape[3:]))
+
+
 def resolved_backend(module, batch: int, grid) -> str:
-    """The StructSA backend a layer runs for this input ("auto" resolved like the op does)."""
+    """The StructSA backend a layer runs for a (batch, N, dim) input on ``grid`` (CPU or the
+    layer's device; "auto" resolved by the op's :func:`structvit.ops.resolve_backend`)."""
     from .nn.attention import StructSA
-    from .ops import choose_backend
+    from .ops import resolve_backend
 
     if not isinstance(module, StructSA):
         return "sa"
-    if module.backend != "auto":
-        return module.backend
-    n = math.prod(grid)
-    u_k, _ = module.patterns_for(len(grid))
-    m = math.prod(u_k.shape[-len(grid):])
-    return choose_backend(batch, module.num_heads, n, module.head_dim, module.num_patterns, m,
-                          element_size=module.qkv.weight.element_size())
+    rank = len(grid)
+    u_k, u_v = module.canonical_patterns(rank)  # (hu, cu, D, kt, kh, kw)
+    if rank == 2:
+        u_k, u_v = u_k[..., 0, :, :], u_v[..., 0, :, :]
+    lead = {"channel": (), "head": (slice(None), 0), "shared": (0, 0)}[module.patterns]
+    u_k, u_v = u_k.detach()[lead], u_v.detach()[lead]  # the op's layout for this grid rank
+    q = torch.empty((batch, module.num_heads, math.prod(grid), module.head_dim), device=module.qkv.weight.device,
+                    dtype=module.qkv.weight.dtype)
+    return resolve_backend(q, u_k, tuple(grid), u_v=u_v, kv_stride=module.stride_for(rank)[3 - rank:],
+                           backend=module.backend, memory_limit=module.memory_limit)
 
 
 def attention_flops_analytic(module, batch: int, grid, backend: str | None = None) -> dict[str, int]:
@@ -84,7 +95,6 @@ def attention_flops_analytic(module, batch: int, grid, backend: str | None = Non
 
     grid = tuple(grid)
     n, heads, c = math.prod(grid), module.num_heads, module.head_dim
-    cv = c
     dim = module.dim
     linear = 2 * batch * n * (dim * 3 * dim + dim * dim)
     if not isinstance(module, StructSA):
@@ -92,23 +102,17 @@ def attention_flops_analytic(module, batch: int, grid, backend: str | None = Non
         backend = "sa"
     else:
         backend = backend or resolved_backend(module, batch, grid)
-        d = module.num_patterns
-        u_k, _ = module.patterns_for(len(grid))
-        rank = len(grid)
-        window = tuple(u_k.shape[-rank:])
-        grid3 = (1,) * (3 - rank) + grid
-        win3 = (1,) * (3 - rank) + window
-        m_full = math.prod(win3)
-        m = m_full // win3[0] if grid3[0] == 1 else m_full  # T = 1: only the centre frame is used
-        if backend == "correlation":
-            value = n * n * m * d + n * n * cv if m <= cv else n * m * d * cv + d * n * n * cv
+        sh = _layer_shapes(module, grid)
+        n_kv, cv, d, m, m_v = sh["n_kv"], sh["cv"], sh["d"], sh["m"], sh["m_v"]
+        if backend in ("keyconv", "naive"):
+            macs = n_kv * d * (m * c + m_v * cv) + n * d * n_kv * (c + cv)
+        elif backend == "correlation":
+            value = n * n * m_v * d + n * n * cv if m_v <= cv else n * m_v * d * cv + d * n * n * cv
             macs = n * n * c + n * n * m * d + value
-        elif backend == "keyconv":
-            macs = d * n * n * (c + cv) + n * m * d * (c + cv)
-        elif backend == "naive":
-            macs = n * n * m_full * (c + 2 * d + cv)
+        elif backend == "fused":
+            macs = n * n * (c + cv) + 2 * n * n * m * d
         else:
-            raise ValueError(f"unknown backend {backend!r}")
+            raise ValueError(f"backend must be one of 'keyconv', 'naive', 'correlation', 'fused', got {backend!r}")
     attention = 2 * batch * heads * macs
     return {"attention": attention, "linear": linear, "total": attention + linear, "backend": backend}
 
@@ -172,7 +176,8 @@ def count_flops_by_block(model: nn.Module, x: torch.Tensor) -> dict:
 
     Returns ``{"total": int, "parts": [{name, kind, flops, params}], "attention": [{name, kind,
     backend, grid, counted, analytic, linear_counted, ...}]}``; the attention entries count the
-    layer alone (``counted`` = op + projections) next to the analytic formula.
+    layer alone (``counted`` = op + projections) next to the analytic formula. ``total`` is
+    the counter's whole-model count (it equals the sum of the parts for a StructViT).
     """
     from .viz.capture import attention_layers, layer_kind
 
@@ -205,7 +210,7 @@ def count_flops_by_block(model: nn.Module, x: torch.Tensor) -> dict:
         if name not in grids or grids[name][1] is None:
             continue
         b, grid = grids[name]
-        ana = attention_flops_analytic(m, b, grid)
+        ana = attention_flops_analytic(m, b, grid, getattr(m, "last_backend", None))  # the backend that ran
         counted = int(store.get("attn:" + name, 0))
         attn.append(dict(name=name, kind=layer_kind(m), backend=ana["backend"], grid=list(grid), tokens=math.prod(grid),
                          counted=counted, analytic=ana["total"], analytic_attention=ana["attention"],
@@ -283,7 +288,7 @@ def report(name: str, input_size=None, batch: int = 1, device: str | None = None
     import timm
 
     from . import models
-    from .models.summary import default_input_shape
+    from .models.summary import count_flops, default_input_shape
 
     if name not in models.MODEL_NAMES:
         raise ValueError(f"MODEL must be one of {', '.join(models.MODEL_NAMES)}, got {name!r}")
@@ -305,6 +310,7 @@ def report(name: str, input_size=None, batch: int = 1, device: str | None = None
             raise ValueError(f"--input-size must be S, H,W{' or T,H,W' if video else ''}, got {input_size}")
     shape = tuple(shape)
     flops = count_flops_by_block(counted_model, torch.zeros(shape, device=count_device))
+    macs = count_flops(counted_model, shape, count_device)  # the project's counter, whole model
     by_kind: dict[str, dict] = {}
     for p in flops["parts"]:
         e = by_kind.setdefault(p["kind"], dict(count=0, params=0, flops=0))
@@ -315,9 +321,10 @@ def report(name: str, input_size=None, batch: int = 1, device: str | None = None
         e = by_kind[a["kind"]]
         e["attention_op_flops"] = e.get("attention_op_flops", 0) + a["counted"] - a["analytic_linear"]
     params = sum(p.numel() for p in counted_model.parameters())
-    out = dict(model=name, model_kwargs=kwargs, input=list(shape), params=params, flops=flops["total"],
-               macs=flops["total"] // 2, by_kind=by_kind, attention_layers=flops["attention"],
-               flops_check=all(a["match"] for a in flops["attention"]), device=_device_name(device))
+    out = dict(model=name, model_kwargs=kwargs, input=list(shape), params=params, flops=2 * macs, macs=macs,
+               by_kind=by_kind, attention_layers=flops["attention"],
+               flops_check=all(a["match"] for a in flops["attention"]) and flops["total"] == 2 * macs,
+               device=_device_name(device))
     if measure:
         torch.manual_seed(0)
         model = timm.create_model(name, **kwargs).to(device)
@@ -346,7 +353,7 @@ def format_report(r: dict) -> str:
         op = _fmt_int(e["attention_op_flops"], 1e9, 4) if "attention_op_flops" in e else "-"
         lines.append(f"| {label.get(kind, kind)} | {e['count']} | {e['params'] / 1e6:.3f} | {e['flops'] / 1e9:.4f} | "
                      f"{share:.1f}% | {op} |")
-    lines += ["", "attention layers, counted vs analytic (op + qkv/proj, DESIGN.md section 1):",
+    lines += ["", "attention layers, counted vs analytic (op + qkv/proj; formulas: `structvit.report`'s docstring):",
               "| layer | kind | backend | grid | counted GFLOPs | analytic GFLOPs | match |",
               "|---|---|---|---|---:|---:|---|"]
     for a in r["attention_layers"]:
