@@ -1,6 +1,15 @@
-"""StructViT model family, registered with timm on import (``timm.create_model("structvit_small")``)."""
-from .structvit import ATTENTION_KINDS, AttentionBlock, ConvBlock, PatchEmbed, StructViT, default_cfgs
+"""StructViT model family, registered with timm on import (``timm.create_model("structvit_b_4_1")``)."""
+from .structvit import (ATTENTION_KINDS, PAPER_MODELS, AttentionBlock, ConvBlock, PatchEmbed, StructViT,
+                        VideoPretrainedCfg, default_cfgs)
 
 MODEL_NAMES = tuple(default_cfgs)
 
-__all__ = ["StructViT", "ConvBlock", "AttentionBlock", "PatchEmbed", "ATTENTION_KINDS", "default_cfgs", "MODEL_NAMES"]
+__all__ = ["StructViT", "ConvBlock", "AttentionBlock", "PatchEmbed", "ATTENTION_KINDS", "PAPER_MODELS",
+           "VideoPretrainedCfg", "default_cfgs", "MODEL_NAMES"]
+
+# the DeiT ablation backbone (structvit_deit_*), registered on import
+from .deit import DEIT_ATTENTION_KINDS, StructDeiT  # noqa: E402
+from .deit import default_cfgs as deit_default_cfgs  # noqa: E402
+
+DEIT_MODEL_NAMES = tuple(deit_default_cfgs)
+__all__ += ["StructDeiT", "DEIT_ATTENTION_KINDS", "deit_default_cfgs", "DEIT_MODEL_NAMES"]

@@ -1,4 +1,5 @@
-"""StructViT: UniFormer-style four-stage backbones with structural self-attention.
+"""StructViT (Kim et al., CVPR 2024): UniFormer's four-stage backbone with structural
+self-attention (StructSA) in every attention block.
 
 One implementation serves images and video. An image model (``num_frames=None``)
 uses 2-D convolutions and sees (B, C, H, W) maps; a video model (``num_frames`` an
@@ -6,34 +7,54 @@ int, the default clip length) uses 3-D convolutions and sees (B, C, T, H, W) map
 Every block works on a map of either rank: attention blocks flatten the trailing
 grid, (H, W) or (T, H, W), into tokens and hand that grid to the attention layer.
 
+Registered models (``timm.create_model(name)``), named as in the paper:
+StructViT-X-D-S = size X (S, B, L), D structural patterns, key/value stride S:
+
+- image (224², 1000 classes): ``structvit_s_4_2``, ``structvit_s_4_1``, ``structvit_s_8_1``,
+  ``structvit_b_4_2``, ``structvit_b_4_1``, ``structvit_b_8_1``, ``structvit_l_4_1``;
+- video (Kinetics-400, 400 classes): the same names with ``_video``; clips of 16 frames
+  (S) or 32 frames (B, L) by default;
+- ``structvit_tiny``, ``structvit_tiny_video``: small models with the paper's defaults
+  (channel-wise patterns, D = 4, stride 1) for CPU experiments.
+
+Paper defaults: channel-wise StructSA (``patterns="channel"``) with one joint softmax
+over the D*N scores, windows 3x3 (images) and 3x3x3 (video), in every attention block
+of stages 3 and 4; stochastic depth 0.1 / 0.3 / 0.4 for S / B / L; head dropout 0.5
+for video. Choices the paper leaves open, all configurable (our reading):
+
+- the key/value stride S of a video model is spatial only, (1, S, S): the published
+  video FLOPs fit it, a (S, S, S) stride would undercut them;
+- the patterns start random (``pattern_init="random"``); ``"sa"`` is the
+  SA-equivalent start used when converting an SA checkpoint;
+- ``struct_blocks=(a, b)`` (StructSA in the last ``a`` blocks of stage 3 and the last
+  ``b`` of stage 4, SA elsewhere) is kept for experiments; ``(0, 0)`` is UniFormer.
+
 Layer structure and parameter names follow the official UniFormer models
 (Sense-X/UniFormer, ``image_classification/models/uniformer.py`` and
 ``video_classification/slowfast/models/uniformer.py``), so their published state
 dicts load: ``patch_embed{1..4}.{proj,norm}``, ``blocks{1..4}.{i}`` (convolution
 blocks: ``pos_embed, norm1, conv1, attn, conv2, norm2, mlp.fc1, mlp.fc2``; attention
 blocks: ``pos_embed, norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2``), ``norm``
-(BatchNorm) and ``head``. StructSA/ConvSA blocks add ``attn.u_k`` and ``attn.u_v``.
-
-Choices marked "our reading" in DESIGN.md (all configurable): StructSA in the last
-``a`` blocks of stage 3 and the last ``b`` of stage 4 (``struct_blocks=(a, b)``);
-``num_patterns=8``; windows 3x3 (images) and 3x3x3 (video); the patterns start
-random (``pattern_init="random"``), the SA-equivalent start is ``"sa"``.
+(BatchNorm) and ``head``. StructSA/ConvSA blocks add ``attn.u_k`` and ``attn.u_v``
+(channel-wise: (heads, head_dim, D, *window)).
 """
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import PretrainedCfg, build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..nn.attention import SelfAttention, StructSA
 
-__all__ = ["StructViT", "ConvBlock", "AttentionBlock", "PatchEmbed", "ATTENTION_KINDS"]
+__all__ = ["StructViT", "ConvBlock", "AttentionBlock", "PatchEmbed", "ATTENTION_KINDS", "VideoPretrainedCfg",
+           "PAPER_MODELS", "default_cfgs"]
 
 ATTENTION_KINDS = ("structsa", "convsa")
 
@@ -163,6 +184,27 @@ def _check_struct_blocks(struct_blocks, depths: Sequence[int]) -> tuple[int, int
     return a, b
 
 
+def _check_window(window, rank: int, video: bool, name: str) -> tuple[int, ...]:
+    if isinstance(window, int) or window is None or len(tuple(window)) != rank:
+        kind = "a video model needs (kt, kh, kw)" if video else "an image model needs (kh, kw)"
+        raise ValueError(f"{name} must have {rank} sizes ({kind}), got {window!r}")
+    window = tuple(window)
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 and s % 2 == 1 for s in window):
+        raise ValueError(f"{name} sizes must be odd positive ints, got {window!r}")
+    return window
+
+
+def _check_kv_stride(kv_stride, rank: int, video: bool) -> tuple[int, ...]:
+    """An int S means (S, S) for images and (1, S, S) for video (spatial only, our reading)."""
+    if isinstance(kv_stride, int) and not isinstance(kv_stride, bool):
+        kv_stride = (1, kv_stride, kv_stride) if video else (kv_stride, kv_stride)
+    if (isinstance(kv_stride, str) or not isinstance(kv_stride, Sequence) or len(kv_stride) != rank
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in kv_stride)):
+        raise ValueError(f"kv_stride must be a positive int or {rank} positive ints "
+                         f"({'(st, sh, sw)' if video else '(sh, sw)'}), got {kv_stride!r}")
+    return tuple(kv_stride)
+
+
 class StructViT(nn.Module):
     """StructViT / UniFormer backbone for images (``num_frames=None``) or video.
 
@@ -177,35 +219,41 @@ class StructViT(nn.Module):
         num_frames: None for an image model (2-D convolutions, input (B, C, H, W));
             an int for a video model (3-D convolutions, input (B, C, T, H, W)); the int is
             the default clip length (any T works at run time).
-        struct_blocks: ``(a, b)``: the last ``a`` blocks of stage 3 and the last ``b`` of
-            stage 4 use structural attention, the others SA; ``"all"``: every attention
-            block; ``(0, 0)``: plain UniFormer.
+        struct_blocks: ``"all"`` (default, the paper's): StructSA in every attention block;
+            ``(a, b)``: in the last ``a`` blocks of stage 3 and the last ``b`` of stage 4,
+            SA in the others; ``(0, 0)``: plain UniFormer.
         attention: kind of the structural blocks: ``"structsa"`` (``num_patterns``
-            patterns) or ``"convsa"`` (one pattern).
-        window: StructSA window, odd sizes; (kh, kw) for image models, (kt, kh, kw) for
-            video models. Default (3, 3) / (3, 3, 3) (our reading).
-        num_patterns: D, patterns per head (our reading: 8). Ignored for ConvSA.
-        normalize: "joint" or "per_pattern" softmax (see ``structvit.ops.struct_attention``).
-        share_patterns: one pattern set for all heads of a block.
+            patterns) or ``"convsa"`` (D = 1).
+        window: the pattern detectors' (key) window, odd sizes; (kh, kw) for image models,
+            (kt, kh, kw) for video models. Default (3, 3) / (3, 3, 3), the paper's.
+        window_v: the aggregators' (value) window, default ``window``.
+        num_patterns: D, patterns per head (the paper's models: 4 or 8). Ignored for ConvSA.
+        patterns: "channel" (default, the paper's channel-wise StructSA), "head" (the
+            dot-product variant) or "shared" (one set for all heads); see
+            :class:`structvit.nn.StructSA`.
+        kv_stride: key/value stride S of StructViT-X-D-S: keys and values at every S-th
+            grid position. An int S means (S, S) for images and (1, S, S) for video (our
+            reading: spatial only); or a tuple of the grid's rank.
+        normalize: "joint" (one softmax over the D*N scores, the paper's) or "per_pattern".
         pattern_init: "random" (training from scratch) or "sa" (the SA-equivalent start).
-        backend: StructSA op backend ("auto", "correlation", "keyconv", "fused", "naive").
+        backend: StructSA op backend ("auto", "naive", "correlation", "keyconv", "fused").
         memory_limit: bytes of attention working memory each StructSA layer may hold per
             call (None: the op's default); e.g. ``8 << 20`` for memory-bound CPU training.
         drop_rate: dropout in the MLPs and after the attention projections.
         attn_drop_rate: dropout on attention weights.
         drop_path_rate: stochastic depth, growing linearly with the block index up to this.
-        head_drop_rate: dropout before the classifier (used by the video models).
+        head_drop_rate: dropout before the classifier (the video models use 0.5).
         global_pool: "avg" (mean over the grid) or "" (no pooling; the head acts per position).
     """
 
     def __init__(self, depths: Sequence[int] = (3, 4, 8, 3), embed_dims: Sequence[int] = (64, 128, 320, 512),
                  head_dim: int = 64, mlp_ratio: float = 4.0, qkv_bias: bool = True, in_chans: int = 3,
-                 num_classes: int = 1000, num_frames: int | None = None, struct_blocks=(0, 0),
-                 attention: str = "structsa", window: Sequence[int] | None = None, num_patterns: int = 8,
-                 normalize: str = "joint", share_patterns: bool = False, pattern_init: str = "random",
-                 backend: str = "auto", memory_limit: int | None = None, drop_rate: float = 0.0,
-                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, head_drop_rate: float = 0.0,
-                 global_pool: str = "avg"):
+                 num_classes: int = 1000, num_frames: int | None = None, struct_blocks="all",
+                 attention: str = "structsa", window: Sequence[int] | None = None,
+                 window_v: Sequence[int] | None = None, num_patterns: int = 4, patterns: str = "channel",
+                 kv_stride=1, normalize: str = "joint", pattern_init: str = "random", backend: str = "auto",
+                 memory_limit: int | None = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, head_drop_rate: float = 0.0, global_pool: str = "avg"):
         super().__init__()
         depths, embed_dims = tuple(depths), tuple(embed_dims)
         if len(depths) != 4 or not all(isinstance(d, int) and d >= 0 for d in depths):
@@ -226,14 +274,9 @@ class StructViT(nn.Module):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         video = num_frames is not None
         rank = 3 if video else 2
-        if window is None:
-            window = (3,) * rank
-        if isinstance(window, int) or len(tuple(window)) != rank:
-            kind = "a video model needs (kt, kh, kw)" if video else "an image model needs (kh, kw)"
-            raise ValueError(f"window must have {rank} sizes ({kind}), got {window!r}")
-        window = tuple(window)
-        if not all(isinstance(s, int) and s > 0 and s % 2 == 1 for s in window):
-            raise ValueError(f"window sizes must be odd positive ints, got {window!r}")
+        window = _check_window((3,) * rank if window is None else window, rank, video, "window")
+        window_v = window if window_v is None else _check_window(window_v, rank, video, "window_v")
+        kv_stride = _check_kv_stride(kv_stride, rank, video)
         n_struct = _check_struct_blocks(struct_blocks, depths)
 
         self.depths, self.embed_dims, self.head_dim = depths, embed_dims, head_dim
@@ -243,7 +286,9 @@ class StructViT(nn.Module):
         self.global_pool = global_pool
         self.struct_blocks = n_struct
         self.attention = attention
-        self.window = window
+        self.num_patterns = num_patterns if attention == "structsa" else 1
+        self.patterns = patterns
+        self.window, self.window_v, self.kv_stride = window, window_v, kv_stride
         self.grad_checkpointing = False
 
         # stochastic depth decay rule, over all blocks
@@ -265,13 +310,12 @@ class StructViT(nn.Module):
                     blocks.append(ConvBlock(dim, mlp_ratio, drop_rate, dpr[offset + i], video))
                     continue
                 heads = dim // head_dim
-                structural = i >= depth - n_struct[s - 2]
-                if structural:
+                if i >= depth - n_struct[s - 2]:
                     kinds.append(attention)
-                    attn = StructSA(dim, heads, window=window, num_patterns=num_patterns if attention == "structsa" else 1,
-                                    normalize=normalize, share_patterns=share_patterns, qkv_bias=qkv_bias,
-                                    attn_drop=attn_drop_rate, proj_drop=drop_rate, init=pattern_init, backend=backend,
-                                    memory_limit=memory_limit)
+                    attn = StructSA(dim, heads, window=window, num_patterns=self.num_patterns, patterns=patterns,
+                                    window_v=window_v, kv_stride=kv_stride, normalize=normalize, qkv_bias=qkv_bias,
+                                    attn_drop=attn_drop_rate, proj_drop=drop_rate, init=pattern_init,
+                                    backend=backend, memory_limit=memory_limit)
                 else:
                     kinds.append("sa")
                     attn = SelfAttention(dim, heads, qkv_bias=qkv_bias, attn_drop=attn_drop_rate, proj_drop=drop_rate)
@@ -408,111 +452,186 @@ class StructViT(nn.Module):
         return take
 
     def extra_repr(self) -> str:
-        return (f"video={self.video}, struct_blocks={self.struct_blocks}, attention={self.attention!r}, "
-                f"window={self.window}")
+        extra = f"video={self.video}, struct_blocks={self.struct_blocks}, attention={self.attention!r}"
+        if any(self.struct_blocks):
+            extra += (f", num_patterns={self.num_patterns}, patterns={self.patterns!r}, window={self.window}"
+                      + (f", window_v={self.window_v}" if self.window_v != self.window else "")
+                      + f", kv_stride={self.kv_stride}")
+        return extra
 
 
 # --------------------------------------------------------------------------- configs
 
 
-def _cfg(video: bool = False, **kwargs) -> dict:
-    # timm's data tools read input_size as (C, H, W); a video model's clip length is num_frames.
-    cfg = dict(url="", num_classes=1000, input_size=(3, 224, 224),
-               pool_size=(8, 7, 7) if video else (7, 7), crop_pct=1.0 if video else 0.9,
-               interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-               first_conv="patch_embed1.proj", classifier="head", license="apache-2.0")
-    if video:
-        cfg["notes"] = ("video model: input (B, C, T, H, W); input_size is per frame, the clip length is "
-                        "pretrained_cfg['num_frames'] (default 16)",)
+@dataclasses.dataclass
+class VideoPretrainedCfg(PretrainedCfg):
+    """timm's PretrainedCfg with the clip length: ``num_frames`` frames of ``input_size[1:]``.
+
+    ``timm.get_pretrained_cfg_value(name, "num_frames")`` and ``model.pretrained_cfg["num_frames"]``
+    read it; timm's data tools read ``input_size`` as (C, H, W) per frame.
+    """
+
+    num_frames: Optional[int] = None
+
+
+def _pool_size(input_size: Sequence[int], num_frames: int | None) -> tuple[int, ...]:
+    """The last-stage grid for the default input: H, W / 32 (floored at each of the four
+    strided embeddings); T halved once, rounded up, by the video stem."""
+    h, w = input_size[1:]
+    for stride in (4, 2, 2, 2):
+        h, w = h // stride, w // stride
+    return (h, w) if num_frames is None else ((num_frames + 1) // 2, h, w)
+
+
+def _cfg(num_frames: int | None = None, **kwargs):
+    cfg = dict(url="", num_classes=1000 if num_frames is None else 400, input_size=(3, 224, 224),
+               crop_pct=0.9 if num_frames is None else 1.0, interpolation="bicubic",
+               mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="patch_embed1.proj",
+               classifier="head", license="apache-2.0")
     cfg.update(kwargs)
-    return cfg
+    cfg.setdefault("pool_size", _pool_size(cfg["input_size"], num_frames))
+    if num_frames is None:
+        return PretrainedCfg(**cfg)
+    cfg.setdefault("notes", ("video model: input (B, C, T, H, W), input_size per frame, T = num_frames",))
+    return VideoPretrainedCfg(num_frames=num_frames, **cfg)
 
 
-default_cfgs = generate_default_cfgs({
-    "structvit_tiny": _cfg(input_size=(3, 112, 112), pool_size=(4, 4)),
-    "structvit_small": _cfg(),
-    "structvit_base": _cfg(),
-    "structvit_tiny_video": _cfg(video=True, input_size=(3, 112, 112), pool_size=(8, 4, 4)),
-    "structvit_small_video": _cfg(video=True, num_classes=400),
-    "structvit_base_video": _cfg(video=True, num_classes=400),
-    "structvit_s_4_1": _cfg(video=True, num_classes=400),
-    "structvit_b_4_1": _cfg(video=True, num_classes=400),
-})
-
-# depths, widths, head dim of each size (UniFormer-S/B; tiny is ours, for CPU experiments)
+# size: depths, widths, head dim, default stochastic depth (tiny is ours, for CPU experiments)
 _SIZES = {
-    "tiny": dict(depths=(1, 1, 2, 1), embed_dims=(32, 64, 128, 256), head_dim=32),
-    "small": dict(depths=(3, 4, 8, 3), embed_dims=(64, 128, 320, 512), head_dim=64),
-    "base": dict(depths=(5, 8, 20, 7), embed_dims=(64, 128, 320, 512), head_dim=64),
+    "tiny": dict(depths=(1, 1, 2, 1), embed_dims=(32, 64, 128, 256), head_dim=32, drop_path_rate=0.0),
+    "s": dict(depths=(3, 4, 8, 3), embed_dims=(64, 128, 320, 512), head_dim=64, drop_path_rate=0.1),
+    "b": dict(depths=(5, 8, 20, 7), embed_dims=(64, 128, 320, 512), head_dim=64, drop_path_rate=0.3),
+    "l": dict(depths=(5, 10, 24, 7), embed_dims=(128, 192, 448, 640), head_dim=64, drop_path_rate=0.4),
+}
+_FRAMES = {"tiny": 16, "s": 16, "b": 32, "l": 32}  # default clip length of the video models
+
+# the paper's models: name -> (size, D, S)
+PAPER_MODELS = {
+    "structvit_s_4_2": ("s", 4, 2), "structvit_s_4_1": ("s", 4, 1), "structvit_s_8_1": ("s", 8, 1),
+    "structvit_b_4_2": ("b", 4, 2), "structvit_b_4_1": ("b", 4, 1), "structvit_b_8_1": ("b", 8, 1),
+    "structvit_l_4_1": ("l", 4, 1),
 }
 
+default_cfgs = generate_default_cfgs({
+    "structvit_tiny": _cfg(input_size=(3, 112, 112)),
+    "structvit_tiny_video": _cfg(num_frames=_FRAMES["tiny"], input_size=(3, 112, 112)),
+    **{name: _cfg() for name in PAPER_MODELS},
+    **{name + "_video": _cfg(num_frames=_FRAMES[size]) for name, (size, _, _) in PAPER_MODELS.items()},
+})
 
-def _create(variant: str, size: str, pretrained: bool = False, video: bool = False, **kwargs) -> StructViT:
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> StructViT:
+    size, num_patterns, kv_stride = PAPER_MODELS.get(variant.removesuffix("_video"), ("tiny", 4, 1))
+    video = variant.endswith("_video")
+    args = dict(_SIZES[size], num_patterns=num_patterns, kv_stride=kv_stride)
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
-    args = dict(_SIZES[size])
-    args.setdefault("struct_blocks", "all")
     if video:
-        num_frames = kwargs.pop("num_frames", 16)
-        args["num_frames"] = num_frames
-        args["head_drop_rate"] = 0.5
+        args.update(num_frames=_FRAMES[size], head_drop_rate=0.5)
     elif kwargs.get("num_frames") is not None:
         raise ValueError(f"num_frames is for the video models ({variant}_video); {variant} is an image model")
     args.update(kwargs)
-    if video and isinstance(args["num_frames"], int) and args["num_frames"] != 16:
-        pool = default_cfgs[variant].default.pool_size
-        overlay.setdefault("pool_size", ((args["num_frames"] + 1) // 2,) + tuple(pool[1:]))
-    model = build_model_with_cfg(StructViT, variant, pretrained, pretrained_cfg_overlay=overlay or None,
-                                 feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)), **args)
-    if video:  # timm's PretrainedCfg has no clip-length field; the cfg dict carries it
-        model.pretrained_cfg["num_frames"] = args["num_frames"]
-    return model
+    if video and args["num_frames"] is None:
+        raise ValueError(f"num_frames must be a positive int for the video model {variant}, got None "
+                         f"(the image model is {variant.removesuffix('_video')})")
+    if video and args["num_frames"] != _FRAMES[size] and isinstance(args["num_frames"], int):
+        cfg = default_cfgs[variant].default
+        overlay.setdefault("num_frames", args["num_frames"])
+        overlay.setdefault("pool_size", _pool_size(overlay.get("input_size", cfg.input_size), args["num_frames"]))
+    return build_model_with_cfg(StructViT, variant, pretrained, pretrained_cfg_overlay=overlay or None,
+                                feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)), **args)
 
 
 @register_model
 def structvit_tiny(pretrained: bool = False, **kwargs) -> StructViT:
-    """A small StructViT for CPU experiments: depths 1-1-2-1, widths 32-64-128-256, StructSA everywhere."""
-    return _create("structvit_tiny", "tiny", pretrained, **kwargs)
-
-
-@register_model
-def structvit_small(pretrained: bool = False, **kwargs) -> StructViT:
-    """StructViT-S (UniFormer-S layout), StructSA in every attention block by default."""
-    return _create("structvit_small", "small", pretrained, **kwargs)
-
-
-@register_model
-def structvit_base(pretrained: bool = False, **kwargs) -> StructViT:
-    """StructViT-B (UniFormer-B layout), StructSA in every attention block by default."""
-    return _create("structvit_base", "base", pretrained, **kwargs)
+    """StructViT-tiny-4-1 (ours, for CPU): depths 1-1-2-1, widths 32-64-128-256, head dim 32."""
+    return _create("structvit_tiny", pretrained, **kwargs)
 
 
 @register_model
 def structvit_tiny_video(pretrained: bool = False, **kwargs) -> StructViT:
-    """Video StructViT-tiny (3-D convolutions), ``num_frames`` default 16."""
-    return _create("structvit_tiny_video", "tiny", pretrained, video=True, **kwargs)
+    """Video StructViT-tiny-4-1 (3-D convolutions, 3x3x3 windows), 16 frames by default."""
+    return _create("structvit_tiny_video", pretrained, **kwargs)
 
 
 @register_model
-def structvit_small_video(pretrained: bool = False, **kwargs) -> StructViT:
-    """Video StructViT-S (UniFormer-S video layout), StructSA in every attention block by default."""
-    return _create("structvit_small_video", "small", pretrained, video=True, **kwargs)
-
-
-@register_model
-def structvit_base_video(pretrained: bool = False, **kwargs) -> StructViT:
-    """Video StructViT-B (UniFormer-B video layout), StructSA in every attention block by default."""
-    return _create("structvit_base_video", "base", pretrained, video=True, **kwargs)
+def structvit_s_4_2(pretrained: bool = False, **kwargs) -> StructViT:
+    """StructViT-S-4-2: UniFormer-S layout, D = 4, key/value stride 2."""
+    return _create("structvit_s_4_2", pretrained, **kwargs)
 
 
 @register_model
 def structvit_s_4_1(pretrained: bool = False, **kwargs) -> StructViT:
-    """StructViT-S-4-1 (video): StructSA in the last 4 blocks of stage 3 and the last block of stage 4."""
-    kwargs.setdefault("struct_blocks", (4, 1))
-    return _create("structvit_s_4_1", "small", pretrained, video=True, **kwargs)
+    """StructViT-S-4-1: UniFormer-S layout, D = 4, stride 1."""
+    return _create("structvit_s_4_1", pretrained, **kwargs)
+
+
+@register_model
+def structvit_s_8_1(pretrained: bool = False, **kwargs) -> StructViT:
+    """StructViT-S-8-1: UniFormer-S layout, D = 8, stride 1."""
+    return _create("structvit_s_8_1", pretrained, **kwargs)
+
+
+@register_model
+def structvit_b_4_2(pretrained: bool = False, **kwargs) -> StructViT:
+    """StructViT-B-4-2: UniFormer-B layout, D = 4, key/value stride 2."""
+    return _create("structvit_b_4_2", pretrained, **kwargs)
 
 
 @register_model
 def structvit_b_4_1(pretrained: bool = False, **kwargs) -> StructViT:
-    """StructViT-B-4-1 (video), the paper's main model: StructSA in the last 4 blocks of stage 3 and the last of stage 4."""
-    kwargs.setdefault("struct_blocks", (4, 1))
-    return _create("structvit_b_4_1", "base", pretrained, video=True, **kwargs)
+    """StructViT-B-4-1: UniFormer-B layout, D = 4, stride 1."""
+    return _create("structvit_b_4_1", pretrained, **kwargs)
+
+
+@register_model
+def structvit_b_8_1(pretrained: bool = False, **kwargs) -> StructViT:
+    """StructViT-B-8-1: UniFormer-B layout, D = 8, stride 1."""
+    return _create("structvit_b_8_1", pretrained, **kwargs)
+
+
+@register_model
+def structvit_l_4_1(pretrained: bool = False, **kwargs) -> StructViT:
+    """StructViT-L-4-1: UniFormer-L layout (depths 5-10-24-7, widths 128-192-448-640), D = 4, stride 1."""
+    return _create("structvit_l_4_1", pretrained, **kwargs)
+
+
+@register_model
+def structvit_s_4_2_video(pretrained: bool = False, **kwargs) -> StructViT:
+    """Video StructViT-S-4-2: 16 frames, D = 4, key/value stride (1, 2, 2)."""
+    return _create("structvit_s_4_2_video", pretrained, **kwargs)
+
+
+@register_model
+def structvit_s_4_1_video(pretrained: bool = False, **kwargs) -> StructViT:
+    """Video StructViT-S-4-1: 16 frames, D = 4, stride 1."""
+    return _create("structvit_s_4_1_video", pretrained, **kwargs)
+
+
+@register_model
+def structvit_s_8_1_video(pretrained: bool = False, **kwargs) -> StructViT:
+    """Video StructViT-S-8-1: 16 frames, D = 8, stride 1."""
+    return _create("structvit_s_8_1_video", pretrained, **kwargs)
+
+
+@register_model
+def structvit_b_4_2_video(pretrained: bool = False, **kwargs) -> StructViT:
+    """Video StructViT-B-4-2: 32 frames, D = 4, key/value stride (1, 2, 2)."""
+    return _create("structvit_b_4_2_video", pretrained, **kwargs)
+
+
+@register_model
+def structvit_b_4_1_video(pretrained: bool = False, **kwargs) -> StructViT:
+    """Video StructViT-B-4-1, the paper's main video model: 32 frames, D = 4, stride 1."""
+    return _create("structvit_b_4_1_video", pretrained, **kwargs)
+
+
+@register_model
+def structvit_b_8_1_video(pretrained: bool = False, **kwargs) -> StructViT:
+    """Video StructViT-B-8-1: 32 frames, D = 8, stride 1."""
+    return _create("structvit_b_8_1_video", pretrained, **kwargs)
+
+
+@register_model
+def structvit_l_4_1_video(pretrained: bool = False, **kwargs) -> StructViT:
+    """Video StructViT-L-4-1: 32 frames, D = 4, stride 1."""
+    return _create("structvit_l_4_1_video", pretrained, **kwargs)

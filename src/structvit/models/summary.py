@@ -1,29 +1,36 @@
-"""``structvit models``: parameters and FLOPs of every registered StructViT model.
+"""Parameters and FLOPs of the StructViT models; ``structvit models [--paper]``.
 
-FLOPs come from :class:`torch.utils.flop_counter.FlopCounterMode` (no fvcore), run on
-the ``meta`` device by default, so even the base video models are counted in seconds
-without allocating memory. The counter sees matrix products, convolutions (including
-the StructSA op's grouped and transposed convolutions) and fused attention, and counts
-a multiply-add as 2 FLOPs; papers that used fvcore (UniFormer's and StructViT's tables)
-report multiply-adds, i.e. the GMACs column. Softmax, normalisation and element-wise
-operations are not counted by either tool.
+:func:`count_flops` is the project's one FLOP counter (``structvit models``, ``structvit
+report`` and the study use it). It runs one eval-mode forward pass under
+:class:`torch.utils.flop_counter.FlopCounterMode` and returns **multiply-adds**: the
+"FLOPs" of fvcore, which UniFormer's and StructViT's tables report. ``FlopCounterMode``
+itself counts 2 FLOPs per multiply-add, so its total is halved. Matrix products,
+convolutions (the StructSA op's depthwise and transposed ones included) and attention are
+counted; softmax, normalisation and element-wise operations are not, by either tool.
 
-The GMACs/GFLOPs columns count the StructSA op as the models run it (backend "auto",
-which on large inputs prefers the O(N)-memory key-convolution form, D times the attention
-FLOPs); the last column counts the correlation (folded) form, the FLOP floor of
-DESIGN.md section 1.
+Nothing is computed: a model on the ``meta`` device runs on meta inputs, any other model
+runs under ``FakeTensorMode``, so even the base video models are counted in about a second.
+On meta, ``scaled_dot_product_attention`` takes its math path (two counted ``bmm``); on a
+real device its fused kernels are counted by the formulas ``structvit.ops`` registers.
+
+``structvit models --paper`` sets every model of the paper next to its published
+parameters and GFLOPs (per view for video).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from typing import Sequence
 
 import torch
 
-__all__ = ["count_params", "count_flops", "default_input_shape", "summarize", "main"]
+__all__ = ["count_params", "count_flops", "default_input_shape", "summarize", "to_markdown", "PaperRow", "PAPER_ROWS",
+           "paper_table", "paper_markdown", "main"]
 
 
 def count_params(model: torch.nn.Module) -> int:
+    """All parameters (every parameter of the module, classifier included; buffers excluded)."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -32,31 +39,76 @@ def default_input_shape(model: torch.nn.Module, batch: int = 1) -> tuple[int, ..
     cfg = model.pretrained_cfg
     c, h, w = cfg["input_size"]
     if getattr(model, "video", False):
-        return (batch, c, cfg.get("num_frames", model.num_frames), h, w)
+        return (batch, c, cfg.get("num_frames") or model.num_frames, h, w)
     return (batch, c, h, w)
 
 
-def count_flops(model: torch.nn.Module, shape: tuple[int, ...], device: str | torch.device = "meta") -> int:
-    """FLOPs (2 per multiply-add) of one eval-mode forward pass on an input of ``shape``."""
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def count_flops(model: torch.nn.Module, inputs, device: str | torch.device | None = None) -> int:
+    """Multiply-adds of one eval-mode forward pass (``FlopCounterMode``'s FLOPs / 2).
+
+    Args:
+        model: any module; it is run in eval mode under ``torch.no_grad`` (its training
+            flag is restored afterwards).
+        inputs: the input's shape (a sequence of ints: a zero tensor of that shape is
+            made), a tensor, or a tuple of tensors passed as positional arguments.
+        device: where to make the input from a shape; default the model's device. A model
+            on ``meta`` needs meta inputs; any other runs under ``FakeTensorMode``.
+
+    Returns:
+        int, multiply-adds (GMACs = the papers' "GFLOPs" after / 1e9).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = model.eval()
-    x = torch.zeros(shape, device=device)
+    from .. import ops  # noqa: F401  (registers the FLOP formulas of the fused kernels)
+
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    elif isinstance(inputs, Sequence) and inputs and all(isinstance(s, int) and not isinstance(s, bool)
+                                                          for s in inputs):
+        inputs = (tuple(inputs),)
+    elif not (isinstance(inputs, tuple) and inputs and all(isinstance(t, torch.Tensor) for t in inputs)):
+        raise ValueError(f"inputs must be a shape (ints), a tensor or a tuple of tensors, got {inputs!r}")
+    device = torch.device(device) if device is not None else _model_device(model)
+    meta = device.type == "meta"
+    was_training = model.training
+    model.eval()
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(x)
-    return int(counter.get_total_flops())
+    fake = None if meta else FakeTensorMode(allow_non_fake_inputs=True)
+    try:
+        with torch.no_grad():
+            if fake is not None:
+                fake.__enter__()
+            try:
+                args = tuple(torch.zeros(x, device=device) if isinstance(x, tuple) else x for x in inputs)
+                with counter:
+                    model(*args)
+            finally:
+                if fake is not None:
+                    fake.__exit__(None, None, None)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops()) // 2
+
+
+# --------------------------------------------------------------------------- listing
 
 
 def summarize(names, device: str = "meta", baselines: bool = False, **kwargs) -> list[dict]:
-    """One row per model: name, blocks, input shape, parameters and FLOPs.
+    """One row per model at its default input: name, StructSA blocks, input, params, multiply-adds.
 
     ``baselines`` adds, after each model, the same model with plain SA everywhere
-    (``struct_blocks=(0, 0)``, i.e. UniFormer).
+    (``struct_blocks=(0, 0)``, i.e. UniFormer). ``kwargs`` go to ``timm.create_model``.
     """
     import timm
-
-    from ..nn.attention import StructSA
 
     rows = []
     for name in names:
@@ -65,53 +117,191 @@ def summarize(names, device: str = "meta", baselines: bool = False, **kwargs) ->
             with torch.device(device):
                 model = timm.create_model(name, **{**kwargs, **extra})
             shape = default_input_shape(model)
-            flops = count_flops(model, shape, device)
-            min_flops = flops
-            if any(isinstance(m, StructSA) for m in model.modules()) and "backend" not in kwargs:
-                with torch.device(device):  # the correlation (folded) form: fewest FLOPs
-                    floor_model = timm.create_model(name, **{**kwargs, **extra, "backend": "correlation"})
-                min_flops = count_flops(floor_model, shape, device)
-            rows.append(dict(model=name + suffix, struct_blocks=model.struct_blocks, attention=model.attention,
-                             window="x".join(map(str, model.window)), input="x".join(map(str, shape[1:])),
-                             params=count_params(model), flops=flops, min_flops=min_flops))
+            rows.append(dict(model=name + suffix, struct_blocks=getattr(model, "struct_blocks", None),
+                             attention=getattr(model, "attention", ""), num_patterns=getattr(model, "num_patterns", 0),
+                             kv_stride=getattr(model, "kv_stride", None), input="x".join(map(str, shape[1:])),
+                             params=count_params(model), macs=count_flops(model, shape, device)))
     return rows
 
 
 def to_markdown(rows: list[dict]) -> str:
-    lines = ["| model | StructSA blocks (stage 3, 4) | window | input | params (M) | GMACs | GFLOPs "
-             "| GMACs, fewest-FLOP form |",
-             "|---|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| model | StructSA blocks (stage 3, 4) | D | kv stride | input | params (M) | GFLOPs (multiply-adds) |",
+             "|---|---|---:|---|---|---:|---:|"]
     for r in rows:
-        a, b = r["struct_blocks"]
-        blocks = "none (SA)" if a == b == 0 else f"{a}, {b}" + (" (ConvSA)" if r["attention"] == "convsa" else "")
-        lines.append(f"| {r['model']} | {blocks} | {r['window'] if a or b else '-'} | {r['input']} | "
-                     f"{r['params'] / 1e6:.2f} | {r['flops'] / 2e9:.2f} | {r['flops'] / 1e9:.2f} | {r['min_flops'] / 2e9:.2f} |")
+        a, b = r["struct_blocks"] or (0, 0)
+        structural = bool(a or b)
+        blocks = f"{a}, {b}" + (" (ConvSA)" if r["attention"] == "convsa" else "") if structural else "none (SA)"
+        d = str(r["num_patterns"]) if structural else "-"
+        stride = "x".join(map(str, r["kv_stride"])) if structural and r["kv_stride"] else "-"
+        lines.append(f"| {r['model']} | {blocks} | {d} | {stride} | {r['input']} | {r['params'] / 1e6:.2f} "
+                     f"| {r['macs'] / 1e9:.2f} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the paper's table
+
+@dataclasses.dataclass(frozen=True)
+class PaperRow:
+    """One published row: the paper's label and benchmark, the registered model (with
+    ``kwargs``) that reproduces it, its input (``frames`` None for images) and classes, and the
+    published parameters (M; None where not published) and GFLOPs of all ``views``.
+
+    ``corrected``: GFLOPs (per view) to compare with instead, where the published number is
+    known to be wrong (``note`` says why)."""
+
+    label: str
+    bench: str
+    model: str
+    kwargs: dict
+    frames: int | None
+    classes: int
+    params: float | None
+    gflops: float
+    views: int = 1
+    corrected: float | None = None
+    note: str = ""
+    size: int = 224
+
+
+# UniFormer-L's published 12.6 GFLOPs were counted with activation checkpointing on, which
+# hid layers from fvcore; its authors give 19.8 as the correct count (Sense-X/UniFormer
+# issue #75). StructViT-L-4-1's published 15.4 = 12.6 + what StructSA adds (2.8), so the
+# corrected reference is 19.8 + 2.8.
+_L_NOTE = ("UniFormer-L's published 12.6 GFLOPs missed the layers run under activation checkpointing; its "
+           "authors give 19.8 (Sense-X/UniFormer issue #75). StructViT-L-4-1's 15.4 = 12.6 + 2.8 for StructSA, "
+           "so it is compared with 19.8 + 2.8 = 22.6.")
+_SA = {"struct_blocks": (0, 0)}
+# Published: Kim et al., CVPR 2024 (Tables 1-4); UniFormer-L: the UniFormer paper. Video
+# GFLOPs are compared per view (published total / views).
+PAPER_ROWS = [
+    PaperRow("UniFormer-S", "IN-1K", "structvit_s_4_1", _SA, None, 1000, 22, 3.6),
+    PaperRow("StructViT-S-4-2", "IN-1K", "structvit_s_4_2", {}, None, 1000, 23, 3.6),
+    PaperRow("StructViT-S-4-1", "IN-1K", "structvit_s_4_1", {}, None, 1000, 23, 4.3),
+    PaperRow("StructViT-S-8-1", "IN-1K", "structvit_s_8_1", {}, None, 1000, 24, 5.4),
+    PaperRow("UniFormer-B", "IN-1K", "structvit_b_4_1", _SA, None, 1000, 50, 8.3),
+    PaperRow("StructViT-B-4-2", "IN-1K", "structvit_b_4_2", {}, None, 1000, 51, 8.3),
+    PaperRow("StructViT-B-4-1", "IN-1K", "structvit_b_4_1", {}, None, 1000, 51, 9.9),
+    PaperRow("StructViT-B-8-1", "IN-1K", "structvit_b_8_1", {}, None, 1000, 52, 12.0),
+    PaperRow("UniFormer-L", "IN-1K", "structvit_l_4_1", _SA, None, 1000, 100, 12.6, corrected=19.8, note=_L_NOTE),
+    PaperRow("StructViT-L-4-1", "IN-1K", "structvit_l_4_1", {}, None, 1000, 103, 15.4, corrected=19.8 + 15.4 - 12.6,
+             note=_L_NOTE),
+    PaperRow("DeiT-S + StructSA", "IN-1K", "structvit_deit_small", {}, None, 1000, 22.4, 5.7),
+    PaperRow("DeiT-S + ConvSA", "IN-1K", "structvit_deit_small", {"attention": "convsa"}, None, 1000, 22.1, 4.6),
+    PaperRow("UniFormer-S", "K400 16x1x4", "structvit_s_4_1_video", _SA, 16, 400, None, 167, 4),
+    PaperRow("StructViT-S-4-2", "K400 16x1x4", "structvit_s_4_2_video", {}, 16, 400, None, 169, 4),
+    PaperRow("StructViT-S-4-1", "K400 16x1x4", "structvit_s_4_1_video", {}, 16, 400, None, 327, 4),
+    PaperRow("StructViT-S-8-1", "K400 16x1x4", "structvit_s_8_1_video", {}, 16, 400, None, 541, 4),
+    PaperRow("UniFormer-B", "K400 32x1x4", "structvit_b_4_1_video", _SA, 32, 400, None, 1036, 4),
+    PaperRow("StructViT-B-4-2", "K400 32x1x4", "structvit_b_4_2_video", {}, 32, 400, None, 1045, 4),
+    PaperRow("StructViT-B-4-1", "K400 32x1x4", "structvit_b_4_1_video", {}, 32, 400, None, 2658, 4),
+    PaperRow("UniFormer-S", "SSv1/v2 16x3x1", "structvit_s_4_1_video", _SA, 16, 174, None, 125, 3),
+    PaperRow("StructViT-S-4-2", "SSv1/v2 16x3x1", "structvit_s_4_2_video", {}, 16, 174, None, 126, 3),
+    PaperRow("StructViT-S-4-1", "SSv1/v2 16x3x1", "structvit_s_4_1_video", {}, 16, 174, None, 246, 3),
+    PaperRow("StructViT-S-8-1", "SSv1/v2 16x3x1", "structvit_s_8_1_video", {}, 16, 174, None, 405, 3),
+    PaperRow("UniFormer-B", "SSv1/v2 32x3x1", "structvit_b_4_1_video", _SA, 32, 174, None, 777, 3),
+    PaperRow("StructViT-B-4-2", "SSv1/v2 32x3x1", "structvit_b_4_2_video", {}, 32, 174, None, 784, 3),
+    PaperRow("StructViT-B-4-1", "SSv1/v2 32x3x1", "structvit_b_4_1_video", {}, 32, 174, None, 1963, 3),
+]
+
+
+def paper_table(rows: Sequence[PaperRow] | None = None) -> tuple[list[dict], list[str]]:
+    """Count every row (default :data:`PAPER_ROWS`) on the meta device.
+
+    Returns (results, notes): one dict per counted row with the counted and published
+    parameters (M) and GFLOPs per view, and their relative differences (GFLOPs against
+    ``corrected`` where a row has one); the notes name skipped rows (model not registered)
+    and explain corrections.
+    """
+    import importlib
+
+    import timm
+
+    from .. import models  # noqa: F401  (registers the models)
+
+    try:  # the DeiT ablation backbone, if this installation has it
+        importlib.import_module(f"{__package__}.deit")
+    except ImportError:
+        pass
+    results, notes, cache = [], [], {}
+    registered = set(timm.list_models("structvit_*"))
+    for row in PAPER_ROWS if rows is None else rows:
+        if row.model not in registered:
+            note = f"{row.label} ({row.bench}): {row.model} is not registered, row skipped."
+            if note not in notes:
+                notes.append(note)
+            continue
+        key = (row.model, tuple(sorted(row.kwargs.items())), row.frames, row.size, row.classes)
+        if key not in cache:
+            extra = {} if row.frames is None else {"num_frames": row.frames}
+            with torch.device("meta"):
+                model = timm.create_model(row.model, num_classes=row.classes, **extra, **row.kwargs)
+            shape = (1, 3, row.size, row.size) if row.frames is None else (1, 3, row.frames, row.size, row.size)
+            cache[key] = (count_params(model), count_flops(model, shape), "x".join(map(str, shape[1:])))
+        params, macs, shape = cache[key]
+        per_view = row.gflops / row.views
+        reference = per_view if row.corrected is None else row.corrected
+        if row.note and row.note not in notes:
+            notes.append(row.note)
+        results.append(dict(label=row.label, bench=row.bench, model=row.model, kwargs=row.kwargs, input=shape,
+                            classes=row.classes, params_m=params / 1e6, pub_params_m=row.params,
+                            params_diff=None if row.params is None else params / 1e6 / row.params - 1,
+                            gflops=macs / 1e9, pub_gflops=per_view, pub_total=row.gflops, views=row.views,
+                            reference_gflops=reference, gflops_diff=macs / 1e9 / reference - 1,
+                            corrected=row.corrected is not None))
+    return results, notes
+
+
+def _kwargs_text(kwargs: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in kwargs.items())
+
+
+def paper_markdown(results: list[dict], notes: Sequence[str] = ()) -> str:
+    lines = ["| paper row | benchmark | model | input | classes | params (M) | published | diff "
+             "| GFLOPs / view | published | diff |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        model = f"`{r['model']}`" + (f" ({_kwargs_text(r['kwargs'])})" if r["kwargs"] else "")
+        pub_p = "-" if r["pub_params_m"] is None else f"{r['pub_params_m']:g}"
+        diff_p = "-" if r["params_diff"] is None else f"{100 * r['params_diff']:+.1f}%"
+        pub_f = f"{r['pub_gflops']:.1f}" if r["views"] == 1 else f"{r['pub_total']:g}/{r['views']} = {r['pub_gflops']:.1f}"
+        if r["corrected"]:
+            pub_f += f" (corrected: {r['reference_gflops']:.1f}, see below)"
+        lines.append(f"| {r['label']} | {r['bench']} | {model} | {r['input']} | {r['classes']} | {r['params_m']:.2f} "
+                     f"| {pub_p} | {diff_p} | {r['gflops']:.2f} | {pub_f} | {100 * r['gflops_diff']:+.1f}% |")
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    import timm
+
     from . import MODEL_NAMES
 
     parser = argparse.ArgumentParser(
         prog="structvit models",
-        description="Parameters and FLOPs (torch.utils.flop_counter) of the registered StructViT models at their "
-                    "default input (one clip / one image), as a Markdown table. GMACs = multiply-adds (the "
-                    "'FLOPs' of fvcore-based papers); GFLOPs = 2 x GMACs.")
-    parser.add_argument("names", nargs="*", help=f"models to list (default: all of {', '.join(MODEL_NAMES)})")
+        description="Parameters and GFLOPs of the registered StructViT models at their default input (one "
+                    "image / one clip), as a Markdown table. GFLOPs are multiply-adds (fvcore's convention, "
+                    "the papers'), counted with torch.utils.flop_counter on the meta device.")
+    parser.add_argument("names", nargs="*", help="models to list (default: every registered structvit_* model)")
+    parser.add_argument("--paper", action="store_true",
+                        help="the paper's models next to their published parameters and GFLOPs per view")
     parser.add_argument("--baselines", action="store_true",
                         help="also list each model with plain SA in every block (= UniFormer)")
-    parser.add_argument("--device", default="meta",
-                        help="device to count on (default 'meta': no memory, no compute)")
-    parser.add_argument("--backend", default=None, choices=("auto", "correlation", "keyconv", "naive"),
-                        help="StructSA op backend to count (default: the models' 'auto', which trades FLOPs "
-                             "for memory on large inputs)")
+    parser.add_argument("--backend", default=None, choices=("auto", "naive", "correlation", "keyconv"),
+                        help="StructSA op backend to count (default: the models' 'auto')")
     args = parser.parse_args(argv)
-    unknown = [n for n in args.names if n not in MODEL_NAMES]
+    if args.paper:
+        if args.names or args.baselines or args.backend:
+            parser.error("--paper takes no model names, --baselines or --backend")
+        print(paper_markdown(*paper_table()))
+        return 0
+    registered = tuple(dict.fromkeys(MODEL_NAMES + tuple(timm.list_models("structvit_*"))))
+    unknown = [n for n in args.names if n not in registered]
     if unknown:
-        parser.error(f"unknown model(s) {', '.join(unknown)}; registered: {', '.join(MODEL_NAMES)}")
+        parser.error(f"unknown model(s) {', '.join(unknown)}; registered: {', '.join(registered)}")
     kwargs = {} if args.backend is None else {"backend": args.backend}
-    rows = summarize(args.names or list(MODEL_NAMES), device=args.device, baselines=args.baselines, **kwargs)
-    print(to_markdown(rows))
+    print(to_markdown(summarize(args.names or list(registered), baselines=args.baselines, **kwargs)))
     return 0
 
 
