@@ -177,8 +177,9 @@ def test_gradcheck(backend, normalize, grid, window, layout, window_v, stride):
     if backend not in serving(layout, stride != 1, window_v is None):
         pytest.skip(f"{backend} does not serve this case")
     inputs = random_inputs(1, 2, grid, 3, 2, window, layout=layout, window_v=window_v, requires_grad=True)
-    fn = lambda q, k, v, u_k, u_v: struct_attention(q, k, v, u_k, u_v, grid, kv_stride=stride, normalize=normalize,
-                                                    backend=backend)
+    def fn(q, k, v, u_k, u_v):
+        return struct_attention(q, k, v, u_k, u_v, grid, kv_stride=stride, normalize=normalize, backend=backend)
+
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
