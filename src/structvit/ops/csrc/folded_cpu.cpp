@@ -1,4 +1,4 @@
-// Fused CPU kernel of the folded form of StructSA (DESIGN.md section 1, form 4).
+// Fused CPU kernel of the folded form of StructSA (docs/design.md, "The fused CPU kernel").
 //
 // For every (batch, head, query row) it takes the row of the scaled correlation map
 // S0[i, :] = scale * q_i K^T over the key grid and, without leaving the core's cache,
