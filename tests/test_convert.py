@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from model_helpers import randomise_bn
 import structvit  # noqa: F401
-from structvit.convert import ConversionReport, inflate_weight, load_uniformer, main, unwrap_state_dict
+from structvit.convert import ConversionReport, inflate_weight, load_deit, load_uniformer, main, unwrap_state_dict
 from structvit.nn import StructSA
 
 
@@ -102,7 +102,8 @@ def test_structvit_sa_matches_functional_uniformer(name, shape):
     ("structvit_tiny", (2, 3, 64, 64), dict(struct_blocks="all")),
     ("structvit_tiny", (2, 3, 64, 64), dict(struct_blocks=(1, 1), attention="convsa")),
     ("structvit_tiny", (2, 3, 64, 64), dict(struct_blocks="all", normalize="per_pattern", num_patterns=4)),
-    ("structvit_tiny", (2, 3, 64, 64), dict(struct_blocks="all", share_patterns=True, backend="keyconv")),
+    ("structvit_tiny", (2, 3, 64, 64), dict(struct_blocks="all", patterns="head", num_patterns=2)),
+    ("structvit_tiny", (2, 3, 64, 64), dict(struct_blocks="all", patterns="shared", backend="keyconv")),
     ("structvit_tiny_video", (2, 3, 4, 64, 64), dict(struct_blocks="all")),
     ("structvit_tiny_video", (1, 3, 4, 64, 64), dict(struct_blocks=(1, 1), attention="convsa", window=(3, 5, 5))),
 ])
@@ -120,11 +121,56 @@ def test_conversion_reproduces_uniformer(name, shape, kwargs):
     n_struct = sum(isinstance(m, StructSA) for m in model.modules())
     assert n_struct > 0 and len(report.sa_initialised) == n_struct
     assert not report.missing and not report.unexpected and not report.inflated
+    assert report.exact and "exact" in str(report)
     assert torch.allclose(got, expected, atol=2e-5, rtol=1e-4), (got - expected).abs().max()
     # the D patterns are SA-equivalent but not identical (they get different gradients)
     attn = next(m for m in model.modules() if isinstance(m, StructSA))
     if attn.num_patterns > 1:
-        assert not torch.allclose(attn.u_v[:, 0], attn.u_v[:, 1])
+        assert not torch.allclose(attn.u_v.select(attn.pattern_dim, 0), attn.u_v.select(attn.pattern_dim, 1))
+
+
+@pytest.mark.parametrize("name,shape,kwargs", [
+    ("structvit_tiny", (2, 3, 64, 64), {}),
+    ("structvit_tiny", (2, 3, 64, 64), dict(patterns="head", normalize="per_pattern")),
+    ("structvit_tiny_video", (1, 3, 4, 64, 64), {}),
+])
+def test_conversion_exact_in_float64(name, shape, kwargs):
+    """The channel-wise (paper) models, converted from UniFormer in float64: the logits
+    agree to ~1e-10 (the patterns are reset after .double(), so the zero-sum
+    perturbations are exact in float64)."""
+    torch.manual_seed(0)
+    sa = randomise_bn(timm.create_model(name, struct_blocks=(0, 0))).double().eval()
+    model = timm.create_model(name, **kwargs).double().eval()
+    attn = next(m for m in model.modules() if isinstance(m, StructSA))
+    assert attn.patterns == kwargs.get("patterns", "channel") and attn.num_patterns == 4
+    if attn.patterns == "channel":
+        assert attn.u_k.shape == (attn.num_heads, attn.head_dim, 4) + attn.window
+    report = load_uniformer(model, {"model": sa.state_dict()})
+    assert report.exact and report.sa_initialised
+    x = torch.randn(shape, dtype=torch.float64)
+    with torch.no_grad():
+        assert (model(x) - sa(x)).abs().max() < 1e-10
+
+
+def test_strided_conversion_is_an_initialisation(caplog):
+    """kv_stride 2 (the X-D-2 models): the weights load and the model runs, but it sees
+    fewer keys than SA; the report and a logged warning say it is an initialisation."""
+    sa, ckpt = _uniformer_checkpoint("structvit_tiny")
+    model = timm.create_model("structvit_tiny", kv_stride=2).eval()
+    with caplog.at_level("WARNING", logger="structvit.convert"):
+        report = load_uniformer(model, ckpt)
+    assert not report.exact and any("stride" in r for r in report.inexact)
+    assert "not an exact conversion" in str(report)
+    assert any("initialisation, not an exact conversion" in r.getMessage() for r in caplog.records)
+    assert len(report.sa_initialised) == sum(isinstance(m, StructSA) for m in model.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == sa(x).shape and torch.isfinite(out).all()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="structvit.convert"):  # stride 1: exact, nothing logged
+        assert load_uniformer(timm.create_model("structvit_tiny"), ckpt).exact
+    assert not caplog.records
 
 
 def test_conversion_keeps_structvit_patterns():
@@ -190,8 +236,11 @@ def test_inflate_weight_modes():
     assert torch.allclose(a.sum(2), w) and torch.allclose(a[:, :, 0], w / 3)
     with pytest.raises(ValueError, match="inflate"):
         inflate_weight(w, 3, "mean")
-    with pytest.raises(ValueError, match="4-D"):
+    with pytest.raises(ValueError, match="2-D kernel"):
         inflate_weight(torch.randn(4, 3), 3)
+    u = torch.randn(2, 8, 4, 3, 3)  # channel-wise patterns (heads, C, D, kh, kw)
+    assert torch.equal(inflate_weight(u, 3, "center")[..., 1, :, :], u)
+    assert inflate_weight(u, 5, "average").shape == (2, 8, 4, 5, 3, 3)
 
 
 @pytest.mark.parametrize("struct_blocks", [(0, 0), "all"])
@@ -200,8 +249,8 @@ def test_center_inflation_static_clip_equals_image(struct_blocks):
     image model's on that frame (exact up to float error), with SA and with StructSA blocks
     (patterns inflated too), for any T."""
     torch.manual_seed(0)
-    image = randomise_bn(timm.create_model("structvit_tiny", struct_blocks=struct_blocks)).eval()
-    video = timm.create_model("structvit_tiny_video", struct_blocks=struct_blocks).eval()
+    image = randomise_bn(timm.create_model("structvit_tiny", struct_blocks=struct_blocks, num_classes=10)).eval()
+    video = timm.create_model("structvit_tiny_video", struct_blocks=struct_blocks, num_classes=10).eval()
     report = load_uniformer(video, {"model": image.state_dict()}, inflate="center")
     assert "patch_embed1.proj.weight" in report.inflated and "blocks1.0.attn.weight" in report.inflated
     if struct_blocks == "all":
@@ -219,8 +268,8 @@ def test_average_inflation_loads_and_keeps_kernel_sums():
     Static-clip outputs then match only away from the temporal zero padding, so no equality
     of logits is claimed."""
     torch.manual_seed(0)
-    image = timm.create_model("structvit_tiny", struct_blocks=(0, 0))
-    video = timm.create_model("structvit_tiny_video", struct_blocks=(0, 0))
+    image = timm.create_model("structvit_tiny", struct_blocks=(0, 0), num_classes=10)
+    video = timm.create_model("structvit_tiny_video", struct_blocks=(0, 0), num_classes=10)
     report = load_uniformer(video, image.state_dict(), inflate="average")
     for name in report.inflated:
         w3 = video.state_dict()[name]
@@ -262,3 +311,116 @@ def test_convert_cli(tmp_path, capsys):
         main([str(src), str(tmp_path / "x.pth"), "--model", "structvit_tiny"])
     with pytest.raises(SystemExit):
         main([str(src), str(out), "--model", "resnet50"])
+
+
+# --------------------------------------------------------------------------- DeiT / timm ViT -> StructDeiT
+
+
+@pytest.fixture(scope="module")
+def deit_small_64():
+    """A random DeiT-S (timm's, no download) at 64x64 and its checkpoint as DeiT ships it."""
+    torch.manual_seed(0)
+    deit = timm.create_model("deit_small_patch16_224", pretrained=False, img_size=64).eval()
+    with torch.no_grad():  # a visible class token and position embedding
+        deit.cls_token.normal_()
+        deit.pos_embed.normal_(std=0.5)
+    return deit, {"model": {k: v.clone() for k, v in deit.state_dict().items()}}
+
+
+def test_deit_checkpoint_reproduces_deit(deit_small_64):
+    """Same names as timm's VisionTransformer: DeiT-S loads strictly into the SA model with a
+    class token and computes the same logits."""
+    deit, ckpt = deit_small_64
+    model = timm.create_model("structvit_deit_small", img_size=64, attention="sa", class_token=True).eval()
+    report = load_deit(model, ckpt)
+    assert report.exact and not report.missing and not report.unexpected and not report.sa_initialised
+    assert len(report.loaded) == len(ckpt["model"])
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), deit(x), atol=1e-5, rtol=1e-4)
+
+
+def test_deit_checkpoint_into_structsa(deit_small_64):
+    deit, ckpt = deit_small_64
+    sd = ckpt["model"]
+    model = timm.create_model("structvit_deit_small", img_size=64).eval()  # StructSA, no class token
+    report = load_deit(model, ckpt)
+    assert len(report.sa_initialised) == 12 and not report.missing and not report.unexpected
+    assert not report.exact and any("class token" in r for r in report.inexact)
+    assert torch.equal(model.pos_embed, sd["pos_embed"][:, 1:]) and model.cls_token is None
+    assert torch.equal(model.blocks[3].attn.qkv.weight, sd["blocks.3.attn.qkv.weight"])
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 3, 64, 64))).all()
+    # a class token: its pos_embed row is kept, but StructSA's patch tokens no longer see it
+    with_cls = timm.create_model("structvit_deit_small", img_size=64, class_token=True)
+    report = load_deit(with_cls, ckpt)
+    assert torch.equal(with_cls.pos_embed, sd["pos_embed"]) and torch.equal(with_cls.cls_token, sd["cls_token"])
+    assert not report.exact and any("do not attend" in r for r in report.inexact)
+
+
+def test_deit_224_checkpoint_full_size_and_resampled():
+    """The 224x224 DeiT-S state dict (built, never run) loads as it is into structvit_deit_small,
+    and into a 64x64 model with the grid rows of its position embedding resampled."""
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(0)
+    sd = timm.create_model("deit_small_patch16_224", pretrained=False).state_dict()
+    full = timm.create_model("structvit_deit_small", attention="convsa", class_token=True)
+    report = load_deit(full, sd)
+    assert not report.missing and len(report.sa_initialised) == 12 and not report.notes
+    assert torch.equal(full.pos_embed, sd["pos_embed"]) and torch.equal(full.norm.weight, sd["norm.weight"])
+    small = timm.create_model("structvit_deit_small", img_size=64, attention="sa")
+    report = load_deit(small, sd)
+    assert any("14x14 to a 4x4" in n for n in report.notes) and not report.exact
+    expected = resample_abs_pos_embed(sd["pos_embed"], [4, 4], num_prefix_tokens=1)[:, 1:]
+    assert small.pos_embed.shape == (1, 16, 384) and torch.allclose(small.pos_embed, expected)
+    distilled = dict(sd, dist_token=torch.zeros(1, 1, 384), **{"head_dist.weight": torch.zeros(1000, 384),
+                                                               "head_dist.bias": torch.zeros(1000)})
+    distilled["pos_embed"] = torch.cat([sd["pos_embed"][:, :1], torch.zeros(1, 1, 384), sd["pos_embed"][:, 1:]], 1)
+    report = load_deit(full, distilled)
+    assert not report.unexpected and torch.equal(full.pos_embed, sd["pos_embed"])
+    assert any("distillation" in n for n in report.notes)
+    bad = dict(sd, pos_embed=sd["pos_embed"][:, :-1])
+    with pytest.raises(ValueError, match="not a square grid"):
+        load_deit(full, bad)
+
+
+def test_deit_image_to_video_static_clip_equals_image():
+    """Centre inflation of the tubelet embedding and the StructSA windows, zero time embedding:
+    a clip of identical frames gives the image model's logits."""
+    torch.manual_seed(0)
+    image = timm.create_model("structvit_deit_tiny", num_classes=10).eval()
+    video = timm.create_model("structvit_deit_tiny_video", num_classes=10).eval()
+    with pytest.raises(ValueError, match=r"patch_embed\.proj.*inflate="):
+        load_deit(video, image.state_dict())
+    report = load_deit(video, image.state_dict(), inflate="center")
+    assert {"patch_embed.proj.weight", "blocks.0.attn.u_k", "blocks.3.attn.u_v"} <= set(report.inflated)
+    assert report.sa_initialised == [] and any("time_embed" in n for n in report.notes) and report.exact
+    assert video.time_embed.abs().sum() == 0
+    frame = torch.randn(2, 3, 32, 32)
+    clip = frame.unsqueeze(2).expand(-1, -1, 8, -1, -1).contiguous()
+    with torch.no_grad():
+        assert torch.allclose(video(clip), image(frame), atol=2e-5, rtol=1e-4)
+    assert not load_deit(video, image.state_dict(), inflate="average").exact
+
+
+def test_convert_cli_deit(tmp_path, capsys):
+    torch.manual_seed(0)
+    sa = timm.create_model("structvit_deit_tiny", attention="sa", num_classes=10).eval()
+    src = tmp_path / "deit_sa.pth"
+    torch.save({"model": sa.state_dict()}, src)
+    out = tmp_path / "deit_structsa.safetensors"
+    assert main([str(src), str(out), "--model", "structvit_deit_tiny"]) == 0
+    assert "exact: the converted model" in capsys.readouterr().out
+    model = timm.create_model("structvit_deit_tiny", num_classes=10).eval()
+    model.load_state_dict(load_file(str(out)))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), sa(x), atol=2e-5, rtol=1e-4)
+    assert main([str(src), str(out), "--model", "structvit_deit_tiny", "--class-token"]) == 0
+    printed = capsys.readouterr().out
+    assert "not an exact conversion" in printed and "class token is new" in printed
+    with pytest.raises(SystemExit):
+        main([str(src), str(out), "--model", "structvit_deit_tiny", "--struct-blocks", "1,1"])
+    with pytest.raises(SystemExit):
+        main([str(src), str(out), "--model", "structvit_tiny", "--attention", "sa"])
