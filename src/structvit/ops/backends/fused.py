@@ -160,8 +160,8 @@ def fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     chunks = _chunks(bh, h, n, chunk_elements)
     work = _Workspace(chunks, n, q.dtype, 2 + (not at_saved) + (not s0_saved))
     # The gradients of K and V are sums over query rows, X^T Y with X (R, N) from the
-    # kernel: computed as (Y^T X)^T, whose GEMM reads X in its own layout (faster than a
-    # transposed-X GEMM with MKL; see docs/design.md).
+    # kernel: computed as (Y^T X)^T, whose GEMM reads X in its own layout (MKL's
+    # transposed-X GEMM is slower at these shapes).
     if at_saved:
         dv = torch.bmm(dy.transpose(1, 2), at_kept).transpose(1, 2)
     else:

@@ -27,10 +27,10 @@
 // Threads: when PyTorch runs on GNU OpenMP, the kernel is built with -fopenmp and its
 // `omp parallel` reuses PyTorch's own thread pool (the same libgomp.so.1 is already loaded,
 // see native.py), so the workers that just ran a GEMM pick up the rows instead of
-// spin-waiting against separate threads (measured: 10-25% of the op). Otherwise
+// spin-waiting against separate threads. Otherwise
 // (STRUCTSA_OPENMP undefined) std::threads over contiguous row ranges: a second, separate
 // OpenMP runtime next to PyTorch's would make the two pools spin against each other
-// (measured: 10x slower on 2 cores). `#pragma omp simd` only asks for vectorisation.
+// for the same cores. `#pragma omp simd` only asks for vectorisation.
 #include <algorithm>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -319,11 +319,10 @@ inline T hsum(typename Vec<T>::type v) {
 // zero off the grid blocks and on their padding positions, which thus add nothing).
 // A dot product per (o, d) would be one FMA chain, latency-bound; instead OG offsets x D
 // patterns accumulate at once in registers (D = 8: 3 x 8 chains, the OG shifted blocks of x
-// loaded once and used D times; measured 12% faster than 2 x 8 chains with the D blocks
-// of a held instead, which left no register for a third offset). The blocks are taken in tiles, and all offsets run over a tile
+// loaded once and used D times, rather than 2 x 8 chains with the D blocks of a held,
+// which leaves no register for a third offset). The blocks are taken in tiles, and all offsets run over a tile
 // before the next: the tile of a stays in L1 across the offset groups, where the D planes
-// at once (57 KiB for 8x14x14) would be re-read from L2 for every group (measured: 1.3x
-// slower). G holds BLK partial sums per (o, d), (M, D, BLK): the sum across them is taken
+// at once (57 KiB for 8x14x14) would be re-read from L2 for every group. G holds BLK partial sums per (o, d), (M, D, BLK): the sum across them is taken
 // once per worker at the end, not per row.
 template <int DD, typename T>
 void pattern_grad_planes(const T* __restrict a, int64_t as, const T* __restrict x, T* __restrict G, const Geometry& g,
@@ -333,7 +332,7 @@ void pattern_grad_planes(const T* __restrict a, int64_t as, const T* __restrict 
     if constexpr (DD > 0) {
         constexpr int OG = DD >= 8 ? 3 : 24 / DD;
         // tiles of at most 64 blocks (D = 8: 32 KiB of a, next to x's 10 KiB in a 48 KiB L1),
-        // of equal size; shorter tiles measured slower (more flushes of the accumulators)
+        // of equal size; shorter tiles flush the accumulators more often
         const int64_t tiles = (nblocks + 63) / 64, TB = (nblocks + tiles - 1) / tiles;
         for (int64_t t0 = 0; t0 < nblocks; t0 += TB) {
             const int64_t t1 = std::min(nblocks, t0 + TB);
@@ -460,8 +459,7 @@ inline typename Vec<T>::type exp_nonpositive(typename Vec<T>::type x) {
     const V r = (x - kf * T(0.693145751953125)) - kf * T(1.4286068203094173e-06);
     const V p = exp_reduced(r, T(0));
 #if defined(__AVX512F__)
-    // p * 2^k in one instruction (vscalef) instead of building 2^k's bits (4 instructions):
-    // measured 15% faster softmax
+    // p * 2^k in one instruction (vscalef) instead of building 2^k's bits (4 instructions)
     if constexpr (sizeof(V) == 64) {
         if constexpr (sizeof(T) == 4)
             return reinterpret_cast<V>(_mm512_scalef_ps(reinterpret_cast<__m512>(p), reinterpret_cast<__m512>(kf)));
@@ -521,8 +519,8 @@ void weights_from_lse(T* s, int64_t ps, const T* mask, const T* lse, const Geome
 }
 
 // Copy a map (T, H, W) into / out of the padded grid, a grid row (W contiguous values) at
-// a time so that the compiler vectorises the copies (one gather/scatter per element
-// measured 10x slower: about 8% of the kernel).
+// a time so that the compiler vectorises the copies (instead of one gather/scatter per
+// element).
 template <typename T>
 void to_padded(const T* __restrict row, T* __restrict pad, const Geometry& g, T scale = T(1)) {
     const int64_t W = g.W;
