@@ -42,6 +42,30 @@ def test_bench_op_rows(capsys):
     assert "| correlation |" in capsys.readouterr().out
 
 
+def test_bench_op_paper_form_fast(tmp_path, capsys):
+    """Channel-wise patterns with a key/value stride: SA timed in the same run, the
+    dot-product-only backends skipped with the reason, the machine's ISA printed and written."""
+    case = bench.OP_CASES["tiny_c"]
+    assert case.layout == "channel" and case.keys == 2 * 2 * 2  # ceil(4 / 2) ** 2 per frame, 2 frames
+    rows = bench.bench_op_case("tiny_c", case, ["keyconv", "fused", "auto"], device="cpu", dtype="float32",
+                               repeats=1, measure_memory=False)
+    assert [r["backend"] for r in rows] == ["SA (sdpa)", "keyconv", "fused", "auto (keyconv)"]
+    assert rows[2]["skipped"] == "cannot serve channel-wise patterns"
+    assert rows[0]["time_ratio"] == 1.0 and rows[1]["seconds"] > 0 and rows[1]["peak"] is None
+    out = tmp_path / "perf.md"
+    assert bench.main(["op", "--cases", "tiny_c", "--backends", "keyconv", "--repeats", "1", "--no-memory",
+                       "--write", str(out)]) == 0
+    printed = capsys.readouterr().out
+    info = bench.cpu_info()
+    assert set(info["isa"]) == {"avx512f", "avx2", "fma"}
+    assert f"# machine: CPU {info['model']}" in printed and "avx2 " in printed
+    text = out.read_text()
+    assert "command: `python -m structvit.bench op --cases tiny_c" in text and "- ISA: avx512f: " in text
+    assert "| keyconv |" in text and "N'=8 keys" in text
+    assert set(bench.PAPER_CASES) == {f"{k}_c{d}_s{s}" for k in ("image", "video") for d in (4, 8) for s in (1, 2)}
+    assert bench.OP_CASES["video_c8_s2"].stride3 == (1, 2, 2) and bench.OP_CASES["image_c4_s2"].keys == 49
+
+
 def test_bench_rejects_unknown_case():
     with pytest.raises(SystemExit):
         bench.main(["op", "--cases", "huge"])

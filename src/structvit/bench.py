@@ -39,21 +39,86 @@ class OpCase:
     window: tuple[int, ...]
     patterns: int
     normalize: str = "joint"
+    layout: str = "head"  # "channel" (the paper's), "head" or "shared": see struct_attention
+    kv_stride: tuple[int, ...] | int = 1
 
     @property
     def tokens(self) -> int:
         return math.prod(self.grid)
 
+    @property
+    def stride3(self) -> tuple[int, int, int]:
+        s = (self.kv_stride,) * len(self.grid) if isinstance(self.kv_stride, int) else tuple(self.kv_stride)
+        return (1,) * (3 - len(s)) + s
+
+    @property
+    def keys(self) -> int:
+        """N': key/value positions on the strided grid."""
+        grid3 = (1,) * (3 - len(self.grid)) + tuple(self.grid)
+        return math.prod(-(-n // s) for n, s in zip(grid3, self.stride3))
+
+
+def _paper_case(kind: str, d: int, stride: int) -> OpCase:
+    """The paper's form: channel-wise StructSA, D patterns, key/value stride 1 or 2 (video (1, s, s))."""
+    if kind == "image":  # stage 3 of StructViT-S at 224x224: 14x14 tokens, 5 heads of 64
+        return OpCase(f"image 14x14, 3x3, channel-wise D={d}, stride {stride}", 16, 5, 64, (14, 14), (3, 3), d,
+                      layout="channel", kv_stride=stride)
+    return OpCase(f"video 8x14x14, 3x3x3, channel-wise D={d}, stride (1, {stride}, {stride})", 2, 5, 64, (8, 14, 14),
+                  (3, 3, 3), d, layout="channel", kv_stride=(1, stride, stride))
+
 
 OP_CASES = {
-    "image": OpCase("image 14x14, 3x3, D=8", 16, 5, 64, (14, 14), (3, 3), 8),
-    "video": OpCase("video 8x14x14, 3x3x3, D=8", 2, 5, 64, (8, 14, 14), (3, 3, 3), 8),
-    "video155": OpCase("video 8x14x14, 1x5x5, D=8", 2, 5, 64, (8, 14, 14), (1, 5, 5), 8),
+    # the paper's StructSA: channel-wise patterns, D = 4 or 8, stride 1 or 2
+    **{f"{kind}_c{d}_s{s}": _paper_case(kind, d, s) for kind in ("image", "video") for d in (4, 8) for s in (1, 2)},
+    # the dot-product variant (per-head patterns), which the correlation and fused backends serve
+    "image": OpCase("image 14x14, 3x3, per-head D=8", 16, 5, 64, (14, 14), (3, 3), 8),
+    "video": OpCase("video 8x14x14, 3x3x3, per-head D=8", 2, 5, 64, (8, 14, 14), (3, 3, 3), 8),
+    "video155": OpCase("video 8x14x14, 1x5x5, per-head D=8", 2, 5, 64, (8, 14, 14), (1, 5, 5), 8),
     # grids where the fused kernel cannot take its block-row transposed convolution
-    "image7": OpCase("image 7x7 (stage 4), 3x3, D=8", 16, 8, 64, (7, 7), (3, 3), 8),
-    "video555": OpCase("video 8x14x14, 5x5x5, D=8", 2, 5, 64, (8, 14, 14), (5, 5, 5), 8),
-    "tiny": OpCase("tiny 2x4x4, 3x3x3, D=2 (smoke test)", 1, 2, 8, (2, 4, 4), (3, 3, 3), 2),
+    "image7": OpCase("image 7x7 (stage 4), 3x3, per-head D=8", 16, 8, 64, (7, 7), (3, 3), 8),
+    "video555": OpCase("video 8x14x14, 5x5x5, per-head D=8", 2, 5, 64, (8, 14, 14), (5, 5, 5), 8),
+    "tiny": OpCase("tiny 2x4x4, 3x3x3, per-head D=2 (smoke test)", 1, 2, 8, (2, 4, 4), (3, 3, 3), 2),
+    "tiny_c": OpCase("tiny 2x4x4, 3x3x3, channel-wise D=2, stride (1, 2, 2) (smoke test)", 1, 2, 8, (2, 4, 4),
+                     (3, 3, 3), 2, layout="channel", kv_stride=(1, 2, 2)),
 }
+PAPER_CASES = [f"{kind}_c{d}_s{s}" for kind in ("image", "video") for d in (4, 8) for s in (1, 2)]
+
+
+def cpu_info() -> dict:
+    """The CPU's model name (lscpu, else /proc/cpuinfo) and which of the ISA extensions the
+    kernels care about (avx512f, avx2, fma) its flags list."""
+    model, flags = None, set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model is None:
+                    model = val.strip()
+                elif key == "flags" and not flags:
+                    flags = set(val.split())
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"model": model or "unknown", "isa": {f: f in flags for f in ("avx512f", "avx2", "fma")},
+            "cpus": os.cpu_count()}
+
+
+def machine_line(device: torch.device) -> str:
+    """One line naming the machine: CPU model, ISA flags, cores, threads; the GPU if any."""
+    info = cpu_info()
+    isa = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in info["isa"].items())
+    line = f"CPU {info['model']} ({info['cpus']} logical CPUs; {isa}), {torch.get_num_threads()} torch threads"
+    if device.type == "cuda":
+        line += f"; GPU {torch.cuda.get_device_name(device)}"
+    return line
 
 
 def _read_status(field: str) -> int | None:
@@ -104,11 +169,12 @@ def _sync(device: torch.device) -> None:
 
 
 def make_op_inputs(case: OpCase, device: torch.device, dtype: torch.dtype):
-    """q, k, v (B, heads, N, C) and per-head patterns u_k, u_v, all requiring grad."""
+    """q, k, v (B, heads, N, C) and patterns u_k, u_v in the case's layout, all requiring grad."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     shape = (case.batch, case.heads, case.tokens, case.head_dim)
     qkv = [torch.randn(shape, generator=gen).to(device, dtype).requires_grad_() for _ in range(3)]
-    pshape = (case.heads, case.patterns) + case.window
+    lead = {"channel": (case.heads, case.head_dim), "head": (case.heads,), "shared": ()}[case.layout]
+    pshape = lead + (case.patterns,) + case.window
     scale = math.prod(case.window) ** -0.5
     us = [(torch.randn(pshape, generator=gen) * scale).to(device, dtype).requires_grad_() for _ in range(2)]
     return qkv, us
@@ -121,8 +187,8 @@ def op_fn(case: OpCase, backend: str, memory_limit: int | None = None):
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
     limit = memory_limit if backend == "auto-mem" else None
     backend = "auto" if backend == "auto-mem" else backend
-    return lambda q, k, v, u_k, u_v: struct_attention(q, k, v, u_k, u_v, case.grid, normalize=case.normalize,
-                                                      backend=backend, memory_limit=limit)
+    return lambda q, k, v, u_k, u_v: struct_attention(q, k, v, u_k, u_v, case.grid, kv_stride=case.kv_stride,
+                                                      normalize=case.normalize, backend=backend, memory_limit=limit)
 
 
 def peak_memory_in_subprocess(case_key: str, normalize: str, backend: str, device: str, dtype: str,
@@ -184,19 +250,33 @@ def interleaved_medians(fns: dict, repeats: int, device: torch.device, warmup: i
 
 
 def bench_op_case(case_key: str, case: OpCase, backends: list[str], *, device: str, dtype: str, repeats: int,
-                  naive_limit: int = 2 << 30, memory_limit: int = 8 << 20) -> list[dict]:
-    """Rows of {backend, seconds, peak bytes, ratios} for one shape, SA first."""
+                  naive_limit: int = 2 << 30, memory_limit: int = 8 << 20, measure_memory: bool = True) -> list[dict]:
+    """Rows of {backend, seconds, peak bytes, ratios} for one shape, SA first (peak None
+    without ``measure_memory``: each measurement is a fresh process, seconds each)."""
     dev = torch.device(device)
     (q, k, v), (u_k, u_v) = make_op_inputs(case, dev, DTYPES[dtype])
     m = math.prod(case.window)
-    auto, auto_mem = (resolve_backend(q, u_k, case.grid, memory_limit=lim) for lim in (None, memory_limit))
+    auto, auto_mem = (resolve_backend(q, u_k, case.grid, u_v=u_v, kv_stride=case.kv_stride, memory_limit=lim)
+                      for lim in (None, memory_limit))
     labels, fns, skipped = {}, {}, {}
     for backend in ["sa"] + backends:
         label = {"sa": "SA (sdpa)", "auto": f"auto ({auto})",
                  "auto-mem": f"auto, memory_limit {memory_limit / 2**20:g} MiB ({auto_mem})"}.get(backend, backend)
         labels[backend] = label
+        if backend not in ("sa", "auto", "auto-mem"):
+            try:
+                resolve_backend(q, u_k, case.grid, u_v=u_v, kv_stride=case.kv_stride, backend=backend)
+            except ValueError as err:  # correlation / fused: dot-product layouts at stride 1 only
+                reason = str(err).split(": ", 1)[-1]
+                if "channel-wise" in reason:
+                    reason = "channel-wise patterns"
+                elif "kv_stride" in reason:
+                    reason = "kv_stride > 1"
+                skipped[backend] = f"cannot serve {reason}"
+                continue
         if backend == "naive":
-            need = case.batch * case.heads * case.tokens ** 2 * m * q.element_size() * 4
+            need = case.batch * case.heads * (case.keys * m * case.head_dim * 2 + 2 * case.tokens * case.patterns
+                                              * case.keys) * q.element_size() * 2
             if need > naive_limit:
                 skipped[backend] = f"needs ~{need / 2**30:.0f} GiB"
                 continue
@@ -209,7 +289,8 @@ def bench_op_case(case_key: str, case: OpCase, backends: list[str], *, device: s
         if backend in skipped:
             rows.append({"backend": label, "skipped": skipped[backend]})
             continue
-        peak = peak_memory_in_subprocess(case_key, case.normalize, backend, device, dtype, memory_limit)
+        peak = (peak_memory_in_subprocess(case_key, case.normalize, backend, device, dtype, memory_limit)
+                if measure_memory else None)
         rows.append({"backend": label, "seconds": seconds[backend], "peak": peak})
     sa = rows[0]
     for row in rows:
@@ -224,7 +305,9 @@ def _fmt_mem(b: int | None) -> str:
 
 
 def format_op_table(case: OpCase, rows: list[dict]) -> str:
-    lines = [f"### {case.name}: B={case.batch}, heads={case.heads}, C={case.head_dim}, N={case.tokens}, {case.normalize}",
+    keys = f", N'={case.keys} keys" if case.keys != case.tokens else ""
+    lines = [f"### {case.name}: B={case.batch}, heads={case.heads}, C={case.head_dim}, N={case.tokens}{keys}, "
+             f"{case.normalize}",
              "", "| backend | fwd+bwd | x SA | peak memory | x SA |", "|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
@@ -239,17 +322,48 @@ def run_op(args) -> int:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# StructSA op benchmark: forward+backward, {args.dtype}, device={device}"
-          f"{'' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}, torch {torch.__version__}")
-    print("# ratios are to SA (scaled_dot_product_attention) measured in the same run\n")
+    header = [f"# StructSA op benchmark: forward+backward, {args.dtype}, device={device}"
+              f"{'' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}, torch {torch.__version__}",
+              f"# machine: {machine_line(device)}",
+              "# ratios are to SA (scaled_dot_product_attention) measured in the same run"]
+    print("\n".join(header) + "\n", flush=True)
+    tables = []
     for name in args.cases:
         case = OP_CASES[name]
         if args.normalize != "joint":
             case = OpCase(**{**case.__dict__, "normalize": args.normalize})
         rows = bench_op_case(name, case, args.backends, device=args.device, dtype=args.dtype, repeats=args.repeats,
-                             memory_limit=int(args.memory_limit * 2**20))
-        print(format_op_table(case, rows), "\n", flush=True)
+                             memory_limit=int(args.memory_limit * 2**20), measure_memory=not args.no_memory)
+        tables.append(format_op_table(case, rows))
+        print(tables[-1], "\n", flush=True)
+    if args.write:
+        write_performance(args.write, tables, device, argv=getattr(args, "argv", None))
+        print(f"wrote {args.write}")
     return 0
+
+
+def write_performance(path, tables: list[str], device: torch.device, argv: list[str] | None = None) -> None:
+    """Write the op tables to ``path`` (Markdown) with the command, machine, ISA and date."""
+    import datetime
+    import shlex
+    from pathlib import Path
+
+    cmd = "python -m structvit.bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    info = cpu_info()
+    isa = ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in info["isa"].items())
+    lines = ["# Performance: the StructSA op against plain attention", "",
+             "Forward + backward of `struct_attention` and of `scaled_dot_product_attention` (SA) on the same",
+             "inputs, timed interleaved in one run (median over rounds); ratios are to SA. Peak memory is",
+             "measured in a fresh process per row (see `structvit.bench`).", "",
+             f"- command: `{cmd}`",
+             f"- date: {datetime.date.today().isoformat()}",
+             f"- machine: {info['model']}, {info['cpus']} logical CPUs, {torch.get_num_threads()} torch threads"
+             + (f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
+             f"- ISA: {isa}",
+             f"- torch {torch.__version__}, device {device}", ""]
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text("\n".join(lines) + "\n" + "\n\n".join(tables) + "\n")
 
 
 # ----------------------------------------------------------------------------- model level
@@ -310,25 +424,27 @@ def run_model(args) -> int:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(f"# machine: {machine_line(device)}")
     print(f"# StructViT model benchmark: device={device}"
           f"{'' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}, torch {torch.__version__}, "
           f"backend={args.backend}, median of {args.repeats} interleaved rounds\n")
     if "train" in args.what:
-        print("### Training step (fwd + bwd + AdamW), StructSA in the last (4, 1) blocks vs all-SA (0, 0)\n")
-        print("| model | input | SA step | StructSA (4, 1) step | x SA | StructSA backends (auto) |")
+        print("### Training step (fwd + bwd + AdamW), StructSA in every attention block vs all-SA (0, 0)\n")
+        print("| model | input | SA step | StructSA step | x SA | StructSA backends (auto) |")
         print("|---|---|---|---|---|---|")
-        for name, batch in (("structvit_small", args.image_batch), ("structvit_small_video", args.video_batch)):
+        for name, batch in (("structvit_s_4_1", args.image_batch), ("structvit_s_4_2", args.image_batch),
+                            ("structvit_s_4_1_video", args.video_batch)):
             if args.models and name not in args.models:
                 continue
-            models = {blocks: _model(name, struct_blocks=blocks, backend=args.backend) for blocks in ((0, 0), (4, 1))}
-            shape = default_input_shape(models[(4, 1)], batch)
+            models = {blocks: _model(name, struct_blocks=blocks, backend=args.backend) for blocks in ((0, 0), "all")}
+            shape = default_input_shape(models["all"], batch)
             times = interleaved_medians({b: train_step_fn(m, shape, device) for b, m in models.items()},
                                         args.repeats, device)
-            used = backends_used(models[(4, 1)])
+            used = backends_used(models["all"])
             del models
             shape_s = "x".join(map(str, shape[1:]))
-            print(f"| {name} | {batch}x{shape_s} | {times[(0, 0)]:.2f} s | {times[(4, 1)]:.2f} s | "
-                  f"{times[(4, 1)] / times[(0, 0)]:.2f}x | {used} |", flush=True)
+            print(f"| {name} | {batch}x{shape_s} | {times[(0, 0)]:.2f} s | {times['all']:.2f} s | "
+                  f"{times['all'] / times[(0, 0)]:.2f}x | {used} |", flush=True)
         print()
     if "infer" in args.what:
         print("### Inference throughput (eval, no grad), each model vs the same model with all-SA\n")
@@ -356,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
     op = sub.add_parser("op", help="StructSA backends vs SA, fwd+bwd time and peak memory")
-    op.add_argument("--cases", nargs="+", default=["image", "video"], choices=sorted(OP_CASES))
+    op.add_argument("--cases", nargs="+", default=PAPER_CASES, choices=sorted(OP_CASES),
+                    help="default: the paper's channel-wise cases (image/video, D=4/8, stride 1/2)")
     op.add_argument("--backends", nargs="+", default=["naive", "correlation", "keyconv", "fused", "auto", "auto-mem"],
                     choices=["naive", "correlation", "keyconv", "fused", "auto", "auto-mem"],
                     help="auto-mem: auto with --memory-limit")
@@ -367,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     op.add_argument("--repeats", type=int, default=5)
     op.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    op.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements (one process each)")
+    op.add_argument("--write", default=None, metavar="PATH",
+                    help="also write the tables to PATH (e.g. docs/performance.md) with command, machine, ISA, date")
     op.set_defaults(func=run_op)
     model = sub.add_parser("model", help="training-step time vs all-SA, and inference throughput of registered models")
     model.add_argument("--what", nargs="+", default=["train", "infer"], choices=["train", "infer"])
@@ -386,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["_peak"]:  # internal: one peak-memory measurement (see peak_memory_in_subprocess)
         return _peak_main(*argv[1:])
     args = build_parser().parse_args(argv)
+    args.argv = argv
     return args.func(args)
 
 
