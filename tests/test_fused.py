@@ -371,3 +371,27 @@ def test_flop_counter_counts_the_fused_kernel():
     kept = fused_module.fused_plan(B * h, N, 4, None)[1]
     assert backward == fused_backward_flops((B, h, N, C), (B, h, N, Cv), (1, D) + window, kept >= 1, kept == 2)
     assert backward > counts[torch.ops.structvit.fused_forward]
+
+
+def test_auto_runs_the_same_kernel_eager_compiled_and_counted():
+    """The problem the custom ops fix: "auto" used to pick another backend under
+    torch.compile and under the FLOP counter than in eager training."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    layer = StructSA(64, 2, window=(3, 3, 3), num_patterns=4, patterns="head")
+    x, grid = torch.randn(1, 2 * 5 * 5, 64), (2, 5, 5)
+    layer(x, grid)
+    assert layer.last_backend == "fused"
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    layer.last_backend = None
+    torch.compile(layer, backend=backend, fullgraph=True)(x, grid)
+    assert layer.last_backend == "fused" and "fused_forward" in graphs[0].code
+    with FlopCounterMode(display=False) as counter:
+        layer(x, grid)
+    assert torch.ops.structvit.fused_forward in counter.get_flop_counts()["Global"]
