@@ -379,8 +379,8 @@ def test_auto_runs_the_same_kernel_eager_compiled_and_counted():
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
-    layer = StructSA(64, 2, window=(3, 3, 3), num_patterns=4, patterns="head")
-    x, grid = torch.randn(1, 2 * 5 * 5, 64), (2, 5, 5)
+    layer = StructSA(128, 2, window=(3, 3, 3), num_patterns=4, patterns="head")  # head dim 64: fused by cost
+    x, grid = torch.randn(1, 2 * 5 * 5, 128), (2, 5, 5)
     layer(x, grid)
     assert layer.last_backend == "fused"
     graphs = []
