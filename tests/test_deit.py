@@ -56,6 +56,9 @@ def test_registered_with_cfgs():
     assert video.num_frames == 16 and video.pretrained_cfg["num_frames"] == 16 and video.blocks[0].attn.window == (3, 3, 3)
     assert video.patch_embed.proj.kernel_size == (2, 16, 16)
     assert not small.has_class_token and small.global_pool == "avg" and small.cls_token is None
+    assert timm.get_pretrained_cfg_value("structvit_deit_tiny_video", "num_frames") == 8
+    assert _tiny(True, num_frames=12).pretrained_cfg["num_frames"] == 12
+    assert _tiny(img_size=64).pretrained_cfg["input_size"] == (3, 64, 64)
     with pytest.raises(ValueError, match="num_frames is for the video models"):
         timm.create_model("structvit_deit_tiny", num_frames=8)
 

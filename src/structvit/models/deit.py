@@ -42,11 +42,12 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import PretrainedCfg, build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..nn.attention import SelfAttention, StructSA
 from ..ops import canonical_grid, struct_attention_unchecked
+from .structvit import VideoPretrainedCfg
 
 __all__ = ["StructDeiT", "DeiTBlock", "TokenEmbed", "DEIT_ATTENTION_KINDS", "attend_with_prefix", "default_cfgs"]
 
@@ -421,25 +422,17 @@ class StructDeiT(nn.Module):
 # --------------------------------------------------------------------------- configs
 
 
-def _cfg(video: bool = False, **kwargs) -> dict:
+def _cfg(num_frames: int | None = None, **kwargs) -> PretrainedCfg:
     # timm's data tools read input_size as (C, H, W); a video model's clip length is num_frames.
-    cfg = dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=0.875,
-               interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-               first_conv="patch_embed.proj", classifier="head", license="apache-2.0")
-    if video:
-        cfg["notes"] = ("video model: input (B, C, T, H, W); input_size is per frame, the clip length is "
-                        "pretrained_cfg['num_frames']",)
-        cfg["crop_pct"] = 1.0
+    cfg = dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=None,
+               crop_pct=0.875 if num_frames is None else 1.0, interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN,
+               std=IMAGENET_DEFAULT_STD, first_conv="patch_embed.proj", classifier="head", license="apache-2.0")
     cfg.update(kwargs)
-    return cfg
+    if num_frames is None:
+        return PretrainedCfg(**cfg)
+    cfg.setdefault("notes", ("video model: input (B, C, T, H, W), input_size per frame, T = num_frames",))
+    return VideoPretrainedCfg(num_frames=num_frames, **cfg)
 
-
-default_cfgs = generate_default_cfgs({
-    "structvit_deit_small": _cfg(),
-    "structvit_deit_tiny": _cfg(input_size=(3, 32, 32), crop_pct=1.0),
-    "structvit_deit_small_video": _cfg(video=True, num_classes=174),  # SSv1, the paper's DeiT video ablation
-    "structvit_deit_tiny_video": _cfg(video=True, input_size=(3, 32, 32)),
-})
 
 # DeiT-S (Touvron et al.), and a tiny one of ours for CPU studies on the built-in 32x32 data:
 # 4 blocks of width 96 with 3 heads of 32, patches 4x4 -> an 8x8 grid (as DeiT-S's 14x14 at 224)
@@ -447,47 +440,59 @@ _SIZES = {
     "small": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),
     "tiny": dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3),
 }
-_VIDEO_FRAMES = {"small": 16, "tiny": 8}  # the paper's 16 for SSv1; 8 for the built-in moving digits
+_FRAMES = {"small": 16, "tiny": 8}  # the paper's 16 for SSv1; 8 for the built-in moving digits
+
+default_cfgs = generate_default_cfgs({
+    "structvit_deit_small": _cfg(),
+    "structvit_deit_tiny": _cfg(input_size=(3, 32, 32), crop_pct=1.0),
+    # SSv1 (174 classes): the paper's video ablation on this backbone
+    "structvit_deit_small_video": _cfg(_FRAMES["small"], num_classes=174),
+    "structvit_deit_tiny_video": _cfg(_FRAMES["tiny"], input_size=(3, 32, 32)),
+})
 
 
-def _create(variant: str, size: str, pretrained: bool = False, video: bool = False, **kwargs) -> StructDeiT:
+def _create(variant: str, pretrained: bool = False, **kwargs) -> StructDeiT:
+    size = variant.removeprefix("structvit_deit_").removesuffix("_video")
+    video = variant.endswith("_video")
     args = dict(_SIZES[size])
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
     if video:
-        args["num_frames"] = _VIDEO_FRAMES[size]
+        args["num_frames"] = _FRAMES[size]
     elif kwargs.get("num_frames") is not None:
         raise ValueError(f"num_frames is for the video models ({variant}_video); {variant} is an image model")
     args.update(kwargs)
-    overlay = dict(args.pop("pretrained_cfg_overlay", None) or {})
+    if video and args["num_frames"] is None:
+        raise ValueError(f"num_frames must be a positive int for the video model {variant}, got None "
+                         f"(the image model is {variant.removesuffix('_video')})")
+    if video and args["num_frames"] != _FRAMES[size]:
+        overlay.setdefault("num_frames", args["num_frames"])
     img = _pair("img_size", args["img_size"])
     if img != tuple(default_cfgs[variant].default.input_size[1:]):
         overlay.setdefault("input_size", (args.get("in_chans", 3),) + img)
-    model = build_model_with_cfg(StructDeiT, variant, pretrained, pretrained_cfg_overlay=overlay or None,
-                                 feature_cfg=dict(feature_cls="getter", out_indices=(args["depth"] - 1,)), **args)
-    if video:  # timm's PretrainedCfg has no clip-length field; the cfg dict carries it
-        model.pretrained_cfg["num_frames"] = args["num_frames"]
-    return model
+    return build_model_with_cfg(StructDeiT, variant, pretrained, pretrained_cfg_overlay=overlay or None,
+                                feature_cfg=dict(feature_cls="getter", out_indices=(args["depth"] - 1,)), **args)
 
 
 @register_model
 def structvit_deit_small(pretrained: bool = False, **kwargs) -> StructDeiT:
     """DeiT-S with StructSA in every block (the paper's ablation backbone): 12 blocks, width 384,
     6 heads, 16x16 patches at 224x224; D = 4, 3x3 windows, channel-wise."""
-    return _create("structvit_deit_small", "small", pretrained, **kwargs)
+    return _create("structvit_deit_small", pretrained, **kwargs)
 
 
 @register_model
 def structvit_deit_tiny(pretrained: bool = False, **kwargs) -> StructDeiT:
     """A tiny StructSA DeiT for CPU studies: 4 blocks, width 96, 3 heads, 4x4 patches at 32x32."""
-    return _create("structvit_deit_tiny", "tiny", pretrained, **kwargs)
+    return _create("structvit_deit_tiny", pretrained, **kwargs)
 
 
 @register_model
 def structvit_deit_small_video(pretrained: bool = False, **kwargs) -> StructDeiT:
     """Video DeiT-S with StructSA (3x3x3 windows): 2x16x16 tubelets, 16 frames by default."""
-    return _create("structvit_deit_small_video", "small", pretrained, video=True, **kwargs)
+    return _create("structvit_deit_small_video", pretrained, **kwargs)
 
 
 @register_model
 def structvit_deit_tiny_video(pretrained: bool = False, **kwargs) -> StructDeiT:
     """Video version of the tiny model: 2x4x4 tubelets of 8-frame 32x32 clips (a 4x8x8 grid)."""
-    return _create("structvit_deit_tiny_video", "tiny", pretrained, video=True, **kwargs)
+    return _create("structvit_deit_tiny_video", pretrained, **kwargs)
