@@ -207,6 +207,7 @@ def _check_paper_recipe(cfg: Path, c) -> None:
     assert set(kwargs) <= {"drop_path_rate"}, kwargs  # D, stride, size and frames come with the name
     structsa = [m for m in c.model.model.modules() if type(m).__name__ == "StructSA"]
     assert structsa and all(m.num_patterns == int(d) for m in structsa)
+    assert tuple(c.model.model.kv_stride)[-2:] == (int(stride),) * 2  # key/value stride S (space)
     hp, trainer = c.datamodule.hparams, c.trainer
     glob_batch = 8 * hp.batch_size * trainer.accumulate_grad_batches  # the 8 GPUs the headers assume
     if not video:
