@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from structvit import study as S
+from structvit.nn import StructSA
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "configs" / "study" / "ablation.yaml"
@@ -139,17 +140,23 @@ def test_paper_scale_configs_build(path):
     runs = S.expand_plan(study, seeds=[0])
     assert len(runs) == 7
     for r in runs:
-        assert r.spec["input_shape"] == [3, 16, 224, 224] and r.spec["model"] == "structvit_s_4_1"
+        assert r.spec["input_shape"] == [3, 16, 224, 224] and r.spec["model"] == "structvit_s_4_1_video"
         m = S.build_model(r.spec, "meta")
         assert m.num_frames == 16 and m.embed_dims[0] == 64  # StructViT-S, 16 frames
         kw = r.spec["model_kwargs"]
-        assert m.struct_blocks == ((0, 0) if r.variant == "sa" else (4, 1))
+        assert m.struct_blocks == ((0, 0) if r.variant == "sa" else (8, 3))  # StructSA in every attention block
         assert m.window == tuple(kw.get("window", (3, 3, 3)))
         assert m.attention == kw["attention"]
+        layers = [x for x in m.modules() if isinstance(x, StructSA)]
+        assert all(x.patterns == "channel" and x.kv_stride == (1, 1, 1) for x in layers)
+        assert all(x.num_patterns == S.variant_D(kw) for x in layers)
     by = {r.variant: r for r in runs}
-    sa, d8 = S.model_cost(by["sa"].spec), S.model_cost(by["structsa_d8"].spec)
-    assert 20e6 < sa["params"] < d8["params"] < 23e6
-    assert 80 < sa["gflops"] < d8["gflops"]  # UniFormer-S 16x224: ~42 GMACs = ~84 GFLOPs
+    cost = {v: S.model_cost(by[v].spec) for v in ("sa", "structsa_d4", "structsa_d8")}
+    assert 20e6 < cost["sa"]["params"] < cost["structsa_d4"]["params"] < cost["structsa_d8"]["params"] < 24e6
+    # per view, the paper's K400 GFLOPs (multiply-adds) / 4 views: UniFormer-S 167, S-4-1 327, S-8-1 541
+    for variant, published in (("sa", 167), ("structsa_d4", 327), ("structsa_d8", 541)):
+        assert cost[variant]["gmacs"] == pytest.approx(published / 4, rel=0.02), variant
+        assert cost[variant]["gflops"] == pytest.approx(2 * cost[variant]["gmacs"])
 
 
 # ------------------------------------------------------------------ aggregation, tables, plot

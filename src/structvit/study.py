@@ -4,7 +4,8 @@ A *study* is a YAML file (``configs/study/ablation.yaml``): one or more *tasks* 
 module, a model, a training recipe, a number of steps, an input shape) and, per task, a
 list of *variants* that differ only in the model's attention keyword arguments (SA:
 ``struct_blocks: [0, 0]``; ConvSA: ``attention: convsa``; StructSA with ``num_patterns``
-D, ``window`` and ``normalize``).  Every variant is trained for every seed at the same
+D, ``window``, ``patterns``, ``kv_stride`` and ``normalize``; the models default to the
+paper's channel-wise StructSA with D = 4 in every attention block).  Every variant is trained for every seed at the same
 budget (same steps, data, recipe), one run after the other, each in its own folder::
 
     OUT/<task>/<variant>/seed<k>/
@@ -171,19 +172,20 @@ def expand_plan(study: dict, *, seeds: Optional[Sequence[int]] = None, tasks: Op
 
 
 def variant_D(model_kwargs: dict) -> int:
-    """The x-axis of the ablation: 0 for SA, 1 for ConvSA, D (``num_patterns``) for StructSA."""
+    """The x-axis of the ablation: 0 for SA, 1 for ConvSA, D (``num_patterns``, the models'
+    default 4) for StructSA."""
     sb = model_kwargs.get("struct_blocks", "all")
     if isinstance(sb, (list, tuple)) and tuple(sb) == (0, 0):
         return 0
     if model_kwargs.get("attention", "structsa") == "convsa":
         return 1
-    return int(model_kwargs.get("num_patterns", 8))
+    return int(model_kwargs.get("num_patterns", 4))
 
 
 # ---------------------------------------------------------------------------------- models
 def _model_kwargs(spec: dict) -> dict:
     kw = dict(spec["model_kwargs"])
-    for key in ("struct_blocks", "window"):
+    for key in ("struct_blocks", "window", "window_v", "kv_stride", "depths", "embed_dims"):
         if isinstance(kw.get(key), list):
             kw[key] = tuple(kw[key])
     return kw
@@ -202,19 +204,15 @@ def build_model(spec: dict, device: str = "cpu", num_classes: Optional[int] = No
 
 
 def model_cost(spec: dict) -> dict:
-    """Parameters and GFLOPs (one eval forward pass on ``input_shape``, counted on the meta device).
-
-    FLOPs of StructSA are counted in its correlation (fewest-FLOP) form, 2 FLOPs per
-    multiply-add (``structvit models`` explains the counting)."""
+    """Parameters, GMACs and GFLOPs (2 per multiply-add) of one eval forward pass on
+    ``input_shape``, counted on the meta device by the project's counter
+    (:func:`structvit.models.summary.count_flops`), StructSA in the form the model runs
+    (channel-wise or strided: the paper's key-convolution form)."""
     from .models.summary import count_flops, count_params
-    from .nn.attention import StructSA
 
     model = build_model(spec, "meta")
-    params = count_params(model)
-    if any(isinstance(m, StructSA) for m in model.modules()):
-        model = build_model(spec, "meta", backend="correlation")
-    flops = count_flops(model, (1, *spec["input_shape"]), "meta")
-    return {"params": params, "gflops": flops / 1e9}
+    macs = count_flops(model, (1, *spec["input_shape"]), "meta")
+    return {"params": count_params(model), "gmacs": macs / 1e9, "gflops": 2 * macs / 1e9}
 
 
 # ---------------------------------------------------------------------------------- training
@@ -392,7 +390,7 @@ def write_tables(rows: list[dict], summary: list[dict], out: Path | str, *, comm
                          f"| {s['train_seconds']:.0f} |")
         lines.append("")
     lines.append("top-1: final validation accuracy after the last step (raw weights; EMA: the EMA weights), "
-                 "mean ± sample std over seeds. GFLOPs: one clip/image, StructSA in its fewest-FLOP form. "
+                 "mean ± sample std over seeds. GFLOPs: one clip/image, 2 per multiply-add, StructSA as the model runs it. "
                  "Train time: wall time of one run's Trainer.fit (training and the periodic validations), "
                  "mean over seeds, with the threads of results.csv.")
     md_path = out / "results.md"
