@@ -255,6 +255,9 @@ class StructDeiT(nn.Module):
             blocks.append(DeiTBlock(embed_dim, attn, mlp_ratio, drop_rate, dpr[i]))
         self.blocks = nn.ModuleList(blocks)
         self.block_kinds = [attention] * depth
+        # what the summary tables read: D (0 for SA) and the StructSA key/value stride
+        self.num_patterns = 0 if attention == "sa" else blocks[0].attn.num_patterns
+        self.kv_stride = None if attention == "sa" else blocks[0].attn.kv_stride
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
