@@ -338,6 +338,23 @@ def test_cuda_matches_cpu(dtype, layout, stride):
         assert rel < (1e-4 if dtype == torch.float32 else 5e-2)
 
 
+@pytest.mark.parametrize("layout,stride", [("head", 1), ("channel", 1), ("shared", 2)])
+def test_empty_batch_gives_an_empty_result(layout, stride):
+    """B = 0 returns (0, heads, N, Cv) (and empty weights) from every backend that serves the
+    call, and backward runs, giving zero pattern gradients."""
+    _, _, _, u_k, u_v = random_inputs(1, 2, (3, 4), 4, 2, (3, 3), layout=layout)
+    u_k.requires_grad_(True)
+    q = torch.zeros(0, 2, 12, 4, dtype=torch.float64, requires_grad=True)
+    for backend in serving(layout, stride > 1):
+        out = struct_attention(q, q, q, u_k, u_v, (3, 4), kv_stride=stride, backend=backend)
+        assert out.shape == (0, 2, 12, 4)
+        (g,) = torch.autograd.grad(out.sum(), u_k)
+        assert g.shape == u_k.shape and not g.any()
+        if backend != "fused":
+            _, w = struct_attention(q, q, q, u_k, u_v, (3, 4), kv_stride=stride, backend=backend, return_weights=True)
+            assert w.shape == (0, 2, 12, 2, 12 if stride == 1 else 4)
+
+
 # ----------------------------------------------------------------------------- errors
 
 

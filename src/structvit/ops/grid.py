@@ -14,6 +14,8 @@ of n positions keeps ceil(n / s).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -55,12 +57,12 @@ def grid_conv(x: torch.Tensor, weight: torch.Tensor, grid: Grid3, groups: int, t
         # T == 1, so only the centre slice contributes: a 2-D conv is exact.
         conv = F.conv_transpose2d if transposed else F.conv2d
         extra = {} if transposed else {"stride": stride[1:]}
-        y = conv(x.reshape(b, -1, H, W), weight[:, :, kt // 2], padding=(kh // 2, kw // 2), groups=groups, **extra)
+        y = conv(x.reshape(b, x.shape[1], H, W), weight[:, :, kt // 2], padding=(kh // 2, kw // 2), groups=groups, **extra)
     else:
         conv = F.conv_transpose3d if transposed else F.conv3d
         extra = {} if transposed else {"stride": stride}
-        y = conv(x.reshape(b, -1, T, H, W), weight, padding=(kt // 2, kh // 2, kw // 2), groups=groups, **extra)
-    return y.reshape(b, y.shape[1], -1)
+        y = conv(x.reshape(b, x.shape[1], T, H, W), weight, padding=(kt // 2, kh // 2, kw // 2), groups=groups, **extra)
+    return y.reshape(b, y.shape[1], math.prod(y.shape[2:]))  # explicit sizes: B = 0 is allowed
 
 
 def depthwise_pattern_weight(u: torch.Tensor, heads: int, rows: int) -> torch.Tensor:

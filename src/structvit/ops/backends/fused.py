@@ -67,7 +67,7 @@ class _Workspace:
 
     def __init__(self, chunks, n: int, dtype: torch.dtype, count: int):
         self.n = n
-        size = max((b1 - b0) * (r1 - r0) for b0, b1, r0, r1 in chunks) * n
+        size = max(((b1 - b0) * (r1 - r0) for b0, b1, r0, r1 in chunks), default=0) * n  # no chunks: B = 0
         self.buffers = [CPU_BUFFERS.take(size, dtype) for _ in range(count)]
 
     def get(self, i: int, b0: int, b1: int, r0: int, r1: int) -> torch.Tensor:
@@ -104,7 +104,7 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u_k: torch.
     bh, d = b * h, u_k.shape[1]
     uk, uv = _kernel_layout(u_k), _kernel_layout(u_v)
     dims = _dims(grid, u_k, h)
-    q2, k2, v2 = q.reshape(bh, n, c), k.reshape(bh, n, c), v.reshape(bh, n, -1)
+    q2, k2, v2 = q.reshape(bh, n, c), k.reshape(bh, n, c), v.reshape(bh, n, v.shape[-1])
     out = torch.empty(bh, n, v.shape[-1], dtype=q.dtype)
     lse = torch.empty(bh, n, 1 if joint else d, dtype=q.dtype)
     fwd = lib.structsa_folded_forward_f64 if q.dtype == torch.float64 else lib.structsa_folded_forward_f32
@@ -122,7 +122,7 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u_k: torch.
         fwd(_ptr(s0), _ptr(uk_c), _ptr(uv_c), _ptr(at), _ptr(lse[b0:b1, r0:r1]), b1 - b0, r1 - r0, _ptr(dims_c),
             scale, int(joint), threads)
         torch.bmm(at, v2[b0:b1], out=out[b0:b1, r0:r1])
-    return out.reshape(b, h, n, -1), lse, at_all, s0_all
+    return out.reshape(b, h, n, v.shape[-1]), lse, at_all, s0_all
 
 
 @fused_forward.register_fake
@@ -147,9 +147,9 @@ def fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     bh = b * h
     uk, uv = _kernel_layout(u_k), _kernel_layout(u_v)
     dims = _dims(grid, u_k, h)
-    q2, k2, v2 = q.reshape(bh, n, c), k.reshape(bh, n, c), v.reshape(bh, n, -1)
-    out = out.reshape(bh, n, -1)
-    dy = grad_out.reshape(bh, n, -1).contiguous()
+    q2, k2, v2 = q.reshape(bh, n, c), k.reshape(bh, n, c), v.reshape(bh, n, v.shape[-1])
+    out = out.reshape(bh, n, v.shape[-1])
+    dy = grad_out.reshape(bh, n, v.shape[-1]).contiguous()
     at_saved, s0_saved = at_kept.numel() > 0, s0_kept.numel() > 0
     # joint softmax: sum_{j,d} A dA = sum_j' At dAt = dY_i . Y_i (per pattern: done in the kernel)
     rowdot = (dy * out).sum(-1, keepdim=True) if joint else torch.zeros(bh, n, 1, dtype=q.dtype)

@@ -31,7 +31,7 @@ def pattern_conv(x: torch.Tensor, u: torch.Tensor, grid: Grid3, stride: Grid3 = 
     d = u.shape[2]
     w = depthwise_pattern_weight(u, h, c)  # (h * C * D, 1, k...)
     y = grid_conv(x.transpose(-1, -2).reshape(b, h * c, n), w, grid, groups=h * c, stride=stride)  # (B, h*C*D, N')
-    return y.reshape(b, h, c, d, -1).permute(0, 1, 3, 4, 2)
+    return y.reshape(b, h, c, d, y.shape[-1]).permute(0, 1, 3, 4, 2)
 
 
 def keyconv(q, k, v, u_k, u_v, grid: Grid3, stride: Grid3, normalize: str, scale: float, dropout_p: float,
