@@ -28,12 +28,17 @@ def _export(model, x) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("backend", ["auto", "keyconv"])
-@pytest.mark.parametrize("name,shape", CASES)
-def test_onnx_export_matches_pytorch(name, shape, backend):
+@pytest.mark.parametrize("name,shape,patterns,kv_stride", [
+    ("structvit_tiny", (1, 3, 64, 64), "channel", 1),        # the paper's StructSA
+    ("structvit_tiny", (1, 3, 64, 64), "channel", 2),        # StructViT-X-D-2: strided keys and values
+    ("structvit_tiny", (1, 3, 64, 64), "head", 1),           # dot-product variant (fused in eager, not in ONNX)
+    ("structvit_tiny_video", (1, 3, 4, 64, 64), "channel", 1),
+])
+def test_onnx_export_matches_pytorch(name, shape, patterns, kv_stride):
     torch.manual_seed(0)
-    model = timm.create_model(name, struct_blocks=(1, 1), backend=backend).eval()
-    assert sum(isinstance(m, structvit.nn.StructSA) for m in model.modules()) == 2
+    model = timm.create_model(name, struct_blocks=(1, 1), patterns=patterns, kv_stride=kv_stride).eval()
+    layers = [m for m in model.modules() if isinstance(m, structvit.nn.StructSA)]
+    assert len(layers) == 2 and all(m.patterns == patterns and m.num_patterns == 4 for m in layers)
     data = _export(model, torch.randn(shape, generator=torch.Generator().manual_seed(1)))
     proto = onnx.load_from_string(data)
     onnx.checker.check_model(proto)
@@ -47,7 +52,26 @@ def test_onnx_export_matches_pytorch(name, shape, backend):
     assert torch.allclose(torch.from_numpy(got), expected, atol=1e-4, rtol=1e-3)
 
 
-@pytest.mark.slow  # ~95 s on CPU
+@pytest.mark.parametrize("grid,window,kv_stride", [((6, 7), (3, 3), 1), ((2, 5, 6), (3, 3, 3), (1, 2, 2))])
+def test_torch_compile_structsa_layer_matches_eager(grid, window, kv_stride):
+    """A channel-wise StructSA layer through dynamo (backend "eager": graph capture only, no
+    code generation), forward and input gradient against eager mode."""
+    torch.manual_seed(0)
+    layer = structvit.nn.StructSA(32, 2, window=window, kv_stride=kv_stride)
+    assert layer.patterns == "channel"
+    n = 1
+    for g in grid:
+        n *= g
+    x = torch.randn(2, n, 32, requires_grad=True)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True, dynamic=False)
+    y = compiled(x, grid)
+    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    y_ref = layer(x, grid)
+    (gx_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
+    assert torch.allclose(y, y_ref, atol=1e-5, rtol=1e-5) and torch.allclose(gx, gx_ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow  # ~95 s on CPU (C++ code generation)
 def test_torch_compile_inductor_matches_eager():
     torch.manual_seed(0)
     model = timm.create_model("structvit_tiny", depths=(1, 1, 1, 1), struct_blocks="all").eval()
@@ -59,10 +83,11 @@ def test_torch_compile_inductor_matches_eager():
 
 @pytest.mark.parametrize("name,shape", CASES)
 def test_torch_compile_fullgraph_train_step(name, shape):
-    """One graph (no breaks) through StructSA, forward and backward (aot_eager: the compile
-    front- and middle-end, without the slow C++ code generation of inductor)."""
+    """One graph (no breaks) through channel-wise StructSA, forward and backward (aot_eager:
+    the compile front- and middle-end, without the slow C++ code generation of inductor)."""
     torch.manual_seed(0)
     model = timm.create_model(name, depths=(1, 1, 1, 1), struct_blocks="all")
+    assert model.blocks3[0].attn.patterns == "channel"
     x = torch.randn((2,) + shape[1:])
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
     torch.manual_seed(1)
