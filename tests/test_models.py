@@ -493,7 +493,8 @@ def test_paper_markdown_and_cli(paper, monkeypatch, capsys):
 def test_summary_listing_and_cli(capsys):
     rows = summarize(["structvit_tiny"], baselines=True)
     struct, sa = rows
-    assert struct["struct_blocks"] == (2, 1) and sa["struct_blocks"] == (0, 0)
+    assert (struct["struct_layers"], struct["attention_layers"], struct["num_patterns"]) == (3, 3, [4])
+    assert (sa["struct_layers"], sa["attention_layers"], sa["num_patterns"]) == (0, 3, [])
     assert struct["params"] == count_params(timm.create_model("structvit_tiny"))
     assert sa["macs"] < struct["macs"]
     assert main(["structvit_tiny", "structvit_tiny_video"]) == 0

@@ -103,38 +103,51 @@ def count_flops(model: torch.nn.Module, inputs, device: str | torch.device | Non
 
 
 def summarize(names, device: str = "meta", baselines: bool = False, **kwargs) -> list[dict]:
-    """One row per model at its default input: name, StructSA blocks, input, params, multiply-adds.
+    """One row per model at its default input: name, attention layers, D, key/value stride,
+    input, parameters and multiply-adds.
 
     ``baselines`` adds, after each model, the same model with plain SA everywhere
-    (``struct_blocks=(0, 0)``, i.e. UniFormer). ``kwargs`` go to ``timm.create_model``.
+    (StructViT: ``struct_blocks=(0, 0)``, i.e. UniFormer; other models: ``attention="sa"``).
+    ``kwargs`` go to ``timm.create_model``.
     """
     import timm
 
+    from ..nn.attention import SelfAttention, StructSA
+    from .structvit import StructViT
+
     rows = []
     for name in names:
-        variants = [("", {})] + ([(" (all SA = UniFormer)", {"struct_blocks": (0, 0)})] if baselines else [])
+        with torch.device(device):
+            first = timm.create_model(name, **kwargs)
+        variants = [("", None)]
+        if baselines:
+            variants.append((" (all SA = UniFormer)", {"struct_blocks": (0, 0)}) if isinstance(first, StructViT)
+                            else (" (all SA)", {"attention": "sa"}))
         for suffix, extra in variants:
-            with torch.device(device):
-                model = timm.create_model(name, **{**kwargs, **extra})
+            if extra is None:
+                model = first
+            else:
+                with torch.device(device):
+                    model = timm.create_model(name, **{**kwargs, **extra})
             shape = default_input_shape(model)
-            rows.append(dict(model=name + suffix, struct_blocks=getattr(model, "struct_blocks", None),
-                             attention=getattr(model, "attention", ""), num_patterns=getattr(model, "num_patterns", 0),
-                             kv_stride=getattr(model, "kv_stride", None), input="x".join(map(str, shape[1:])),
+            struct = [m for m in model.modules() if isinstance(m, StructSA)]
+            attn = [m for m in model.modules() if isinstance(m, SelfAttention)]
+            rows.append(dict(model=name + suffix, struct_layers=len(struct), attention_layers=len(attn),
+                             num_patterns=sorted({m.num_patterns for m in struct}),
+                             kv_stride=sorted({m.kv_stride for m in struct}), input="x".join(map(str, shape[1:])),
                              params=count_params(model), macs=count_flops(model, shape, device)))
     return rows
 
 
 def to_markdown(rows: list[dict]) -> str:
-    lines = ["| model | StructSA blocks (stage 3, 4) | D | kv stride | input | params (M) | GFLOPs (multiply-adds) |",
-             "|---|---|---:|---|---|---:|---:|"]
+    lines = ["| model | StructSA layers / attention layers | D | kv stride | input | params (M) "
+             "| GFLOPs (multiply-adds) |",
+             "|---|---|---|---|---|---:|---:|"]
     for r in rows:
-        a, b = r["struct_blocks"] or (0, 0)
-        structural = bool(a or b)
-        blocks = f"{a}, {b}" + (" (ConvSA)" if r["attention"] == "convsa" else "") if structural else "none (SA)"
-        d = str(r["num_patterns"]) if structural else "-"
-        stride = "x".join(map(str, r["kv_stride"])) if structural and r["kv_stride"] else "-"
-        lines.append(f"| {r['model']} | {blocks} | {d} | {stride} | {r['input']} | {r['params'] / 1e6:.2f} "
-                     f"| {r['macs'] / 1e9:.2f} |")
+        d = ", ".join(map(str, r["num_patterns"])) or "-"
+        stride = ", ".join("x".join(map(str, s)) for s in r["kv_stride"]) or "-"
+        lines.append(f"| {r['model']} | {r['struct_layers']} / {r['attention_layers']} | {d} | {stride} "
+                     f"| {r['input']} | {r['params'] / 1e6:.2f} | {r['macs'] / 1e9:.2f} |")
     return "\n".join(lines)
 
 
