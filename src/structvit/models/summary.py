@@ -12,6 +12,10 @@ Nothing is computed: a model on the ``meta`` device runs on meta inputs, any oth
 runs under ``FakeTensorMode``, so even the base video models are counted in about a second.
 On meta, ``scaled_dot_product_attention`` takes its math path (two counted ``bmm``); on a
 real device its fused kernels are counted by the formulas ``structvit.ops`` registers.
+A StructSA layer is counted in the form its ``backend`` runs on the model's device: the
+paper's channel-wise layers always run the key-convolution form (the one the paper's FLOPs
+describe); a dot-product layer under ``"auto"`` may take the fused CPU kernel on a CPU
+model but the key-convolution form on meta, so pass ``backend=`` to compare like with like.
 
 ``structvit models --paper`` sets every model of the paper next to its published
 parameters and GFLOPs (per view for video).
