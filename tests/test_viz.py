@@ -62,12 +62,18 @@ def _inputs(model, x, block):
 
 
 def _op_weights(layer, tokens, grid, normalize=None):
+    """The weights (B, heads, N, D, N') from the public op, naive backend, with the layer's own parameters."""
     with torch.no_grad():
         q, k, v = layer._qkv(tokens)
-        u_k, u_v = layer.patterns_for(len(grid))
-        _, w = struct_attention(q, k, v, u_k, u_v, grid, normalize=normalize or layer.normalize, backend="naive",
-                            scale=layer.scale, return_weights=True)
-    return w, u_v
+        _, w = struct_attention(q, k, v, layer.u_k, layer.u_v, grid, kv_stride=layer.kv_stride,
+                                normalize=normalize or layer.normalize, backend="naive", scale=layer.scale,
+                                return_weights=True)
+    return w
+
+
+def _kappa(w_dj, u_v, head):
+    """kappa[c] = sum_d A[d] u_v[head, c, d] of a channel-wise layer's u_v (heads, C, D, *window)."""
+    return torch.einsum("d,cd...->c...", w_dj, u_v[head].detach())
 
 
 def _valid_png(path):
@@ -88,11 +94,14 @@ def test_demo_figures_written(image_case, video_case):
             assert p.with_suffix(".npz").is_file()
     _, _, (att, ker, cmp_, rd) = image_case
     a = np.load(att.with_suffix(".npz"))
-    assert a["attention"].shape == (8, 1, 4, 4)  # D, T, H, W for a 64x64 input (stage 3: 4x4 tokens)
-    assert a["attention_all_heads"].shape == (4, 8, 1, 4, 4)
-    assert a["u_v"].shape == a["u_k"].shape == (8, 1, 3, 3)
-    assert a["kappa"].shape == (4, 1, 3, 3) and a["top_keys"].shape == (4, 3)
+    assert a["attention"].shape == (4, 1, 4, 4)  # D, T, H, W for a 64x64 input (stage 3: 4x4 tokens)
+    assert a["attention_all_heads"].shape == (4, 4, 1, 4, 4)
+    assert a["u_v"].shape == a["u_k"].shape == a["u_v_std"].shape == (4, 1, 3, 3)  # channel mean and std
+    assert a["u_v_channels"].shape == (32, 4, 1, 3, 3) and str(a["patterns"]) == "channel"
+    assert a["kappa"].shape == (4, 1, 3, 3) and a["kappa_channels"].shape == (4, 32, 1, 3, 3)
+    assert a["top_keys"].shape == (4, 3) and int(a["channel"]) == -1
     assert tuple(a["query"]) == (0, 1, 2) and tuple(a["grid"]) == (1, 4, 4) and int(a["head"]) == 1
+    assert tuple(a["key_grid"]) == (1, 4, 4) and tuple(a["kv_stride"]) == (1, 1, 1)
     c = np.load(cmp_.with_suffix(".npz"))
     assert c["attention"].shape == (3, 1, 4, 4) and list(c["kinds"]) == ["sa", "convsa", "structsa"]
     _, _, (vatt, vker, vcmp, vrd) = video_case
@@ -105,25 +114,29 @@ def test_demo_figures_written(image_case, video_case):
 def test_image_figure_numbers_are_the_ops_attention(image_case):
     model, x, (att, ker, cmp_, rd) = image_case
     layer, tokens, grid = _inputs(model, x, 1)
-    assert grid == (4, 4)
-    w, u_v = _op_weights(layer, tokens, grid)
+    assert grid == (4, 4) and layer.patterns == "channel"
+    w = _op_weights(layer, tokens, grid)
     qi = 1 * 4 + 2
-    want = w[0, 1, qi].reshape(8, 1, 4, 4).numpy()  # head 1, query (1, 2)
+    want = w[0, 1, qi].reshape(4, 1, 4, 4).numpy()  # head 1, query (1, 2)
     a = np.load(att.with_suffix(".npz"))
     np.testing.assert_allclose(a["attention"], want, rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(a["shares"], want.reshape(8, -1).sum(1), rtol=1e-4)
+    np.testing.assert_allclose(a["shares"], want.reshape(4, -1).sum(1), rtol=1e-4)
     assert layer.normalize == "joint" and abs(a["shares"].sum() - 1) < 1e-5  # one distribution over (d, j)
-    for key, kap in zip(a["top_keys"], a["kappa"]):
+    u_v = layer.u_v[1].detach()  # (C, D, 3, 3)
+    np.testing.assert_allclose(a["u_v"][:, 0], u_v.mean(0).numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(a["u_v_std"][:, 0], u_v.numpy().std(0), rtol=1e-4, atol=1e-7)
+    for key, kap, kap_c in zip(a["top_keys"], a["kappa"], a["kappa_channels"]):
         j = key[1] * 4 + key[2]
-        expect = torch.einsum("d,dhw->hw", w[0, 1, qi, :, j], u_v[1].detach()).numpy()
-        np.testing.assert_allclose(kap[0], expect, rtol=1e-4, atol=1e-8)
+        expect = _kappa(w[0, 1, qi, :, j], layer.u_v, 1)  # (C, 3, 3): one kernel per channel
+        np.testing.assert_allclose(kap_c[:, 0], expect.numpy(), rtol=1e-4, atol=1e-8)
+        np.testing.assert_allclose(kap[0], expect.mean(0).numpy(), rtol=1e-4, atol=1e-8)
     mass = want.sum(0).reshape(-1)
     assert mass[a["top_keys"][0][1] * 4 + a["top_keys"][0][2]] == pytest.approx(mass.max(), rel=1e-5)
     r = np.load(rd.with_suffix(".npz"))
-    wp, _ = _op_weights(layer, tokens, grid, normalize="per_pattern")
+    wp = _op_weights(layer, tokens, grid, normalize="per_pattern")
     np.testing.assert_allclose(r["joint"], want, rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(r["per_pattern"], wp[0, 1, qi].reshape(8, 1, 4, 4).numpy(), rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(r["per_pattern"].reshape(8, -1).sum(1), 1.0, rtol=1e-5)  # each map sums to 1
+    np.testing.assert_allclose(r["per_pattern"], wp[0, 1, qi].reshape(4, 1, 4, 4).numpy(), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(r["per_pattern"].reshape(4, -1).sum(1), 1.0, rtol=1e-5)  # each map sums to 1
     c = np.load(cmp_.with_suffix(".npz"))
     np.testing.assert_allclose(c["attention"][2], want.sum(0), rtol=1e-4, atol=1e-7)  # StructSA row: sum over d
 
@@ -132,16 +145,47 @@ def test_video_figure_numbers_are_the_ops_attention(video_case):
     model, x, (att, ker, cmp_, rd) = video_case
     layer, tokens, grid = _inputs(model, x, 0)
     assert grid == (2, 4, 4)
-    w, u_v = _op_weights(layer, tokens, grid)
+    w = _op_weights(layer, tokens, grid)
     qi = (1 * 4 + 2) * 4 + 1
     want = w[0, 0, qi]  # (D, N), head 0
     k = np.load(ker.with_suffix(".npz"))
-    np.testing.assert_allclose(k["attention_patterns"], want.reshape(8, 2, 4, 4).numpy(), rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(k["attention_patterns"], want.reshape(4, 2, 4, 4).numpy(), rtol=1e-4, atol=1e-8)
     np.testing.assert_allclose(k["attention"], want.sum(0).reshape(2, 4, 4).numpy(), rtol=1e-4, atol=1e-8)
     for key, kap in zip(k["top_keys"], k["kappa"]):
         j = (key[0] * 4 + key[1]) * 4 + key[2]
-        expect = torch.einsum("d,dthw->thw", want[:, j], u_v[0].detach()).numpy()
-        np.testing.assert_allclose(kap, expect, rtol=1e-4, atol=1e-9)
+        expect = _kappa(want[:, j], layer.u_v, 0).mean(0)  # channel mean over the (t, h, w) window
+        np.testing.assert_allclose(kap, expect.numpy(), rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("patterns,kv_stride,channel", [("channel", 2, 5), ("head", 2, None), ("shared", 1, None)])
+def test_layouts_and_stride(tmp_path, patterns, kv_stride, channel):
+    """Head and shared layouts and a key/value stride: the maps lie on the strided key grid,
+    kappa is sum_d A[d, j'] u_v[d] (one channel of channel-wise patterns when asked)."""
+    from structvit.viz import query_attention
+
+    model = _image_model(patterns=patterns, kv_stride=kv_stride)
+    x = viz_cli.load_sample(model, sample="builtin:digits:2", size=(64, 64))
+    layer, tokens, grid = _inputs(model, x, 1)
+    side = 4 // kv_stride
+    qa = query_attention(model, x, block=1, query=(2, 1), head=2, channel=channel)
+    assert qa.key_grid3 == (1, side, side) and qa.kv_stride3 == (1, kv_stride, kv_stride)
+    w = _op_weights(layer, tokens, grid)[0, 2, 2 * 4 + 1]  # (D, N')
+    np.testing.assert_allclose(qa.head_weights(), w.reshape(4, 1, side, side).numpy(), rtol=1e-4, atol=1e-8)
+    u_v = {"channel": layer.u_v[2, channel] if channel is not None else None, "head": layer.u_v[2],
+           "shared": layer.u_v}[patterns].detach()
+    for key in qa.top_keys(3):
+        assert qa.key_position(key) == (0, kv_stride * key[1], kv_stride * key[2])
+        expect = torch.einsum("d,dhw->hw", w[:, key[1] * side + key[2]], u_v)
+        np.testing.assert_allclose(qa.kappa(key)[0], expect.numpy(), rtol=1e-4, atol=1e-8)
+    if kv_stride > 1:  # figures on the strided grid; the SA row of the comparison has all N keys
+        path = kernels_figure(model, x, tmp_path / "k.png", block=1, query=(2, 1), head=2, channel=channel)
+        k = np.load(path.with_suffix(".npz"))
+        assert k["attention"].shape == (1, side, side) and np.all(k["top_positions"] == kv_stride * k["top_keys"])
+        from structvit.viz import compare_figure
+
+        c = np.load(compare_figure(model, x, tmp_path / "c.png", block=1).with_suffix(".npz"))
+        assert c["attention_0"].shape == (1, 4, 4) and c["attention_2"].shape == (1, side, side)
+        assert c["kv_strides"].tolist() == [[1, 1, 1], [1, 2, 2], [1, 2, 2]]
 
 
 def test_sa_row_of_compare_is_plain_softmax(image_case):
@@ -224,5 +268,15 @@ def test_cli_writes_figure_from_checkpoint(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     npz = np.load(tmp_path / "figs" / "attention_block0.npz")
     assert tuple(npz["query"]) == (0, 0, 3) and str(npz["normalize"]) == "per_pattern"
-    np.testing.assert_allclose(npz["attention"].reshape(8, -1).sum(1), 1.0, rtol=1e-5)
-    assert math.isclose(float(npz["attention_all_heads"].sum()), 4 * 8, rel_tol=1e-5)
+    np.testing.assert_allclose(npz["attention"].reshape(4, -1).sum(1), 1.0, rtol=1e-5)
+    assert math.isclose(float(npz["attention_all_heads"].sum()), 4 * 4, rel_tol=1e-5)  # heads x D maps of 1
+    rc = viz_cli.main(["kernels", "--model", "structvit_tiny", "--checkpoint", str(ckpt), "--input-size", "64",
+                       "--block", "1", "--channel", "7", "--top-k", "2", "--out", str(tmp_path / "figs")])
+    assert rc == 0, capsys.readouterr().err
+    k = np.load(tmp_path / "figs" / "kernels_block1.npz")
+    assert int(k["channel"]) == 7
+    np.testing.assert_allclose(k["kappa"], k["kappa_channels"][:, 7], rtol=1e-6)
+    np.testing.assert_allclose(k["u_v"], k["u_v_channels"][7], rtol=1e-6)
+    rc = viz_cli.main(["kernels", "--model", "structvit_tiny", "--input-size", "64", "--channel", "32",
+                       "--out", str(tmp_path / "figs")])
+    assert rc == 2 and "--channel must be an int in [0, 32)" in capsys.readouterr().err
