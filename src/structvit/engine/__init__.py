@@ -4,13 +4,32 @@
   label smoothing, Mixup/CutMix, EMA, top-1/top-5, multi-view testing.
 * :class:`StructViTCLI` / ``structvit fit|validate|test|predict``: LightningCLI with YAML
   configs (``configs/``), checkpoints exported as safetensors, exact resume.
-"""
-from .callbacks import DeterministicData, StructViTCheckpoint, Throughput, export_safetensors
-from .loaders import ResumableLoader, ShardedEvalLoader
-from .module import ClassificationModule, NonFiniteLossError
-from .optim import WarmupCosine, build_optimizer, param_groups
-from .weights import load_weights, save_weights
 
-__all__ = ["ClassificationModule", "NonFiniteLossError", "StructViTCheckpoint", "DeterministicData", "Throughput",
-           "export_safetensors", "ResumableLoader", "ShardedEvalLoader", "WarmupCosine", "build_optimizer",
-           "param_groups", "load_weights", "save_weights"]
+The names are imported on first use, so that ``structvit.engine.weights`` (torch and
+safetensors only) works without the ``train`` extra (Lightning).
+"""
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {
+    "ClassificationModule": "module", "NonFiniteLossError": "module",
+    "StructViTCheckpoint": "callbacks", "DeterministicData": "callbacks", "Throughput": "callbacks",
+    "export_safetensors": "callbacks",
+    "ResumableLoader": "loaders", "ShardedEvalLoader": "loaders",
+    "WarmupCosine": "optim", "build_optimizer": "optim", "param_groups": "optim",
+    "load_weights": "weights", "save_weights": "weights", "check_weights": "weights", "read_safetensors": "weights",
+}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -33,10 +33,16 @@ from .module import ClassificationModule, NonFiniteLossError
 __all__ = ["StructViTCLI", "main", "SUBCOMMANDS", "default_loggers"]
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+#: step checkpoints (``step<N>.ckpt``) kept by default besides ``last.ckpt`` and ``best.ckpt``
+STEP_CHECKPOINTS_KEPT = 3
 
 
 class CLIError(Exception):
     """A bad command line or config: reported in one line."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: reported in one line naming it (and the one to use instead)."""
 
 
 class _Parser(LightningArgumentParser):
@@ -97,8 +103,10 @@ class StructViTCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(StructViTCheckpoint, "checkpoint")
+        # step checkpoints: the newest STEP_CHECKPOINTS_KEPT (ranked by step), plus last.ckpt
         parser.set_defaults({"checkpoint.filename": "step{step}", "checkpoint.save_last": True,
-                             "checkpoint.save_top_k": 0, "checkpoint.every_n_train_steps": 100,
+                             "checkpoint.monitor": "step", "checkpoint.mode": "max",
+                             "checkpoint.save_top_k": STEP_CHECKPOINTS_KEPT, "checkpoint.every_n_train_steps": 100,
                              "checkpoint.auto_insert_metric_name": False})
         parser.add_lightning_class_args(StructViTCheckpoint, "best_checkpoint")
         parser.set_defaults({"best_checkpoint.filename": "best", "best_checkpoint.monitor": "val/acc1",
@@ -121,12 +129,16 @@ class StructViTCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def _resolve_ckpt_path(self, subcommand: str) -> None:
-        """``best``/``last`` name the files of this run's checkpoint folder (also in a new process)."""
+        """``best``/``last`` name the files of this run's checkpoint folder (also in a new process);
+        the checkpoint is then checked to be readable (see :func:`check_checkpoint`)."""
         cfg = self.config_init[subcommand]
         path = cfg.get("ckpt_path")
+        weights_only = cfg.get("weights_only", True) is not False
         if path not in ("best", "last"):
-            if path is not None and not os.path.exists(str(path)):
-                raise FileNotFoundError(f"checkpoint not found: {path}")
+            if path is not None:
+                if not os.path.exists(str(path)):
+                    raise FileNotFoundError(f"checkpoint not found: {path}")
+                check_checkpoint(str(path), weights_only)
             return
         folders = [cb.dirpath for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
         folders.append(os.path.join(self.trainer.default_root_dir, "checkpoints"))
@@ -138,6 +150,7 @@ class StructViTCLI(LightningCLI):
                                                         else f.startswith("last"))), key=os.path.getmtime)
             if found:
                 cfg["ckpt_path"] = found[-1]
+                check_checkpoint(found[-1], weights_only)
                 return
         if subcommand == "fit" and path == "last":  # nothing to resume: start from scratch
             print(f"structvit fit: no last checkpoint under {folders[-1]}; starting from scratch", file=sys.stderr)
@@ -173,6 +186,39 @@ class StructViTCLI(LightningCLI):
                                 int(batch["target"][j]) if "target" in batch else ""])
                     i += 1
         print(f"predictions of {i} samples written to {path}")
+
+
+def _readable(path: str, weights_only: bool = True) -> Optional[str]:
+    """None if ``path`` loads as Lightning will load it, else the reason (one line). The
+    tensors are memory-mapped, not read: this catches truncated files and broken pickles."""
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+    except Exception as err:  # noqa: BLE001 - every way a file can be unreadable
+        text = str(err).strip().splitlines()
+        return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+    return None
+
+
+def check_checkpoint(path: str, weights_only: bool = True) -> None:
+    """Raise :class:`CheckpointError` if ``path`` cannot be loaded, naming it and the newest
+    readable checkpoint of the same folder to continue from instead."""
+    reason = _readable(path, weights_only)
+    if reason is None:
+        return
+    if weights_only and "weights only" in reason.lower() and "Unpickl" in reason:
+        raise CheckpointError(f"checkpoint {path} holds objects that weights_only loading refuses ({reason}); "
+                              "if you trust the file, pass --weights_only false")
+    folder = os.path.dirname(os.path.abspath(path))
+    others = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".ckpt")
+              and not os.path.samefile(os.path.join(folder, f), path)]
+    # step and last checkpoints first (they continue the run), newest first; best.ckpt last
+    others.sort(key=lambda p: (os.path.basename(p).startswith("best"), -os.path.getmtime(p)))
+    previous = next((p for p in others if _readable(p, weights_only) is None), None)
+    hint = (f"; continue from the previous one with --ckpt_path {previous}" if previous
+            else f"; no other readable checkpoint in {folder}: start again without --ckpt_path")
+    raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({reason}){hint}")
 
 
 def main(argv: Optional[list[str]] = None, subcommand: Optional[str] = None) -> int:

@@ -12,6 +12,15 @@ precision and the distributed strategy belong to Lightning's ``Trainer``.
 Randomness is a function of ``(seed, step)``: the generators are reseeded before every
 training step, so a run resumed from a checkpoint draws the same drop-path masks and
 mixup boxes as an uninterrupted one.
+
+The schedule's length (and a warmup given in epochs) is planned when training starts
+(``on_train_start``), after Lightning has restored the checkpoint: asking
+``trainer.estimated_stepping_batches`` in ``configure_optimizers`` would build the training
+loader before its saved position is restored, and a resumed run would replay the epoch
+from its first batch. A run resumed with another length (``max_steps``, ``max_epochs``,
+``limit_train_batches``, accumulation) warns and, by default (``resume_schedule="replan"``),
+re-plans the cosine over the new length from the step it is at; ``"keep"`` keeps the
+checkpoint's schedule (past its end the learning rate stays at ``min_lr``).
 """
 from __future__ import annotations
 
@@ -35,7 +44,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from .. import models as _models  # noqa: F401  (registers the StructViT models with timm)
 from .loaders import sample_seed
 from .optim import WarmupCosine, param_groups
-from .weights import load_weights
+from .weights import check_weights, load_weights
 
 __all__ = ["ClassificationModule", "NonFiniteLossError", "available_models"]
 
@@ -81,7 +90,12 @@ class ClassificationModule(L.LightningModule):
         view_average: ``"softmax"`` (average the probabilities of the views, default) or
             ``"logits"``.
         nonfinite_loss: ``"stop"`` (raise :class:`NonFiniteLossError` naming the step)
-            or ``"skip"`` (skip that batch's optimiser step and go on; single process).
+            or ``"skip"`` (the batch leaves no trace: no parameter update, the model's
+            buffers such as BatchNorm's running statistics put back as they were before
+            the forward pass, no EMA update; the step still counts towards ``max_steps``).
+        resume_schedule: on resuming with another training length, ``"replan"`` the
+            cosine over the new length (default) or ``"keep"`` the checkpoint's; either
+            way with a warning.
         grad_checkpointing: activation checkpointing in the model (memory for compute).
     """
 
@@ -112,6 +126,7 @@ class ClassificationModule(L.LightningModule):
         view_average: str = "softmax",
         nonfinite_loss: str = "stop",
         grad_checkpointing: bool = False,
+        resume_schedule: str = "replan",
     ):
         super().__init__()
         _check_model_name(model)
@@ -123,6 +138,8 @@ class ClassificationModule(L.LightningModule):
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         if nonfinite_loss not in ("stop", "skip"):
             raise ValueError(f"nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}")
+        if resume_schedule not in ("replan", "keep"):
+            raise ValueError(f"resume_schedule must be 'replan' or 'keep', got {resume_schedule!r}")
         if view_average not in ("softmax", "logits"):
             raise ValueError(f"view_average must be 'softmax' or 'logits', got {view_average!r}")
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
@@ -156,6 +173,7 @@ class ClassificationModule(L.LightningModule):
         self.val_ema_metrics = self._metric_set(num_classes, k) if ema_decay is not None else None
         self.test_ema_metrics = self._metric_set(num_classes, k) if ema_decay is not None else None
         self.run_config: Optional[str] = None  # the resolved YAML config, set by the command line
+        self._skipped_step = False  # the current training batch was skipped (non-finite loss)
 
     @staticmethod
     def _metric_set(num_classes: int, k: int) -> nn.ModuleDict:
@@ -168,6 +186,7 @@ class ClassificationModule(L.LightningModule):
         from ..convert import load_uniformer
 
         sd, meta = load_weights(path)
+        sd = check_weights(sd, self.model.state_dict(), path)  # finite, same kinds; other float dtypes cast
         if meta.get("model") and meta["model"] != self.hparams.model and inflate is None:
             other = meta["model"]
             if _video_of(other) != _video_of(self.hparams.model):
@@ -242,6 +261,10 @@ class ClassificationModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         self._check_batch(x, views=False)
+        self._skipped_step = False
+        # the forward pass of a bad batch writes into BatchNorm's running statistics before the loss
+        # is known: keep the buffers to put them back (small next to the parameters)
+        saved = [b.detach().clone() for b in self.model.buffers()] if self.hparams.nonfinite_loss == "skip" else None
         target = y
         if self.mixup_fn is not None:
             if x.shape[0] % 2 == 0:
@@ -264,6 +287,10 @@ class ClassificationModule(L.LightningModule):
             step = self.trainer.global_step
             msg = (f"non-finite loss ({loss.item()}) at step {step} (epoch {self.current_epoch}, batch {batch_idx})")
             if self.hparams.nonfinite_loss == "skip":
+                with torch.no_grad():
+                    for b, old in zip(self.model.buffers(), saved):
+                        b.copy_(old)
+                self._skipped_step = True  # no backward, no parameter update (no gradient), no EMA update
                 warnings.warn(msg + ": batch skipped", RuntimeWarning, stacklevel=1)
                 self.log("train/skipped_batches", 1.0, on_step=False, on_epoch=True, reduce_fx="sum")
                 return None
@@ -276,8 +303,16 @@ class ClassificationModule(L.LightningModule):
                  prog_bar=True, batch_size=bs)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.ema_model is None or outputs is None:
+    def optimizer_step(self, *args, **kwargs):
+        out = super().optimizer_step(*args, **kwargs)
+        # the EMA follows every optimiser step here, not in on_train_batch_end: ModelCheckpoint saves
+        # in its own on_train_batch_end, which runs before the module's, and a run resumed from that
+        # checkpoint would miss the update of the step it was saved at
+        self._update_ema()
+        return out
+
+    def _update_ema(self) -> None:
+        if self.ema_model is None or self._skipped_step:
             return
         self.ema_updates += 1
         decay = self.hparams.ema_decay
@@ -340,25 +375,63 @@ class ClassificationModule(L.LightningModule):
         hp = self.hparams
         opt = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas),
                                 eps=hp.eps)
-        total = int(self.trainer.estimated_stepping_batches)
-        if not math.isfinite(total) or total < 1:
-            total = max(1, int(self.trainer.max_steps)) if self.trainer.max_steps > 0 else 1
-        if hp.warmup_steps is not None:
-            warmup = int(hp.warmup_steps)
-        else:
-            warmup = int(round(hp.warmup_epochs * self._steps_per_epoch(total)))
-        warmup = min(warmup, total)
+        # provisional length: the plan is made in on_train_start (see the module docstring); the
+        # multiplier at step 0 does not depend on the length
+        total = max(1, int(self.trainer.max_steps)) if self._trainer is not None and self.trainer.max_steps > 0 else 1
+        warmup = min(int(hp.warmup_steps or 0), total)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, WarmupCosine(total, warmup, min_ratio=min(1.0, hp.min_lr / hp.lr)))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
+    def planned_schedule(self) -> tuple[int, int]:
+        """``(total_steps, warmup_steps)`` of this run, from the trainer's length and the
+        training loader (call once the loader is set up, e.g. from ``on_train_start``)."""
+        hp = self.hparams
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total < 1:
+            total = max(1, int(self.trainer.max_steps)) if self.trainer.max_steps > 0 else 1
+        total = int(total)
+        if hp.warmup_steps is not None:
+            warmup = int(hp.warmup_steps)
+        else:
+            warmup = int(round(hp.warmup_epochs * self._steps_per_epoch(total)))
+        return total, min(warmup, total)
+
+    def on_train_start(self) -> None:
+        sched = self.lr_schedulers()
+        if not isinstance(sched, torch.optim.lr_scheduler.LambdaLR) or not isinstance(sched.lr_lambdas[0],
+                                                                                      WarmupCosine):
+            return  # another scheduler (a subclass's configure_optimizers)
+        fn = sched.lr_lambdas[0]
+        total, warmup = self.planned_schedule()
+        old = (fn.total_steps, fn.warmup_steps)
+        if old == (total, warmup):
+            return
+        if self.trainer.ckpt_path is not None:  # resumed with another length
+            step = sched.last_epoch
+            lr_old = sched.base_lrs[0] * fn(step)
+            what = (f"the checkpoint's schedule ran {old[0]} steps (warmup {old[1]}), this run's length gives "
+                    f"{total} (warmup {warmup})")
+            if self.hparams.resume_schedule == "keep":
+                warnings.warn(f"{what}; keeping the checkpoint's schedule (--model.resume_schedule keep): "
+                              f"lr {lr_old:.3g} at step {step}" + (", min_lr from now on" if step >= old[0] else ""),
+                              UserWarning, stacklevel=1)
+                return
+            new_fn = WarmupCosine(total, warmup, fn.min_ratio, fn.warmup_start)
+            warnings.warn(f"{what}; re-planning the cosine over {total} steps from step {step} "
+                          f"(lr {lr_old:.3g} -> {sched.base_lrs[0] * new_fn(step):.3g}); "
+                          "--model.resume_schedule keep keeps the old one", UserWarning, stacklevel=1)
+        fn.total_steps, fn.warmup_steps = total, warmup
+        # the learning rate of the coming step under the plan, as LambdaLR computes it
+        lrs = [base * f(sched.last_epoch) for f, base in zip(sched.lr_lambdas, sched.base_lrs)]
+        for group, lr in zip(sched.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = list(lrs)
+
     def _steps_per_epoch(self, fallback: int) -> float:
-        try:
-            n = self.trainer.num_training_batches
-            if math.isfinite(n) and n > 0:
-                return n / max(1, self.trainer.accumulate_grad_batches)
-        except Exception:  # noqa: BLE001 - not known yet
-            pass
+        n = self.trainer.num_training_batches
+        if math.isfinite(n) and n > 0:
+            return n / max(1, self.trainer.accumulate_grad_batches)
         return float(fallback)
 
     # ------------------------------------------------------------------ export
