@@ -16,6 +16,17 @@ variable                       setter                 meaning
 ``STRUCTVIT_BUFFER_CACHE_MB``  ``set_buffer_cache_mb``  MiB of the fused kernel's buffers kept
                                                       for reuse (default 1024; 0: off)
 ``STRUCTVIT_TRACEBACK``        ``set_traceback``      ``1``: the CLI shows full tracebacks
+``STRUCTVIT_NATIVE_ARCH``      ``set_native_arch``    target of the fused kernel's build: ``native``
+                                                      (default: this CPU), ``generic`` (the
+                                                      compiler's baseline), or a ``-march`` name
+                                                      such as ``haswell`` (AVX2 + FMA) or
+                                                      ``x86-64-v4`` (AVX-512)
+``STRUCTVIT_AUTOTUNE``         ``set_autotune``       how "auto" picks among the backends that
+                                                      can serve a call: ``measure`` (default:
+                                                      time them once per shape class, cached per
+                                                      machine), ``deterministic`` (never time:
+                                                      use the timings already recorded, else the
+                                                      cost model), ``off`` (cost model only)
 =============================  =====================  ==============================================
 
 ``CXX`` (the compiler for the fused kernel) is read here too. ``settings()`` returns the
@@ -26,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 _TRUE = ("1", "true", "yes", "on")
@@ -42,6 +54,23 @@ def _env_bool(name: str, default: bool) -> bool:
     if value in _FALSE:
         return False
     raise ValueError(f"{name} must be one of {_TRUE + _FALSE[:-1]} (or empty), got {raw!r}")
+
+
+AUTOTUNE_MODES = ("measure", "deterministic", "off")
+_ARCH_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+def _check_arch(name: str, raw) -> str:
+    if not isinstance(raw, str) or not _ARCH_RE.fullmatch(raw.strip()):
+        raise ValueError(f"{name} must be 'native', 'generic' or a -march name such as 'haswell', got {raw!r}")
+    return raw.strip()
+
+
+def _check_autotune(name: str, raw) -> str:
+    value = raw.strip().lower() if isinstance(raw, str) else raw
+    if value not in AUTOTUNE_MODES:
+        raise ValueError(f"{name} must be one of {AUTOTUNE_MODES}, got {raw!r}")
+    return value
 
 
 def _check_mb(name: str, raw) -> float:
@@ -64,6 +93,8 @@ class Settings:
     buffer_cache_mb: float
     traceback: bool
     cxx: str | None
+    native_arch: str = "native"
+    autotune: str = "measure"
 
     @property
     def buffer_cache_bytes(self) -> int:
@@ -79,6 +110,8 @@ def _from_environment() -> Settings:
         buffer_cache_mb=_check_mb("STRUCTVIT_BUFFER_CACHE_MB", os.environ.get("STRUCTVIT_BUFFER_CACHE_MB", "1024")),
         traceback=_env_bool("STRUCTVIT_TRACEBACK", False),
         cxx=os.environ.get("CXX") or None,
+        native_arch=_check_arch("STRUCTVIT_NATIVE_ARCH", os.environ.get("STRUCTVIT_NATIVE_ARCH", "native")),
+        autotune=_check_autotune("STRUCTVIT_AUTOTUNE", os.environ.get("STRUCTVIT_AUTOTUNE", "measure")),
     )
 
 
@@ -138,3 +171,15 @@ def set_compiler(cxx: str | None) -> None:
     if cxx is not None and (not isinstance(cxx, str) or not cxx):
         raise TypeError(f"cxx must be a non-empty str or None, got {cxx!r}")
     _replace(cxx=cxx)
+
+
+def set_native_arch(arch: str) -> None:
+    """Target of the fused kernel's build (``STRUCTVIT_NATIVE_ARCH``): "native", "generic" or a
+    ``-march`` name ("haswell": AVX2 + FMA, "x86-64-v4": AVX-512). Takes effect at the next call
+    (each target is built and cached once)."""
+    _replace(native_arch=_check_arch("arch", arch))
+
+
+def set_autotune(mode: str) -> None:
+    """How "auto" chooses (``STRUCTVIT_AUTOTUNE``): "measure", "deterministic" or "off"."""
+    _replace(autotune=_check_autotune("mode", mode))

@@ -5,7 +5,11 @@ with the system C++ compiler and loads with :mod:`ctypes`; the ops that call it 
 ``torch.library`` custom ops (see ``backends/fused.py``). The shared library is cached
 under the cache directory (``structvit.config``: ``STRUCTVIT_CACHE``, default
 ``~/.cache/structvit``), keyed by the source, the compiler, the flags and the CPU's
-feature flags (it is built with ``-march=native``). Without a compiler, or with the
+feature flags and the build target (``STRUCTVIT_NATIVE_ARCH``: ``native`` by default, i.e.
+``-march=native``; ``haswell`` builds the AVX2 + FMA variant, ``generic`` the portable one, so
+that each can be built and tested on one machine). The kernel picks its vector width and
+register tiles from the target's ISA at compile time (AVX-512, AVX2, NEON or generic); a
+build whose ISA this CPU lacks is refused. Without a compiler, or with the
 kernel disabled, the "fused" backend is unavailable, "auto" does not pick it, and one
 warning says why.
 
@@ -39,9 +43,26 @@ from .. import config
 SOURCE = Path(__file__).with_name("csrc") / "folded_cpu.cpp"
 # -fno-trapping-math lets the compiler vectorise floor() in the kernel's exp; nothing
 # relies on floating-point exceptions or errno.
-FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-trapping-math", "-fno-math-errno", "-fopenmp-simd",
+FLAGS = ["-O3", "-ffp-contract=fast", "-fno-trapping-math", "-fno-math-errno", "-fopenmp-simd",
          "-pthread", "-shared", "-fPIC", "-std=c++17"]
 OPENMP_FLAGS = ["-fopenmp", "-DSTRUCTSA_OPENMP"]
+
+
+# CPU feature flags (/proc/cpuinfo) each build's vector code needs, by the ISA the kernel
+# reports it was compiled for (structsa_isa()); a build the CPU cannot run is refused
+# instead of dying on an illegal instruction.
+ISA_CPU_FLAGS = {"avx512": ("avx512f",), "avx2": ("avx2", "fma"), "neon": (), "generic": ()}
+
+
+def arch_flags(arch: str) -> list[str]:
+    """Compiler flags for a build target (``config.settings().native_arch``): "native" is this
+    CPU (``-march=native``; ``-mcpu=native`` on ARM, where GCC prefers it), "generic" the
+    compiler's baseline for the platform (x86-64: SSE2; aarch64: NEON), else ``-march=<arch>``."""
+    if arch == "generic":
+        return []
+    if arch == "native" and platform.machine().lower() in ("aarch64", "arm64"):
+        return ["-mcpu=native"]
+    return [f"-march={arch}"]
 
 
 class NativeUnavailable(RuntimeError):
@@ -123,8 +144,22 @@ def _verified(lib_path: Path) -> bool:
         return False
 
 
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return set()
+    return set(line.partition(":")[2].split())
+
+
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, ptr, cint, dbl = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
+    lib.structsa_isa.restype = ctypes.c_char_p
+    lib.structsa_isa.argtypes = []
+    lib.structsa_lanes.restype = cint
+    lib.structsa_lanes.argtypes = []
     for suffix in ("f32", "f64"):
         # (tensors..., BH, R, dims, scale, joint[, at_saved], threads)
         getattr(lib, f"structsa_folded_forward_{suffix}").argtypes = [ptr] * 5 + [i64, i64, ptr, dbl, cint, cint]
@@ -145,9 +180,17 @@ def _load_uncached(cxx: str, flags: list[str], key: str) -> ctypes.CDLL:
         try:
             if not _verified(lib_path):
                 _build(cxx, flags, lib_path)
-            return _declare(ctypes.CDLL(str(lib_path)))
+            lib = _declare(ctypes.CDLL(str(lib_path)))
         except (OSError, AttributeError) as e:  # unwritable/odd cache path, or a bad library
             last_error = e
+            continue
+        isa = lib.structsa_isa().decode()
+        have = cpu_flags()
+        missing = [f for f in ISA_CPU_FLAGS.get(isa, ()) if have and f not in have]
+        if missing:
+            raise NativeUnavailable(f"the kernel was built for {isa} (STRUCTVIT_NATIVE_ARCH="
+                                    f"{config.settings().native_arch!r}) but this CPU lacks {', '.join(missing)}")
+        return lib
     raise NativeUnavailable(f"could not build or load the kernel (cache {places[0]}): {last_error}")
 
 
@@ -158,7 +201,7 @@ _warned: set[str] = set()
 
 def _settings_key() -> tuple:
     s = config.settings()
-    return (s.native, str(s.cache_dir), s.native_openmp, s.cxx)
+    return (s.native, str(s.cache_dir), s.native_openmp, s.cxx, s.native_arch)
 
 
 def load() -> ctypes.CDLL:
@@ -172,7 +215,8 @@ def load() -> ctypes.CDLL:
                 if not config.settings().native:
                     raise NativeUnavailable("disabled (STRUCTVIT_DISABLE_NATIVE, or structvit.config.set_native(False))")
                 cxx = compiler()
-                flags = FLAGS + (OPENMP_FLAGS if shares_torch_openmp() else [])
+                flags = FLAGS + arch_flags(config.settings().native_arch) + (
+                    OPENMP_FLAGS if shares_torch_openmp() else [])
                 digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([cxx] + flags).encode() + _cpu_key().encode())
                 _loaded[key] = _load_uncached(cxx, flags, digest.hexdigest()[:16])
             except NativeUnavailable as e:
@@ -203,6 +247,16 @@ def unavailable_reason() -> str | None:
         return None
     except NativeUnavailable as e:
         return str(e)
+
+
+def build_isa() -> str | None:
+    """The vector ISA the loaded kernel was compiled for ("avx512", "avx2", "neon" or
+    "generic") and its float lanes, e.g. "avx2 (8 float lanes)"; None when unavailable."""
+    try:
+        lib = load()
+    except NativeUnavailable:
+        return None
+    return f"{lib.structsa_isa().decode()} ({lib.structsa_lanes()} float lanes)"
 
 
 def reset() -> None:

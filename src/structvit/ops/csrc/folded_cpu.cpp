@@ -35,6 +35,28 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+// Vector width and register count of the target ISA, fixed at compile time (native.py
+// builds one library per target): a block is one float vector register, so that the
+// register tiles below (D accumulators, offsets x patterns) fit the register file instead
+// of spilling. AVX-512: 16 lanes, 32 registers; AVX2 + FMA: 8 lanes, 16 registers; NEON:
+// 4 lanes, 32 registers; anything else (x86-64 baseline SSE2): 4 lanes, 16 registers.
+// STRUCTSA_BLK / STRUCTSA_NREG override them (experiments only).
+#ifndef STRUCTSA_BLK
+#if defined(__AVX512F__)
+#define STRUCTSA_BLK 16
+#elif defined(__AVX2__) && defined(__FMA__)
+#define STRUCTSA_BLK 8
+#else
+#define STRUCTSA_BLK 4
+#endif
+#endif
+#ifndef STRUCTSA_NREG
+#if defined(__AVX512F__) || defined(__aarch64__)
+#define STRUCTSA_NREG 32
+#else
+#define STRUCTSA_NREG 16
+#endif
+#endif
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -86,7 +108,8 @@ struct Geometry {
     std::vector<int64_t> blocks;
 };
 
-constexpr int64_t BLK = 16;  // padded positions per register block
+constexpr int64_t BLK = STRUCTSA_BLK;  // padded positions per register block (float lanes)
+constexpr int NREG = STRUCTSA_NREG;    // vector registers
 
 // Shift of each window offset o relative to the centre, in padded positions.
 std::vector<int64_t> window_shifts(const Geometry& g) {
@@ -228,14 +251,23 @@ void conv_transpose_rows(const T* __restrict a, int64_t as, const T* __restrict 
 #pragma GCC unroll 32
         for (int r = 0; r < NR; ++r) acc[r] = V{};
         for (int64_t j = 0; j < kw; ++j) {
-            V in[DD];
+            if constexpr (NREG >= 32) {  // DD inputs and NR accumulators live
+                V in[DD];
 #pragma GCC unroll 16
-            for (int d = 0; d < DD; ++d) in[d] = load_vec(a + d * as + x0 - (j - half));
+                for (int d = 0; d < DD; ++d) in[d] = load_vec(a + d * as + x0 - (j - half));
 #pragma GCC unroll 32
-            for (int r = 0; r < NR; ++r) {
-                const T* u = U + (r * kw + j) * DD;
+                for (int r = 0; r < NR; ++r) {
+                    const T* u = U + (r * kw + j) * DD;
 #pragma GCC unroll 16
-                for (int d = 0; d < DD; ++d) acc[r] += in[d] * u[d];
+                    for (int d = 0; d < DD; ++d) acc[r] += in[d] * u[d];
+                }
+            } else {  // 16 registers: one input at a time next to the NR accumulators
+#pragma GCC unroll 16
+                for (int d = 0; d < DD; ++d) {
+                    const V in = load_vec(a + d * as + x0 - (j - half));
+#pragma GCC unroll 32
+                    for (int r = 0; r < NR; ++r) acc[r] += in * U[(r * kw + j) * DD + d];
+                }
             }
         }
 #pragma GCC unroll 32
@@ -330,7 +362,9 @@ void pattern_grad_planes(const T* __restrict a, int64_t as, const T* __restrict 
     using V = typename Vec<T>::type;
     const int64_t D = patterns<DD>(g), M = g.M(), nblocks = int64_t(g.blocks.size());
     if constexpr (DD > 0) {
-        constexpr int OG = DD >= 8 ? 3 : 24 / DD;
+        // OG offsets x DD patterns of accumulators plus OG (or DD) operands held and one loaded:
+        // 32 registers: 3 x 8 (+ 3 + 1), 6 x 4, 12 x 2, 24 x 1; 16 registers: 1 x 8, 2 x 4 (+ 2 + 1), ...
+        constexpr int OG = NREG >= 32 ? (DD >= 8 ? 3 : 24 / DD) : (DD >= 8 ? 1 : DD >= 4 ? 2 : 10 / (DD + 1));
         // tiles of at most 64 blocks (D = 8: 32 KiB of a, next to x's 10 KiB in a 48 KiB L1),
         // of equal size; shorter tiles flush the accumulators more often
         const int64_t tiles = (nblocks + 63) / 64, TB = (nblocks + tiles - 1) / tiles;
@@ -574,7 +608,7 @@ struct RowBuffers {
     AlignedVector<T> dplanes;  // D planes of dA, then dS
     AlignedVector<T> out;      // one padded output plane
     RowBuffers(const Geometry& g, bool backward)
-        : ps((g.P() + 12 * BLK) / BLK * BLK), x(ps + BLK, T(0)), planes(g.D * ps + BLK, T(0)),
+        : ps((g.P() + 192 + BLK - 1) / BLK * BLK), x(ps + BLK, T(0)), planes(g.D * ps + BLK, T(0)),
           dx(backward ? ps + BLK : 0, T(0)), dplanes(backward ? g.D * ps + BLK : 0, T(0)), out(ps + BLK, T(0)) {}
     T* X() { return x.data() + BLK; }
     T* Planes() { return planes.data() + BLK; }
@@ -702,7 +736,21 @@ Geometry make_geometry(const int64_t* dims) {
 
 extern "C" {
 
-int structsa_abi_version() { return 2; }
+int structsa_abi_version() { return 3; }
+
+const char* structsa_isa() {
+#if defined(__AVX512F__)
+    return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+    return "avx2";
+#elif defined(__ARM_NEON)
+    return "neon";
+#else
+    return "generic";
+#endif
+}
+
+int structsa_lanes() { return int(BLK); }
 
 void structsa_folded_forward_f32(const float* S0, const float* UK, const float* UV, float* At, float* lse,
                                  int64_t BH, int64_t R, const int64_t* dims, double scale, int joint,
