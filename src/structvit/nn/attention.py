@@ -6,11 +6,15 @@ UniFormer), so a state dict moves between them. StructSA adds ``u_k`` and ``u_v`
 
 Both validate their configuration when built; StructSA's forward calls the op's unchecked
 inner function with its patterns already in the op's canonical layout.
-"""
-from __future__ import annotations
 
+TorchScript and torch.fx: both modules script (``torch.jit.script``); StructSA's call of
+the op is Python (``@torch.jit.ignore``: the backend dispatch is Python), so a scripted model
+runs but cannot be saved with ``torch.jit.save`` (``torch.export`` serialises it). For
+torch.fx both are leaf modules (registered with timm by ``structvit.models``): the grid
+they are given is then a traced value.
+"""
 import math
-from typing import Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -50,22 +54,26 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def _qkv(self, x: torch.Tensor):
-        """(B, N, dim) -> three (B, heads, N, head_dim)."""
+    def _check_tokens(self, x: torch.Tensor) -> None:
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (B, N, {self.dim}), got {tuple(x.shape)}")
-        b, n, _ = x.shape
+
+    def _qkv(self, x: torch.Tensor):
+        """(B, N, dim) -> three (B, heads, N, head_dim)."""
+        if not torch.jit.is_scripting():
+            self._check_tokens(x)
+        b, n = x.shape[0], x.shape[1]
         return self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
     def _out(self, y: torch.Tensor) -> torch.Tensor:
         """(B, heads, N, head_dim) -> (B, N, dim)."""
-        b, _, n, _ = y.shape
+        b, n = y.shape[0], y.shape[2]
         return self.proj_drop(self.proj(y.transpose(1, 2).reshape(b, n, self.dim)))
 
-    def forward(self, x: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: Optional[List[int]] = None) -> torch.Tensor:
         """x: (B, N, dim); grid is accepted for a common signature and checked, not needed."""
         q, k, v = self._qkv(x)
-        if grid is not None:
+        if grid is not None and not torch.jit.is_scripting():
             canonical_grid(grid, x.shape[1])
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self._out(y)
@@ -91,6 +99,26 @@ def _stride_sizes(kv_stride, rank: int) -> tuple[int, ...]:
         raise ValueError(f"kv_stride must be a positive int or {rank} positive ints (the window's rank), "
                          f"got {kv_stride!r}")
     return tuple(kv_stride)
+
+
+def _canonical(u: torch.Tensor, patterns: str, window_rank: int, grid_rank: int, dtype: torch.dtype) -> torch.Tensor:
+    """A pattern parameter in the ``patterns`` layout with a window of ``window_rank`` as the op's
+    canonical (hu, cu, D, kt, kh, kw) for a grid of rank 2 or 3."""
+    if patterns != "channel":
+        u = u.unsqueeze(-window_rank - 2)  # cu = 1
+    if patterns == "shared":
+        u = u.unsqueeze(0)  # hu = 1
+    if window_rank == 2:
+        u = u.unsqueeze(-3)  # per-frame (1, kh, kw) window on a video grid; kt = 1 on an image
+    elif grid_rank == 2:
+        centre = u.shape[-3] // 2  # other frames of the window see only padding
+        u = u[..., centre:centre + 1, :, :]
+    return u if u.dtype == dtype else u.to(dtype)  # autocast: the patterns follow q
+
+
+def _stride_for(kv_stride: tuple[int, ...], grid_rank: int) -> tuple[int, int, int]:
+    """A layer's key/value stride as (st, sh, sw) for a grid of rank 2 or 3."""
+    return (1,) + kv_stride[-2:] if len(kv_stride) == 2 or grid_rank == 2 else kv_stride
 
 
 def _as_rank3(sizes: tuple[int, ...], centre: bool) -> tuple[int, int, int]:
@@ -133,6 +161,9 @@ class StructSA(SelfAttention):
             op's default, 1 GiB); e.g. ``8 << 20`` keeps a video layer's attention memory
             near SA's on CPU.
     """
+
+    # a plain Python attribute, also on a scripted module (written by the Python ``_attend``)
+    __jit_ignored_attributes__ = ["last_backend"]
 
     def __init__(self, dim: int, num_heads: int = 8, window: Sequence[int] = (3, 3), num_patterns: int = 4, *,
                  patterns: str = "channel", window_v: Sequence[int] | None = None, kv_stride=1,
@@ -196,46 +227,49 @@ class StructSA(SelfAttention):
         centre = 1.0 if self.normalize == "joint" else 1.0 / self.num_patterns
         self.u_v.mul_(centre).add_(e)
 
-    def _canonical(self, u: torch.Tensor, grid_rank: int, dtype: torch.dtype) -> torch.Tensor:
-        """A pattern parameter as the op's canonical (hu, cu, D, kt, kh, kw) for a grid of rank 2 or 3."""
-        if self.patterns != "channel":
-            u = u.unsqueeze(-len(self.window) - 2)  # cu = 1
-        if self.patterns == "shared":
-            u = u.unsqueeze(0)  # hu = 1
-        if len(self.window) == 2:
-            u = u.unsqueeze(-3)  # per-frame (1, kh, kw) window on a video grid; kt = 1 on an image
-        elif grid_rank == 2:
-            centre = u.shape[-3] // 2  # other frames of the window see only padding
-            u = u[..., centre:centre + 1, :, :]
-        return u if u.dtype == dtype else u.to(dtype)  # autocast: the patterns follow q
-
+    # canonical_patterns / stride_for delegate to functions of the attributes, which ``_attend``
+    # also calls: under TorchScript it runs on the scripted module, which has no Python methods.
     def canonical_patterns(self, grid_rank: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """u_k, u_v in the op's canonical layout (hu, cu, D, kt, kh, kw) for a grid of rank 2 or 3."""
         dtype = self.u_k.dtype if dtype is None else dtype
-        return self._canonical(self.u_k, grid_rank, dtype), self._canonical(self.u_v, grid_rank, dtype)
+        return (_canonical(self.u_k, self.patterns, len(self.window), grid_rank, dtype),
+                _canonical(self.u_v, self.patterns, len(self.window), grid_rank, dtype))
 
     def stride_for(self, grid_rank: int) -> tuple[int, int, int]:
         """The key/value stride as (st, sh, sw) for a grid of rank 2 or 3."""
-        s = self.kv_stride
-        return (1,) + s[-2:] if len(s) == 2 or grid_rank == 2 else s
+        return _stride_for(self.kv_stride, grid_rank)
 
-    def forward(self, x: torch.Tensor, grid: Sequence[int], return_weights: bool = False):
-        """x: (B, N, dim) on ``grid`` (H, W) or (T, H, W) -> (B, N, dim).
-
-        With ``return_weights=True`` also returns the attention (B, heads, N, D, N').
-        """
-        q, k, v = self._qkv(x)
-        grid3 = canonical_grid(grid, x.shape[1])
+    @torch.jit.ignore
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: List[int],
+                return_weights: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The op on (B, heads, N, head_dim) q, k, v: (out, weights or None). Python (the
+        backend dispatch), also under TorchScript."""
+        grid3 = canonical_grid(grid, q.shape[2])
         rank = len(grid)
-        u_k, u_v = self.canonical_patterns(rank, q.dtype)
+        u_k = _canonical(self.u_k, self.patterns, len(self.window), rank, q.dtype)
+        u_v = _canonical(self.u_v, self.patterns, len(self.window), rank, q.dtype)
         dropout_p = self.attn_drop if self.training else 0.0
         out, weights, backend = struct_attention_unchecked(
-            q, k, v, u_k, u_v, grid3, self.stride_for(rank), self.normalize, self.backend, self.scale, dropout_p,
+            q, k, v, u_k, u_v, grid3, _stride_for(self.kv_stride, rank), self.normalize, self.backend, self.scale, dropout_p,
             return_weights, self.memory_limit)
         self.last_backend = backend
-        if return_weights:
-            return self._out(out), weights
-        return self._out(out)
+        return out, weights
+
+    def forward(self, x: torch.Tensor, grid: List[int], return_weights: bool = False):
+        """x: (B, N, dim) on ``grid`` (H, W) or (T, H, W) -> (B, N, dim).
+
+        With ``return_weights=True`` also returns the attention (B, heads, N, D, N')
+        (not under TorchScript, where forward has one return type).
+        """
+        q, k, v = self._qkv(x)
+        if torch.jit.is_scripting():
+            if return_weights:
+                raise RuntimeError("StructSA: return_weights=True is not available under TorchScript")
+            out, _ = self._attend(q, k, v, grid, False)
+            return self._out(out)
+        else:
+            out, weights = self._attend(q, k, v, grid, return_weights)
+            return (self._out(out), weights) if return_weights else self._out(out)
 
     def extra_repr(self) -> str:
         extra = [f"dim={self.dim}", f"num_heads={self.num_heads}", f"window={self.window}",
