@@ -37,17 +37,21 @@ blocks: ``pos_embed, norm1, conv1, attn, conv2, norm2, mlp.fc1, mlp.fc2``; atten
 blocks: ``pos_embed, norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2``), ``norm``
 (BatchNorm) and ``head``. StructSA/ConvSA blocks add ``attn.u_k`` and ``attn.u_v``
 (channel-wise: (heads, head_dim, D, *window)).
-"""
-from __future__ import annotations
 
+TorchScript, torch.fx and torch.export: the models script (``torch.jit.script``; the StructSA
+op runs through Python there, so a scripted model cannot be ``torch.jit.save``-d) and trace
+with torch.fx with timm's leaf modules (SelfAttention and StructSA are registered with
+``timm.layers.register_notrace_module``, so ``timm.create_model(..., features_only=True,
+feature_cls="fx")`` works); ``torch.export.export`` gives a serialisable graph.
+"""
 import dataclasses
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, register_notrace_module, trunc_normal_
 from timm.models import PretrainedCfg, build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -57,6 +61,29 @@ __all__ = ["StructViT", "ConvBlock", "AttentionBlock", "PatchEmbed", "ATTENTION_
            "PAPER_MODELS", "default_cfgs"]
 
 ATTENTION_KINDS = ("structsa", "convsa")
+
+# torch.fx leaves: the attention layers take the grid as Python ints (the op dispatches on them)
+register_notrace_module(SelfAttention)
+register_notrace_module(StructSA)
+
+
+@torch.jit.ignore
+def _check_input(x: torch.Tensor, video: bool) -> None:
+    """Python (also under TorchScript), a leaf under torch.fx (``torch.fx.wrap`` below)."""
+    want = 5 if video else 4
+    if not isinstance(x, torch.Tensor) or x.dim() != want:
+        layout = "(B, C, T, H, W)" if video else "(B, C, H, W)"
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{'video' if video else 'image'} model expects input {layout}, got {got}")
+
+
+def token_grid(x: torch.Tensor) -> List[int]:
+    """The grid (H, W) or (T, H, W) of a (B, C, *grid) map, as Python ints (a leaf under torch.fx)."""
+    return [int(s) for s in x.shape[2:]]
+
+
+torch.fx.wrap("_check_input")
+torch.fx.wrap("token_grid")
 
 
 def _conv_cls(video: bool):
@@ -136,7 +163,7 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.pos_embed(x)
         shape = x.shape
-        grid = tuple(int(s) for s in shape[2:])
+        grid = token_grid(x)
         t = x.flatten(2).transpose(1, 2)  # (B, N, C)
         t = t + self.drop_path(self.attn(self.norm1(t), grid))
         t = t + self.drop_path(self.mlp(self.norm2(t)))
@@ -376,13 +403,6 @@ class StructViT(nn.Module):
         """The four (patch embedding, blocks) pairs, in order."""
         return [(getattr(self, f"patch_embed{s}"), getattr(self, f"blocks{s}")) for s in range(1, 5)]
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        want = 5 if self.video else 4
-        if not isinstance(x, torch.Tensor) or x.dim() != want:
-            layout = "(B, C, T, H, W)" if self.video else "(B, C, H, W)"
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{'video' if self.video else 'image'} model expects input {layout}, got {got}")
-
     def _run_stage(self, s: int, x: torch.Tensor) -> torch.Tensor:
         embed, blocks = self.stages()[s]
         x = embed(x)
@@ -395,11 +415,30 @@ class StructViT(nn.Module):
                 x = blk(x)
         return x
 
+    def _stages_scripted(self, x: torch.Tensor) -> torch.Tensor:
+        """The four stages as TorchScript sees them (no ``getattr`` by name, no checkpointing)."""
+        x = self.pos_drop(self.patch_embed1(x))
+        for blk in self.blocks1:
+            x = blk(x)
+        x = self.patch_embed2(x)
+        for blk in self.blocks2:
+            x = blk(x)
+        x = self.patch_embed3(x)
+        for blk in self.blocks3:
+            x = blk(x)
+        x = self.patch_embed4(x)
+        for blk in self.blocks4:
+            x = blk(x)
+        return x
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, [T,] H, W) -> the normalised last-stage map (B, C4, [T',] H/32, W/32)."""
-        self._check_input(x)
-        for s in range(4):
-            x = self._run_stage(s, x)
+        _check_input(x, self.video)
+        if torch.jit.is_scripting():
+            x = self._stages_scripted(x)
+        else:
+            for s in range(4):
+                x = self._run_stage(s, x)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -422,7 +461,7 @@ class StructViT(nn.Module):
         """
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW' (NCTHW for video), got {output_fmt!r}")
-        self._check_input(x)
+        _check_input(x, self.video)
         take, max_index = feature_take_indices(4, indices)
         out = []
         last = 3 if not stop_early else max_index
