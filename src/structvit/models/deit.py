@@ -30,24 +30,26 @@ The class token (our reading; the paper does not say how it takes part):
   [cls; patches] with plain SA weights (same ``qkv`` / ``proj``), while the patch
   tokens run StructSA over the grid only (they do not see the class token). With
   ``attention="sa"`` every token attends to all tokens, as in DeiT.
-"""
-from __future__ import annotations
 
+TorchScript and torch.fx as for StructViT (see :mod:`structvit.models.structvit`): the
+models script (the op and the class-token attention run through Python) and trace with
+torch.fx with ``DeiTBlock`` a timm notrace leaf.
+"""
 import math
-from typing import Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, register_notrace_module, trunc_normal_
 from timm.models import PretrainedCfg, build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ..nn.attention import SelfAttention, StructSA
+from ..nn.attention import SelfAttention, StructSA, _canonical, _record_backend, _stride_for
 from ..ops import canonical_grid, struct_attention_unchecked
-from .structvit import VideoPretrainedCfg
+from .structvit import VideoPretrainedCfg, token_grid
 
 __all__ = ["StructDeiT", "DeiTBlock", "TokenEmbed", "DEIT_ATTENTION_KINDS", "attend_with_prefix", "default_cfgs"]
 
@@ -83,19 +85,55 @@ def attend_with_prefix(attn: nn.Module, x: torch.Tensor, grid: Sequence[int], nu
         return attn(x, grid)
     if not isinstance(attn, StructSA):
         return attn(x)
+    return _struct_with_prefix(attn, x, grid, num_prefix)
+
+
+def _struct_with_prefix(attn: nn.Module, x: torch.Tensor, grid: Sequence[int], p: int) -> torch.Tensor:
+    """The StructSA case of :func:`attend_with_prefix`. Reads only attributes and compiled
+    methods of ``attn``, so it also runs on a scripted StructSA."""
     q, k, v = attn._qkv(x)  # (B, heads, P + N, head_dim) each
-    p = num_prefix
     rank = len(grid)
     grid3 = canonical_grid(grid, x.shape[1] - p)
     dropout_p = attn.attn_drop if attn.training else 0.0
     prefix = F.scaled_dot_product_attention(q[:, :, :p], k, v, dropout_p=dropout_p, scale=attn.scale)
-    u_k, u_v = attn.canonical_patterns(rank, q.dtype)
+    u_k = _canonical(attn.u_k, attn.patterns, len(attn.window), rank, q.dtype)
+    u_v = _canonical(attn.u_v, attn.patterns, len(attn.window), rank, q.dtype)
     # contiguous grid parts: some backends want unit strides beyond the channel dim
     out, _, backend = struct_attention_unchecked(
         q[:, :, p:].contiguous(), k[:, :, p:].contiguous(), v[:, :, p:].contiguous(), u_k, u_v, grid3,
-        attn.stride_for(rank), attn.normalize, attn.backend, attn.scale, dropout_p, False, attn.memory_limit)
-    attn.last_backend = backend
+        _stride_for(attn.kv_stride, rank), attn.normalize, attn.backend, attn.scale, dropout_p, False,
+        attn.memory_limit)
+    _record_backend(attn, backend)
     return attn._out(torch.cat([prefix, out], dim=2))
+
+
+@torch.jit.ignore
+def _check_input(x: torch.Tensor, video: bool, img_size: Tuple[int, int], tubelet_size: int) -> None:
+    """Python (also under TorchScript), a leaf under torch.fx (``torch.fx.wrap`` below)."""
+    want = 5 if video else 4
+    if not isinstance(x, torch.Tensor) or x.dim() != want:
+        layout = "(B, C, T, H, W)" if video else "(B, C, H, W)"
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{'video' if video else 'image'} model expects input {layout}, got {got}")
+    if tuple(x.shape[-2:]) != tuple(img_size):
+        raise ValueError(f"input is {tuple(x.shape[-2:])} pixels but the model's position embedding is sized "
+                         f"for img_size={tuple(img_size)} (build it with img_size=...)")
+    if video and x.shape[2] < tubelet_size:
+        raise ValueError(f"a clip needs at least tubelet_size={tubelet_size} frames, got {x.shape[2]}")
+
+
+def resample_time(time_embed: torch.Tensor, frames: int) -> torch.Tensor:
+    """(1, T', dim) -> (1, frames, dim): a temporal embedding, linearly interpolated for
+    another clip length (a leaf under torch.fx, where ``frames`` is traced)."""
+    if time_embed.shape[1] == frames:
+        return time_embed
+    return F.interpolate(time_embed.transpose(1, 2), size=frames, mode="linear",
+                         align_corners=False).transpose(1, 2)
+
+
+torch.fx.wrap("_check_input")
+torch.fx.wrap("resample_time")
+torch.fx.wrap("token_grid")  # fx wraps a name in the module that calls it
 
 
 class TokenEmbed(nn.Module):
@@ -112,12 +150,13 @@ class TokenEmbed(nn.Module):
         self.proj = (nn.Conv3d if video else nn.Conv2d)(in_chans, embed_dim, k, stride=k)
         self.video = video
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
         x = self.proj(x)
-        grid = tuple(int(s) for s in x.shape[2:])
+        grid = token_grid(x)
         return x.flatten(2).transpose(1, 2), grid
 
 
+@register_notrace_module  # torch.fx: a leaf (the class-token attention is Python)
 class DeiTBlock(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm1(x))``, ``x + mlp(norm2(x))``.
 
@@ -130,13 +169,25 @@ class DeiTBlock(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = attn
+        self.struct = isinstance(attn, StructSA)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
 
-    def forward(self, x: torch.Tensor, grid: Sequence[int], num_prefix: int = 0) -> torch.Tensor:
-        """x: (B, P + N, dim) -> (B, P + N, dim)."""
-        x = x + self.drop_path(attend_with_prefix(self.attn, self.norm1(x), grid, num_prefix))
+    @torch.jit.ignore
+    def _attend_with_prefix(self, x: torch.Tensor, grid: List[int], num_prefix: int) -> torch.Tensor:
+        # Python also under TorchScript, where ``self.attn`` is the C++ scripted module (not an
+        # nn.Module, not callable: its methods are), so ``self.struct`` says its kind
+        attn = self.attn
+        if self.struct:
+            return _struct_with_prefix(attn, x, grid, num_prefix)
+        return attn(x) if isinstance(attn, nn.Module) else attn.forward(x, None)  # SA over all tokens
+
+    def forward(self, x: torch.Tensor, grid: List[int], num_prefix: int = 0) -> torch.Tensor:
+        """x: (B, P + N, dim) on ``grid`` (after the P prefix tokens) -> (B, P + N, dim)."""
+        y = self.norm1(x)
+        y = self.attn(y, grid) if num_prefix == 0 else self._attend_with_prefix(y, grid, num_prefix)
+        x = x + self.drop_path(y)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -321,48 +372,34 @@ class StructDeiT(nn.Module):
 
     # ------------------------------------------------------------ forward
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        want = 5 if self.video else 4
-        if not isinstance(x, torch.Tensor) or x.dim() != want:
-            layout = "(B, C, T, H, W)" if self.video else "(B, C, H, W)"
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{'video' if self.video else 'image'} model expects input {layout}, got {got}")
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"input is {tuple(x.shape[-2:])} pixels but the model's position embedding is sized "
-                             f"for img_size={self.img_size} (build it with img_size=...)")
-        if self.video and x.shape[2] < self.tubelet_size:
-            raise ValueError(f"a clip needs at least tubelet_size={self.tubelet_size} frames, got {x.shape[2]}")
-
-    def _time_embed(self, frames: int) -> torch.Tensor:
-        """(1, frames, dim): the temporal embedding, linearly interpolated for another clip length."""
-        t = self.time_embed
-        if t.shape[1] == frames:
-            return t
-        return F.interpolate(t.transpose(1, 2), size=frames, mode="linear", align_corners=False).transpose(1, 2)
-
-    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
         """Input -> tokens (B, P + N, dim) with position embedding, and the token grid."""
-        self._check_input(x)
+        _check_input(x, self.video, self.img_size, self.tubelet_size)
         x, grid = self.patch_embed(x)
         p = self.num_prefix_tokens
         pos = self.pos_embed[:, p:]
-        if self.video:  # spatial position + tubelet index: (1, T' * H'W', dim), time-major like the grid
-            pos = (pos.unsqueeze(1) + self._time_embed(grid[0]).unsqueeze(2)).flatten(1, 2)
+        time_embed = self.time_embed  # None for an image model
+        if time_embed is not None:  # spatial position + tubelet index: (1, T' * H'W', dim), time-major like the grid
+            pos = (pos.unsqueeze(1) + resample_time(time_embed, grid[0]).unsqueeze(2)).flatten(1, 2)
         x = x + pos
-        if p:
-            x = torch.cat([(self.cls_token + self.pos_embed[:, :p]).expand(x.shape[0], -1, -1), x], dim=1)
+        cls_token = self.cls_token
+        if cls_token is not None:
+            x = torch.cat([(cls_token + self.pos_embed[:, :p]).expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x), grid
 
-    def _run_block(self, blk: nn.Module, x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+    def _run_block(self, blk: nn.Module, x: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(blk, x, grid, self.num_prefix_tokens, use_reentrant=False)
         return blk(x, grid, self.num_prefix_tokens)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, [T,] H, W) -> normalised tokens (B, P + N, dim), the class token first if any."""
         x, grid = self._embed(x)
-        for blk in self.blocks:
-            x = self._run_block(blk, x, grid)
+        for blk in self.blocks:  # inline, not _run_block: TorchScript takes no module arguments
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                x = torch.utils.checkpoint.checkpoint(blk, x, grid, self.num_prefix_tokens, use_reentrant=False)
+            else:
+                x = blk(x, grid, self.num_prefix_tokens)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -427,7 +464,8 @@ class StructDeiT(nn.Module):
 
 def _cfg(num_frames: int | None = None, **kwargs) -> PretrainedCfg:
     # timm's data tools read input_size as (C, H, W); a video model's clip length is num_frames.
-    cfg = dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=None,
+    # fixed_input_size: the position embedding fixes H and W (as timm's DeiT / ViT cfgs say)
+    cfg = dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=None, fixed_input_size=True,
                crop_pct=0.875 if num_frames is None else 1.0, interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN,
                std=IMAGENET_DEFAULT_STD, first_conv="patch_embed.proj", classifier="head", license="apache-2.0")
     cfg.update(kwargs)

@@ -121,6 +121,14 @@ def _stride_for(kv_stride: tuple[int, ...], grid_rank: int) -> tuple[int, int, i
     return (1,) + kv_stride[-2:] if len(kv_stride) == 2 or grid_rank == 2 else kv_stride
 
 
+def _record_backend(module, backend: str) -> None:
+    """``last_backend`` of a Python StructSA; a scripted one has no such attribute (TorchScript
+    fixes a module's attributes), so it is not recorded there."""
+    # (an ignored method may see the C++ torch._C.ScriptModule, which is no nn.Module)
+    if isinstance(module, nn.Module) and not isinstance(module, torch.jit.ScriptModule):
+        module.last_backend = backend
+
+
 def _as_rank3(sizes: tuple[int, ...], centre: bool) -> tuple[int, int, int]:
     return ((1,) if len(sizes) == 2 else ()) + sizes if not centre else (1,) + sizes[-2:]
 
@@ -162,7 +170,7 @@ class StructSA(SelfAttention):
             near SA's on CPU.
     """
 
-    # a plain Python attribute, also on a scripted module (written by the Python ``_attend``)
+    # a Python attribute, not part of a scripted module (see ``_record_backend``)
     __jit_ignored_attributes__ = ["last_backend"]
 
     def __init__(self, dim: int, num_heads: int = 8, window: Sequence[int] = (3, 3), num_patterns: int = 4, *,
@@ -252,7 +260,7 @@ class StructSA(SelfAttention):
         out, weights, backend = struct_attention_unchecked(
             q, k, v, u_k, u_v, grid3, _stride_for(self.kv_stride, rank), self.normalize, self.backend, self.scale, dropout_p,
             return_weights, self.memory_limit)
-        self.last_backend = backend
+        _record_backend(self, backend)
         return out, weights
 
     def forward(self, x: torch.Tensor, grid: List[int], return_weights: bool = False):
