@@ -12,11 +12,13 @@ section and docs/performance.md, produced by ``python -m structvit.bench op``):
   softmax and their backward); set so that the correlation form loses to the
   key-convolution form at the benchmark shapes, as measured, although it has fewer
   multiply-adds.
-- ``FUSED_KERNEL_WEIGHT`` (1.6) and ``KEYCONV_WEIGHT`` (1.2): the fused kernel costs about
-  ``1 + FUSED_KERNEL_WEIGHT * M * D / C`` times plain attention (fwd+bwd) and keyconv
-  about ``KEYCONV_WEIGHT * D`` times; fitted to ``bench op`` rows (image, image7, video,
-  video155, video555 cases) on an AVX-512 machine. They are one machine's figures: on
-  other CPUs the ratio between the two can differ (see the README).
+- ``FUSED_KERNEL_WEIGHT`` (per ISA of the kernel's build) and ``KEYCONV_WEIGHT`` (1.2): the
+  fused kernel costs about ``1 + FUSED_KERNEL_WEIGHT[isa] * M * D / C`` times plain
+  attention (fwd+bwd) and keyconv about ``KEYCONV_WEIGHT * D`` times; fitted to ``bench op``
+  rows (image, video, video155 cases, 1 and 2 threads) of the AVX-512, AVX2 (``haswell``) and
+  generic builds on one Zen 4 machine. Other CPUs differ, which is why "auto" measures
+  (:mod:`.autotune`): the cost model decides only where nothing is measured (small calls,
+  tracing, ``STRUCTVIT_AUTOTUNE=off``, nothing recorded in ``deterministic`` mode).
 - ``FUSED_CHUNK_ELEMENTS`` (2^20) and ``FUSED_BUFFERS`` (4): the fused kernel works on
   chunks of (batch*head, query row) pairs of about this many correlation-map elements,
   at most four such buffers alive per chunk (backward: S0, dAt, At, dS0). Chunks split
@@ -40,13 +42,13 @@ from __future__ import annotations
 
 import torch
 
-from . import native
+from . import autotune, native
 
 BACKEND_NAMES = ("auto", "naive", "correlation", "keyconv", "fused")
 
 DEFAULT_MEMORY_LIMIT = 1 << 30
 MEMORY_BOUND_WEIGHT = 100
-FUSED_KERNEL_WEIGHT = 1.6
+FUSED_KERNEL_WEIGHT = {"avx512": 1.6, "avx2": 1.9, "neon": 4.0, "generic": 4.0}
 KEYCONV_WEIGHT = 1.2
 FUSED_CHUNK_ELEMENTS = 1 << 20
 FUSED_BUFFERS = 4
@@ -113,6 +115,13 @@ def unsupported(backend: str, *, channelwise: bool, strided: bool, same_window: 
 
 
 @torch.compiler.assume_constant_result
+def fused_isa() -> str:
+    """The ISA the fused kernel was built for ("avx512", "avx2", "neon", "generic"; "" when
+    unavailable); constant under compile."""
+    return native.isa_name() or ""
+
+
+@torch.compiler.assume_constant_result
 def native_available() -> bool:
     """Whether the fused CPU kernel can be used (builds it on the first call; constant under compile)."""
     return native.available()
@@ -166,7 +175,8 @@ def estimate_cost(b: int, heads: int, n: int, c: int, d: int, m: int, *, element
 
 def choose_backend(b: int, heads: int, n: int, c: int, d: int, m: int, *, channelwise: bool = False,
                    strided: bool = False, same_window: bool = True, return_weights: bool = False,
-                   element_size: int = 4, memory_limit: int | None = None, fused_ok: bool = False) -> str:
+                   element_size: int = 4, memory_limit: int | None = None, fused_ok: bool = False,
+                   isa: str | None = None, probe: autotune.Probe | None = None, measurable: bool = False) -> str:
     """The backend "auto" picks.
 
     - Channel-wise patterns, a key/value stride or a value window other than the key
@@ -175,14 +185,16 @@ def choose_backend(b: int, heads: int, n: int, c: int, d: int, m: int, *, channe
     - Otherwise (dot-product patterns at stride 1): ``return_weights`` needs the weights:
       "correlation". Only backends whose working memory (``estimate_cost(...)[name]["bytes"]``)
       fits in ``memory_limit`` bytes (default ``DEFAULT_MEMORY_LIMIT``) are candidates; the
-      fused kernel always fits (its chunks shrink to the limit, down to one query row). If
-      nothing fits (no fused kernel), the backend with the least memory.
-    - ``fused_ok`` (a CPU call the fused kernel can serve, see :func:`fused_can_serve`):
-      "fused" when it is the only candidate or when its cost model,
-      ``1 + FUSED_KERNEL_WEIGHT * M * D / C`` times SA, beats keyconv's ``KEYCONV_WEIGHT * D``.
-    - Otherwise the cheaper of correlation and keyconv by multiply-adds, where each
-      element of the correlation form's D*N^2 maps costs ``MEMORY_BOUND_WEIGHT`` more.
-      "naive" is never picked.
+      fused kernel always fits (its chunks shrink to the limit, down to one query row), and is
+      a candidate when ``fused_ok`` (a CPU call it can serve, see :func:`fused_can_serve`).
+    - With a ``probe`` of the call (see :mod:`.autotune`) and more than one candidate: the
+      fastest candidate as measured on this machine (recorded, or timed now if
+      ``measurable`` and the call is large enough), unless ``STRUCTVIT_AUTOTUNE=off``.
+    - Otherwise the cost model: "fused" when it is the only candidate or when
+      ``1 + FUSED_KERNEL_WEIGHT[isa] * M * D / C`` times SA beats keyconv's ``KEYCONV_WEIGHT * D``
+      (``isa``: the kernel build's, default the loaded one); else the cheaper of correlation
+      and keyconv by multiply-adds, where each element of the correlation form's D*N^2 maps
+      costs ``MEMORY_BOUND_WEIGHT`` more. "naive" is never picked.
     """
     if channelwise or strided or not same_window:
         return "keyconv"
@@ -191,11 +203,31 @@ def choose_backend(b: int, heads: int, n: int, c: int, d: int, m: int, *, channe
     limit = DEFAULT_MEMORY_LIMIT if memory_limit is None else memory_limit
     cost = estimate_cost(b, heads, n, c, d, m, element_size=element_size)
     fits = {name for name in ("correlation", "keyconv") if cost[name]["bytes"] <= limit}
-    if fused_ok and ("keyconv" not in fits or 1 + FUSED_KERNEL_WEIGHT * m * d / c < KEYCONV_WEIGHT * d):
-        return "fused"
+    rule = _cost_model_choice(cost, fits, b * heads * d * n * n, c, d, m, fused_ok,
+                              (fused_isa() if fused_ok else "") if isa is None else isa)
+    if probe is None:
+        return rule
+    candidates = [name for name in ("fused", "keyconv", "correlation")
+                  if (name == "fused" and fused_ok) or name in fits]
+    if len(candidates) < 2 or autotune.mode() == "off":
+        return rule
+    if torch.compiler.is_compiling():
+        # nothing is measured or looked up while tracing (shapes may be symbolic there): the
+        # cost model, whose constants are the kernel build's ISA's
+        return rule
+    macs = min(cost[name]["macs"] for name in candidates)
+    return autotune.choose(probe, candidates, rule, macs, memory_limit, measurable)
+
+
+def _cost_model_choice(cost: dict, fits: set[str], map_elements: int, c: int, d: int, m: int, fused_ok: bool,
+                       isa: str) -> str:
+    if fused_ok:
+        weight = FUSED_KERNEL_WEIGHT.get(isa, FUSED_KERNEL_WEIGHT["generic"])
+        if "keyconv" not in fits or 1 + weight * m * d / c < KEYCONV_WEIGHT * d:
+            return "fused"
     if not fits:
         return min(("keyconv", "correlation"), key=lambda name: cost[name]["bytes"])
     if len(fits) == 1:
-        return fits.pop()
-    corr = cost["correlation"]["macs"] + MEMORY_BOUND_WEIGHT * b * heads * d * n * n
+        return next(iter(fits))
+    corr = cost["correlation"]["macs"] + MEMORY_BOUND_WEIGHT * map_elements
     return "correlation" if corr < cost["keyconv"]["macs"] else "keyconv"

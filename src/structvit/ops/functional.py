@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from .backends import BACKENDS
+from . import autotune
 from .dispatch import BACKEND_NAMES, choose_backend, fused_can_serve, unsupported
 
 NORMALIZE = ("joint", "per_pattern")
@@ -119,17 +120,21 @@ def _patterns_pair(q, v, u_k, u_v, rank: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _resolve(q: torch.Tensor, uk: torch.Tensor, uv: torch.Tensor, stride: Grid3, backend: str, return_weights: bool,
-             dropout_p: float, memory_limit: int | None) -> str:
-    """The backend that runs: ``backend`` itself (checked that it can serve), or "auto"'s pick."""
+             dropout_p: float, memory_limit: int | None, grid: Grid3, normalize: str = "joint",
+             cv: int | None = None) -> str:
+    """The backend that runs: ``backend`` itself (checked that it can serve), or "auto"'s pick
+    (measured on this machine where it can be, see :mod:`.autotune`; ``cv``: v's channels)."""
     channelwise = uk.shape[1] > 1 or uv.shape[1] > 1  # (a channel-wise filter over C = 1 is a dot-product one)
     strided = stride != (1, 1, 1)
     same_window = uk.shape[3:] == uv.shape[3:]
     if backend == "auto":
         b, heads, n, c = q.shape
         fused_ok = not (channelwise or strided or not same_window) and fused_can_serve(q, dropout_p)
+        probe = autotune.probe_for(q, c if cv is None else cv, uk, uv, grid, stride, normalize)
         return choose_backend(b, heads, n, c, uk.shape[2], math.prod(uk.shape[3:]), channelwise=channelwise,
                               strided=strided, same_window=same_window, return_weights=return_weights,
-                              element_size=q.element_size(), memory_limit=memory_limit, fused_ok=fused_ok)
+                              element_size=q.element_size(), memory_limit=memory_limit, fused_ok=fused_ok,
+                              probe=probe, measurable=dropout_p == 0 and autotune.can_measure(q))
     reason = unsupported(backend, channelwise=channelwise, strided=strided, same_window=same_window,
                          return_weights=return_weights, dropout_p=dropout_p, device_type=q.device.type)
     if reason:
@@ -149,7 +154,8 @@ def struct_attention_unchecked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    name = _resolve(q, u_k, u_v, stride, backend, return_weights, dropout_p, memory_limit)
+    name = _resolve(q, u_k, u_v, stride, backend, return_weights, dropout_p, memory_limit, grid, normalize,
+                    v.shape[-1])
     out, weights = BACKENDS[name](q, k, v, u_k, u_v, grid, stride, normalize, float(scale), float(dropout_p),
                                   return_weights, memory_limit)
     return out, weights, name
@@ -172,7 +178,7 @@ def resolve_backend(q: torch.Tensor, u_k: torch.Tensor, grid: Sequence[int], *, 
     (shapes, dtype, device, memory limit; see :func:`structvit.ops.dispatch.choose_backend`)."""
     check_choice("backend", backend, BACKEND_NAMES)
     rank = len(grid) if isinstance(grid, Sequence) else 0
-    canonical_grid(grid, q.shape[2])
+    grid3 = canonical_grid(grid, q.shape[2])
     stride = canonical_stride(kv_stride, rank)
     uk, _ = canonical_patterns("u_k", u_k, rank, q.shape[1], q.shape[-1])
     if u_v is None:
@@ -180,7 +186,8 @@ def resolve_backend(q: torch.Tensor, u_k: torch.Tensor, grid: Sequence[int], *, 
     else:  # v is not given: a channel-wise u_v's width is taken as Cv
         cv = u_v.shape[1] if pattern_layout(u_v, rank) == "channel" else q.shape[-1]
         uv = canonical_patterns("u_v", u_v, rank, q.shape[1], cv)[0]
-    return _resolve(q, uk, uv, stride, backend, return_weights, dropout_p, memory_limit)
+    return _resolve(q, uk, uv, stride, backend, return_weights, dropout_p, memory_limit, grid3,
+                    cv=uv.shape[1] if uv.shape[1] > 1 else q.shape[-1])
 
 
 def struct_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u_k: torch.Tensor, u_v: torch.Tensor,

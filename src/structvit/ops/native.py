@@ -249,6 +249,15 @@ def unavailable_reason() -> str | None:
         return str(e)
 
 
+def isa_name() -> str | None:
+    """The vector ISA the loaded kernel was compiled for: "avx512", "avx2", "neon" or
+    "generic"; None when the kernel is unavailable."""
+    try:
+        return load().structsa_isa().decode()
+    except NativeUnavailable:
+        return None
+
+
 def build_isa() -> str | None:
     """The vector ISA the loaded kernel was compiled for ("avx512", "avx2", "neon" or
     "generic") and its float lanes, e.g. "avx2 (8 float lanes)"; None when unavailable."""
