@@ -190,7 +190,9 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)
         last = x.dim() - 1  # explicit positive dims: ONNX Transpose takes no negative perm
-        return self.norm(x.movedim(1, last)).movedim(last, 1)
+        # contiguous: CPU bf16 depthwise conv3d (the next block's pos_embed) computes wrong weight
+        # gradients for a channels-last input
+        return self.norm(x.movedim(1, last)).movedim(last, 1).contiguous()
 
 
 # --------------------------------------------------------------------------- model

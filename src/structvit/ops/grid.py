@@ -50,6 +50,9 @@ def grid_conv(x: torch.Tensor, weight: torch.Tensor, grid: Grid3, groups: int, t
     T, H, W = grid
     kt, kh, kw = weight.shape[-3:]
     b = x.shape[0]
+    # CPU bf16 conv3d computes wrong weight gradients for a non-contiguous input (e.g. keys
+    # sliced from the qkv projection); a contiguous copy is exact
+    x = x.contiguous()
     if transposed and stride != (1, 1, 1):
         raise ValueError("grid_conv: a transposed convolution is only used at stride 1")
     if T == 1:
