@@ -8,6 +8,7 @@ import warnings
 
 import lightning as L
 import pytest
+import timm
 import torch
 
 from engine_helpers import TINY_KWARGS, NaNAtStep, all_finite
@@ -71,6 +72,40 @@ def test_lr_follows_schedule_per_step(tmp_path):
         m, ImageDataModule(batch_size=8))
     assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     assert lrs[4:] == pytest.approx([1e-3, 1e-3 * 0.5 * (1 + math.cos(math.pi * 1 / 2))])  # then cosine to 0
+
+
+# ------------------------------------------------------------------------------ mixed precision
+@pytest.mark.parametrize("name,shape", [("structvit_tiny", (8, 3, 32, 32)), ("structvit_tiny_video", (4, 3, 4, 32, 32))],
+                         ids=["image", "video"])
+def test_bf16_autocast_forward_backward_close_to_float32(name, shape):
+    """The tiny models (StructSA in every attention block) in training mode under CPU bf16
+    autocast: the loss, the logits and the gradients (incl. the patterns') follow float32's."""
+    torch.manual_seed(0)
+    kw = {"num_frames": shape[2]} if len(shape) == 5 else {}
+    model = timm.create_model(name, num_classes=10, **kw).train()
+    x, y = torch.randn(shape), torch.arange(shape[0]) % 10
+
+    def run(autocast):
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout and drop-path draws in both runs
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+        loss = torch.nn.functional.cross_entropy(out.float(), y)
+        loss.backward()
+        return out, loss, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    out32, loss32, g32 = run(False)
+    out16, loss16, g16 = run(True)
+    assert out16.dtype == torch.bfloat16 and out32.dtype == torch.float32  # autocast did run
+    assert float(loss16) == pytest.approx(float(loss32), rel=1e-2)
+    assert (out16.float() - out32).abs().max() <= 3e-2 * out32.abs().max()
+    flat32, flat16 = (torch.cat([g[n].flatten() for n in g32]) for g in (g32, g16))
+    assert torch.isfinite(flat16).all()
+    assert torch.nn.functional.cosine_similarity(flat32, flat16, 0) > 0.99
+    patterns = [n for n in g32 if n.endswith((".u_k", ".u_v"))]
+    assert patterns and all(g16[n].dtype == torch.float32 for n in patterns)  # float32 master weights
+    pk32, pk16 = (torch.cat([g[n].flatten() for n in patterns]) for g in (g32, g16))
+    assert torch.nn.functional.cosine_similarity(pk32, pk16, 0) > 0.98
 
 
 # ------------------------------------------------------------------------------ loaders
@@ -197,12 +232,45 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path):
     assert all(torch.isfinite(v).all() for v in sd.values())
 
 
-def test_nonfinite_loss_skip_goes_on(tmp_path):
-    m = ClassificationModule("structvit_tiny", TINY_KWARGS, nonfinite_loss="skip")
-    trainer = _trainer(tmp_path, max_steps=4, callbacks=[DeterministicData(), NaNAtStep(1)], limit_val_batches=0)
+def _full_state(m) -> dict:
+    """Every tensor of the module: parameters, buffers (BatchNorm statistics), EMA and its counter."""
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def test_nonfinite_loss_skip_leaves_no_trace(tmp_path):
+    """A NaN batch at step 1 with BatchNorm in the conv stages and an EMA: the module is bit for
+    bit as before that batch, nothing non-finite anywhere (module, last/best/EMA exports), and
+    the model still evaluates to finite losses."""
+    m = ClassificationModule("structvit_tiny", TINY_KWARGS, nonfinite_loss="skip", ema_decay=0.9)
+    assert any(isinstance(x, torch.nn.BatchNorm2d) for x in m.model.modules())
+    states = {}
+
+    class Record(L.Callback):  # runs after NaNAtStep's poisoning, around the skipped step
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 1:
+                states["before"] = _full_state(pl_module)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 2:
+                states["after"] = _full_state(pl_module)
+
+    ck = StructViTCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True, save_top_k=0, every_n_train_steps=2)
+    best = StructViTCheckpoint(dirpath=str(tmp_path / "ck"), filename="best", monitor="val/acc1", mode="max")
+    trainer = _trainer(tmp_path, max_steps=4, callbacks=[DeterministicData(), NaNAtStep(1), Record(), ck, best],
+                       enable_checkpointing=True, val_check_interval=2, check_val_every_n_epoch=None)
     with pytest.warns(RuntimeWarning, match="non-finite loss .* at step 1"):
         trainer.fit(m, ImageDataModule(batch_size=8))
-    assert trainer.global_step == 4 and all_finite(m.model)
+    assert trainer.global_step == 4
+    before, after = states["before"], states["after"]
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, changed[:5]  # running stats, num_batches_tracked, weights, EMA, ema_updates
+    bad = [k for k, v in m.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    assert not bad, bad[:5]
+    for name in ("last", "last.ema", "best", "best.ema"):
+        sd, _ = load_weights(str(tmp_path / "ck" / f"{name}.safetensors"))
+        assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point()), name
+    res = trainer.validate(m, ImageDataModule(batch_size=8), verbose=False)[0]
+    assert math.isfinite(res["val/loss"]) and math.isfinite(res["val/ema_loss"])
 
 
 def test_module_rejects_bad_arguments():

@@ -65,6 +65,17 @@ def test_fit_validate_test_predict_resume(tmp_path, capsys):
     assert meta["step"] == "6"
 
 
+def test_fit_bf16_mixed_digits_config(tmp_path):
+    """The shipped digits config for 2 steps in bf16 mixed precision (CPU autocast)."""
+    rc = cli.main(["fit", "--config", str(REPO / "configs" / "digits_structvit_tiny.yaml"), "--trainer.max_steps", "2",
+                   "--trainer.precision", "bf16-mixed", "--trainer.default_root_dir", str(tmp_path),
+                   "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
+    assert rc == 0
+    sd, meta = load_weights(str(tmp_path / "checkpoints" / "last.safetensors"))
+    assert meta["step"] == "2" and "bf16-mixed" in meta["config"]
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+
+
 # ------------------------------------------------------------------------------ exact resume
 def test_sigkill_and_resume_gives_the_same_weights(tmp_path):
     """8 steps over 3 epochs of 3 batches (mixup, drop path, random shifts), checkpoints every
