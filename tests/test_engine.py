@@ -14,8 +14,8 @@ import torch
 from engine_helpers import TINY_KWARGS, NaNAtStep, all_finite
 from structvit.data import ImageDataModule, VideoDataModule
 from structvit.engine import (ClassificationModule, DeterministicData, NonFiniteLossError, ResumableLoader,
-                              ShardedEvalLoader, StructViTCheckpoint, WarmupCosine, load_weights, param_groups,
-                              save_weights)
+                              ShardedEvalLoader, StructViTCheckpoint, WarmupCosine, check_weights, load_weights,
+                              param_groups, save_weights)
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
@@ -311,3 +311,63 @@ def test_pretrained_image_weights_inflate_into_video_model(tmp_path):
     assert vid.model.head.out_features == 7
     with pytest.raises(ValueError, match="pretrained_inflate"):
         ClassificationModule("structvit_tiny_video", VIDEO_KWARGS, pretrained=str(path))
+
+
+def test_weights_of_another_dtype_are_cast_bad_ones_refused_naming_tensor_and_file(tmp_path):
+    ref = ClassificationModule("structvit_tiny", TINY_KWARGS)
+    sd = ref.model.state_dict()
+    half = tmp_path / "half.safetensors"
+    save_weights(str(half), {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()})
+    with pytest.warns(UserWarning, match=r"tensors in .*half.safetensors cast to the model's dtype \(float16 -> float32"):
+        m = ClassificationModule("structvit_tiny", TINY_KWARGS, pretrained=str(half))
+    got = m.model.state_dict()
+    assert all(got[k].dtype == v.dtype and torch.equal(got[k], v.half().to(v.dtype) if v.is_floating_point() else v)
+               for k, v in sd.items())
+    for name, bad, match in (("nan", {**sd, "head.weight": sd["head.weight"].clone().fill_(math.nan)},
+                              r"tensor 'head.weight' in .*nan.safetensors has \d+ non-finite"),
+                             ("int", {**sd, "head.weight": sd["head.weight"].long()},
+                              r"tensor 'head.weight' in .*int.safetensors is int64, the model's is float32")):
+        path = tmp_path / f"{name}.safetensors"
+        save_weights(str(path), bad)
+        with pytest.raises(ValueError, match=match):
+            ClassificationModule("structvit_tiny", TINY_KWARGS, pretrained=str(path))
+    # integer buffers stay integers; names the model lacks pass through
+    out = check_weights({"x.num_batches_tracked": torch.tensor(3), "other": torch.ones(1, dtype=torch.float64)},
+                        {"x.num_batches_tracked": torch.tensor(0)})
+    assert out["x.num_batches_tracked"].dtype == torch.long and out["other"].dtype == torch.float64
+
+
+def test_malformed_weights_files_named_in_one_line(tmp_path, capsys):
+    from structvit import convert
+    from structvit.viz import cli as viz_cli
+
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ValueError, match=r"broken.safetensors is not a readable safetensors file"):
+        load_weights(str(bad))
+    trunc = tmp_path / "trunc.pth"
+    torch.save({"w": torch.zeros(100)}, trunc)
+    trunc.write_bytes(trunc.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"trunc.pth is not a readable torch file"):
+        load_weights(str(trunc))
+    with pytest.raises(ValueError, match="broken.safetensors"):
+        ClassificationModule("structvit_tiny", TINY_KWARGS, pretrained=str(bad))
+    capsys.readouterr()
+    for run in (lambda: viz_cli.main(["kernels", "--checkpoint", str(bad), "--model", "structvit_tiny",
+                                      "--out", str(tmp_path / "figs")]),
+                lambda: convert.main([str(bad), str(tmp_path / "out.safetensors"), "--model", "structvit_tiny"])):
+        assert run() != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "broken.safetensors" in err[0] and "Traceback" not in err[0], err
+
+
+@pytest.mark.parametrize("name,shape", [("structvit_tiny", (0, 3, 32, 32)), ("structvit_tiny_video", (0, 3, 4, 32, 32)),
+                                        ("structvit_deit_tiny", (0, 3, 32, 32))])
+def test_empty_batch_gives_an_empty_result(name, shape):
+    kw = dict(TINY_KWARGS, num_frames=4) if "video" in name else dict(TINY_KWARGS) if "deit" not in name \
+        else {"img_size": 32}
+    m = ClassificationModule(name, kw)
+    for train in (True, False):
+        m.train(train)
+        with torch.no_grad():
+            assert m(torch.randn(shape)).shape == (0, 10)

@@ -356,9 +356,9 @@ def load_checkpoint(model: nn.Module, state_dict: Mapping, **kwargs) -> Conversi
 
 def _read_checkpoint(path: str, trust: bool = False) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        from .engine.weights import read_safetensors
 
-        return load_file(path)
+        return read_safetensors(path)[0]  # a malformed file: ValueError naming it
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except Exception as err:  # pickled non-tensor objects (e.g. training args) need trust
@@ -444,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"structvit convert: cannot build {args.model}: {err}", file=sys.stderr)
         return 1
     try:
+        from .engine.weights import check_weights
+
+        sd = check_weights(sd, model.state_dict(), args.input)  # finite, of the model's kinds; dtypes cast
         report = load_checkpoint(model, sd, inflate=args.inflate, strict=not args.non_strict,
                                  ignore_head=args.ignore_head)
     except (KeyError, ValueError) as err:

@@ -87,8 +87,9 @@ def check_weights(state_dict: Mapping[str, torch.Tensor], reference: Mapping[str
     where = f" in {path}" if path else ""
     out, cast = {}, []
     for name, value in state_dict.items():
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(f"entry {name!r}{where} is a {type(value).__name__}, not a tensor")
+        if not isinstance(value, torch.Tensor):  # not weights (e.g. a step counter): left to the loader
+            out[name] = value
+            continue
         if (value.is_floating_point() or value.is_complex()) and value.numel():
             finite = torch.isfinite(value)
             if not bool(finite.all()):

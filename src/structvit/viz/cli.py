@@ -39,11 +39,12 @@ def read_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
     if not path.is_file():
         raise ArgumentError(f"--checkpoint {str(path)!r}: no such file")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from ..engine.weights import read_safetensors
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
+        try:
+            return read_safetensors(str(path))
+        except ValueError as e:  # malformed: one line naming the file
+            raise ArgumentError(f"--checkpoint: {e}") from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - anything that is not a plain weights file
@@ -148,7 +149,11 @@ def load_model(name: str | None = None, checkpoint=None, model_kwargs: dict | No
             raise ArgumentError(f"--checkpoint {str(checkpoint)!r} does not fit --model {name} "
                                 f"{kwargs or ''}: {detail.strip()}; pass the kwargs it was trained with "
                                 f"via --model-kwargs")
-        model.load_state_dict({k: v for k, v in sd.items() if k in target})
+        from ..engine.weights import check_weights
+
+        # finite, of the model's kinds; other float dtypes cast with a warning
+        sd = check_weights({k: v for k, v in sd.items() if k in target}, target, str(checkpoint))
+        model.load_state_dict(sd)
         if unexpected:
             print(f"structvit viz: ignored {len(unexpected)} checkpoint tensors not in the model "
                   f"(e.g. {unexpected[:3]})", file=sys.stderr)
