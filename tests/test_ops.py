@@ -133,11 +133,8 @@ def test_backends_float32_relative_error(grid, window, normalize, layout, stride
         assert rel <= 1e-5, f"{backend}: relative error {rel:.2e}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout", ["head", "channel"])
+@pytest.mark.parametrize("backend,layout", [(b, lay) for lay in ("head", "channel") for b in serving(lay)])
 def test_bfloat16_runs_and_is_close(backend, layout):
-    if backend not in serving(layout):
-        pytest.skip(f"{backend} does not serve channel-wise patterns")
     grid, window = (2, 4, 4), (3, 3, 3)
     q, k, v, u_k, u_v = random_inputs(1, 2, grid, 8, 4, window, layout=layout)
     ref, _ = reference_struct_attention(q, k, v, u_k, u_v, grid)
@@ -163,19 +160,20 @@ def test_autocast_patterns_follow_q():
         struct_attention(qb, kb, vb, u_k, u_v, (3, 4))
 
 
-@pytest.mark.parametrize("backend", EXPLICIT)
-@pytest.mark.parametrize("normalize", NORMALIZE)
-@pytest.mark.parametrize("grid,window,layout,window_v,stride", [
+GRADCHECK_CASES = [  # grid, window, layout, window_v, stride
     ((3, 3), (3, 3), "head", None, 1),
     ((2, 2, 2), (3, 1, 3), "shared", None, 1),
     ((3, 4), (3, 3), "channel", None, 1),
     ((2, 2, 3), (3, 3, 3), "channel", (1, 3, 1), (1, 1, 2)),
     ((4, 3), (3, 3), "head", (1, 3), 2),
     ((3, 4), (1, 3), "shared", (3, 1), (2, 1)),
-])
+]
+
+
+@pytest.mark.parametrize("normalize", NORMALIZE)
+@pytest.mark.parametrize("backend,grid,window,layout,window_v,stride", [
+    (b, *case) for case in GRADCHECK_CASES for b in EXPLICIT if b in serving(case[2], case[4] != 1, case[3] is None)])
 def test_gradcheck(backend, normalize, grid, window, layout, window_v, stride):
-    if backend not in serving(layout, stride != 1, window_v is None):
-        pytest.skip(f"{backend} does not serve this case")
     inputs = random_inputs(1, 2, grid, 3, 2, window, layout=layout, window_v=window_v, requires_grad=True)
     def fn(q, k, v, u_k, u_v):
         return struct_attention(q, k, v, u_k, u_v, grid, kv_stride=stride, normalize=normalize, backend=backend)
@@ -283,11 +281,9 @@ def test_dot_product_is_channelwise_with_broadcast_filters(layout):
                                    rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", ["naive", "correlation", "keyconv", "auto"])
-@pytest.mark.parametrize("layout", ["head", "channel"])
+@pytest.mark.parametrize("backend,layout", [(b, lay) for lay in ("head", "channel") for b in serving(lay)
+                                            if b != "fused"])
 def test_return_weights(backend, layout):
-    if backend not in serving(layout):
-        pytest.skip(f"{backend} does not serve channel-wise patterns")
     grid = (2, 3, 3)
     q, k, v, u_k, u_v = random_inputs(2, 2, grid, 4, 3, (3, 3, 3), layout=layout)
     for normalize in NORMALIZE:
