@@ -59,6 +59,7 @@
 #endif
 #include <cmath>
 #include <cstdint>
+
 #include <cstring>
 #include <limits>
 #include <new>
@@ -67,26 +68,40 @@
 
 namespace {
 
-// Run fn(begin, end, worker) over [0, total) split in contiguous ranges, one per thread.
+// Run fn(begin, end, range) over [0, total) in contiguous ranges, range < row_ranges(...)
+// numbering them in order (for per-range accumulators, summed in that order at the end, so
+// results do not depend on which thread ran what). With OpenMP the rows go in about four
+// ranges per thread, handed out dynamically: on a shared or oversubscribed machine a thread
+// that loses its core for a while takes fewer ranges instead of holding up the others at
+// the end of a static split. std::threads: one range per thread.
+inline int64_t row_ranges(int threads, int64_t total) {
+    const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, total));
+#ifdef STRUCTSA_OPENMP
+    return workers == 1 ? 1 : std::min<int64_t>(total, workers * 4);
+#else
+    return workers;
+#endif
+}
+
 template <typename Fn>
 void parallel_rows(int threads, int64_t total, Fn fn) {
     const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, total));
-    const int64_t step = (total + workers - 1) / workers;
+    const int64_t ranges = row_ranges(threads, total), step = (total + ranges - 1) / ranges;
     if (workers == 1) {
         fn(int64_t(0), total, 0);
         return;
     }
 #ifdef STRUCTSA_OPENMP
-#pragma omp parallel for num_threads(workers) schedule(static, 1)
-    for (int64_t w = 0; w < workers; ++w) {
-        const int64_t begin = w * step, end = std::min(total, begin + step);
-        if (begin < end) fn(begin, end, int(w));
+#pragma omp parallel for num_threads(workers) schedule(dynamic, 1)
+    for (int64_t r = 0; r < ranges; ++r) {
+        const int64_t begin = r * step, end = std::min(total, begin + step);
+        if (begin < end) fn(begin, end, int(r));
     }
 #else
     std::vector<std::thread> pool;
-    for (int64_t w = 0; w < workers; ++w) {
-        const int64_t begin = w * step, end = std::min(total, begin + step);
-        if (begin < end) pool.emplace_back(fn, begin, end, int(w));
+    for (int64_t r = 0; r < ranges; ++r) {
+        const int64_t begin = r * step, end = std::min(total, begin + step);
+        if (begin < end) pool.emplace_back(fn, begin, end, int(r));
     }
     for (auto& t : pool) t.join();
 #endif
@@ -650,9 +665,9 @@ void backward(const T* S0, const T* dAt, const T* lse, const T* rowdot, const T*
     const auto mask = grid_mask<T>(g);
     const int64_t N = g.N(), D = g.D, M = g.M(), P1 = joint ? 1 : D;
     const int64_t ustride = M * D, gstride = ustride * BLK;
-    const int64_t workers = std::max<int64_t>(1, threads);
-    // per-worker pattern gradients as BLK partial sums per (o, d), summed at the end (no
-    // shared writes while running)
+    const int64_t workers = row_ranges(threads, BH * R);
+    // per-range pattern gradients as BLK partial sums per (o, d), summed at the end in range
+    // order (no shared writes while running, the same sums whichever thread ran a range)
     AlignedVector<T> gk_all(workers * g.hu * gstride, T(0)), gv_all(workers * g.hu * gstride, T(0));
     parallel_rows(threads, BH * R, [&](int64_t begin, int64_t end, int worker) {
         RowBuffers<T> b(g, true);
