@@ -2,6 +2,9 @@
 
 Each sub-command lives in its own module with a ``main(argv)`` entry point (or a named
 function, ``"module:function"``) and is imported only when called, so ``structvit --help`` stays fast.
+This module imports nothing from the package at module level: the console entry point
+(:mod:`structvit_cli`) runs it without importing ``structvit`` (whose ``__init__`` registers
+the models with timm, importing torch), so ``--help`` and ``--version`` answer without torch.
 """
 from __future__ import annotations
 
@@ -51,6 +54,18 @@ def missing_extra(error: ModuleNotFoundError) -> str | None:
     return EXTRAS.get(name)
 
 
+def _version() -> str:
+    """The installed distribution's version (no package import: ``structvit.__version__`` would import torch)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("structvit")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        from structvit import __version__
+
+        return __version__
+
+
 def _usage() -> str:
     lines = ["usage: structvit COMMAND [options]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
@@ -64,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from . import __version__
-
-        print(__version__)
+        print(_version())
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
