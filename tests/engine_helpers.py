@@ -9,7 +9,6 @@ import math
 import os
 import signal
 
-import torch
 from lightning.pytorch.callbacks import Callback
 
 TINY_KWARGS = {"depths": [1, 1, 1, 1], "embed_dims": [16, 32, 64, 128], "head_dim": 16, "num_patterns": 2}
@@ -74,6 +73,3 @@ class NaNAtStep(Callback):
             batch[0].fill_(math.nan)
             self.fired = True
 
-
-def all_finite(module: torch.nn.Module) -> bool:
-    return all(torch.isfinite(p).all() for p in module.parameters())

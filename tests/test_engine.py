@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 
-from engine_helpers import TINY_KWARGS, NaNAtStep, all_finite
+from engine_helpers import TINY_KWARGS, NaNAtStep
 from structvit.data import ImageDataModule, VideoDataModule
 from structvit.engine import (ClassificationModule, DeterministicData, NonFiniteLossError, ResumableLoader,
                               ShardedEvalLoader, StructViTCheckpoint, WarmupCosine, check_weights, load_weights,

@@ -10,10 +10,12 @@ Usage::
     structvit test --config configs/digits_structvit_tiny.yaml --ckpt_path best
 
 A run writes into ``trainer.default_root_dir`` (default ``runs/default``):
-``checkpoints/`` (Lightning's ``last.ckpt``/``best.ckpt`` and their ``.safetensors``
-exports) and ``logs/version_N/`` (TensorBoard events, ``metrics.csv``, the resolved
-``config.yaml``). Errors in the input (unknown model, dataset or config key, empty dataset
-root, a checkpoint of another model) end with a one-line message; set
+``checkpoints/`` (Lightning's ``last.ckpt``/``best.ckpt``, the newest
+:data:`STEP_CHECKPOINTS_KEPT` ``step<N>.ckpt`` and their ``.safetensors`` exports)
+and ``logs/version_N/`` (TensorBoard events, ``metrics.csv``, the resolved ``config.yaml``).
+Errors in the input (unknown model, dataset or config key, empty dataset root, a checkpoint
+of another model, a corrupt or truncated checkpoint, named with the newest readable one to
+resume from instead) end with a one-line message; set
 ``STRUCTVIT_TRACEBACK=1`` for the full traceback.
 """
 from __future__ import annotations
