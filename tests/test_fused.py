@@ -395,3 +395,82 @@ def test_auto_runs_the_same_kernel_eager_compiled_and_counted():
     with FlopCounterMode(display=False) as counter:
         layer(x, grid)
     assert torch.ops.structvit.fused_forward in counter.get_flop_counts()["Global"]
+
+
+def _isa_builds() -> list[str]:
+    """Every build target this CPU can run: generic always, AVX2 (haswell) and AVX-512 where
+    the CPU has them (x86-64 only)."""
+    import platform
+
+    flags = native.cpu_flags()
+    builds = ["generic"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        if {"avx2", "fma"} <= flags:
+            builds.append("haswell")
+        if "avx512f" in flags:
+            builds.append("x86-64-v4")
+    return builds
+
+
+_ISA_CHECK = """
+import sys, torch
+from structvit.ops import native, struct_attention
+from reference import random_inputs
+expected = sys.argv[1]
+assert native.isa_name() == expected, (native.isa_name(), expected)
+torch.set_num_threads(2)
+cases = [((14, 14), (3, 3), 8, False), ((2, 7, 7), (3, 3, 3), 4, True), ((3, 9, 14), (1, 5, 5), 3, False),
+         ((2, 5, 6), (3, 3, 3), 1, False), ((2, 6, 6), (3, 3, 3), 2, True), ((4, 6, 5), (5, 5, 5), 8, False)]
+for grid, window, D, shared in cases:
+    for normalize in ("joint", "per_pattern"):
+        for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+            inputs = random_inputs(2, 2, grid, 16, D, window, shared=shared, dtype=dtype, requires_grad=True)
+            ref_in = [t.detach().double().requires_grad_() for t in inputs]
+            out = struct_attention(*inputs, grid, normalize=normalize, backend="fused")
+            ref = struct_attention(*ref_in, grid, normalize=normalize, backend="naive")
+            scale = float(ref.detach().abs().max())
+            torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * scale)
+            grads = torch.autograd.grad((out * out.detach()).sum(), inputs)
+            refs = torch.autograd.grad((ref * ref.detach()).sum(), ref_in)
+            for g, r in zip(grads, refs):
+                torch.testing.assert_close(g.double(), r, rtol=tol, atol=tol * float(r.abs().max()))
+print("ok", native.build_isa())
+"""
+
+
+@pytest.mark.parametrize("arch", _isa_builds())
+def test_every_isa_build_matches_naive(arch, tmp_path):
+    """Each build this CPU can run (STRUCTVIT_NATIVE_ARCH: the portable one, AVX2 + FMA,
+    AVX-512), with its own vector width and register tiles, gives the naive form's values and
+    gradients: float64 to 1e-10, float32 to 1e-5 relative; grids whose rows are and are not
+    whole vector blocks, 3x3 / 3x3x3 / 1x5x5 / 5x5x5 windows, D of 1, 2, 3 (the run-time D
+    path), 4, 8, per-head and shared patterns, both softmaxes, two threads."""
+    import os
+    import subprocess
+    import sys
+
+    isa = {"generic": "generic", "haswell": "avx2", "x86-64-v4": "avx512"}[arch]
+    env = dict(os.environ, STRUCTVIT_NATIVE_ARCH=arch, STRUCTVIT_CACHE=str(tmp_path), STRUCTVIT_AUTOTUNE="off")
+    res = subprocess.run([sys.executable, "-c", _ISA_CHECK, isa], env=env, cwd=os.path.dirname(__file__),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.startswith("ok"), res.stderr[-3000:]
+
+
+def test_build_for_a_missing_isa_is_refused(monkeypatch, tmp_path):
+    """A build whose vector ISA the CPU lacks is not loaded (it would die on an illegal
+    instruction): here the CPU's flags are made to lack the loaded build's ISA."""
+    from structvit import config
+
+    saved = config.settings()
+    try:
+        config.set_cache_dir(tmp_path)
+        config.set_native_arch("generic")
+        native.reset()
+        assert native.isa_name() == "generic"
+        monkeypatch.setitem(native.ISA_CPU_FLAGS, "generic", ("not-a-real-flag",))
+        native.reset()
+        with pytest.warns(RuntimeWarning, match="lacks not-a-real-flag"):
+            assert not native.available()
+    finally:
+        config._settings = saved
+        native.reset()
