@@ -483,7 +483,7 @@ def test_paper_markdown_and_cli(paper, monkeypatch, capsys):
     assert any("issue #75" in line for line in table)
     import structvit.models.summary as summary
 
-    monkeypatch.setattr(summary, "paper_table", lambda: paper)
+    monkeypatch.setattr(summary, "paper_table", lambda progress=None: paper)
     assert main(["--paper"]) == 0
     assert capsys.readouterr().out.strip() == paper_markdown(results, notes)
     with pytest.raises(SystemExit):
@@ -498,8 +498,22 @@ def test_summary_listing_and_cli(capsys):
     assert struct["params"] == count_params(timm.create_model("structvit_tiny"))
     assert sa["macs"] < struct["macs"]
     assert main(["structvit_tiny", "structvit_tiny_video"]) == 0
-    table = capsys.readouterr().out.splitlines()
+    out, err = capsys.readouterr()
+    table = out.splitlines()
     assert table[0].startswith("| model |") and len(table) == 4
+    # progress on stderr, one line per model before it is counted (stdout holds only the table)
+    assert err.splitlines() == ["counting structvit_tiny (1/2) ...", "counting structvit_tiny_video (2/2) ..."]
     assert "| structvit_tiny_video |" in table[3] and "3x16x112x112" in table[3]
     with pytest.raises(SystemExit):
         main(["resnet50"])
+
+
+def test_paper_table_reports_progress_per_counted_model():
+    """One progress line per distinct model counted (a repeated row is counted once)."""
+    import dataclasses
+
+    row = dataclasses.replace(PAPER_ROWS[0], model="structvit_tiny", kwargs={}, frames=None, size=64, classes=10)
+    lines = []
+    results, _ = paper_table([row, dataclasses.replace(row, label="again"), row], progress=lines.append)
+    assert len(results) == 3
+    assert lines == [f"counting structvit_tiny for {row.label} (1/3 rows) ..."]

@@ -106,13 +106,19 @@ def count_flops(model: torch.nn.Module, inputs, device: str | torch.device | Non
 # --------------------------------------------------------------------------- listing
 
 
-def summarize(names, device: str = "meta", baselines: bool = False, **kwargs) -> list[dict]:
+def progress_to_stderr(message: str) -> None:
+    """The commands' progress lines: on stderr, so stdout holds only the table."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def summarize(names, device: str = "meta", baselines: bool = False, progress=None, **kwargs) -> list[dict]:
     """One row per model at its default input: name, attention layers, D, key/value stride,
     input, parameters and multiply-adds.
 
     ``baselines`` adds, after each model, the same model with plain SA everywhere
     (StructViT: ``struct_blocks=(0, 0)``, i.e. UniFormer; other models: ``attention="sa"``).
-    ``kwargs`` go to ``timm.create_model``.
+    ``progress``: None or a callable given one line per model before it is counted (a big
+    model takes seconds). ``kwargs`` go to ``timm.create_model``.
     """
     import timm
 
@@ -120,7 +126,10 @@ def summarize(names, device: str = "meta", baselines: bool = False, **kwargs) ->
     from .structvit import StructViT
 
     rows = []
-    for name in names:
+    names = list(names)
+    for i, name in enumerate(names, 1):
+        if progress is not None:
+            progress(f"counting {name} ({i}/{len(names)}) ...")
         with torch.device(device):
             first = timm.create_model(name, **kwargs)
         variants = [("", None)]
@@ -221,8 +230,9 @@ PAPER_ROWS = [
 ]
 
 
-def paper_table(rows: Sequence[PaperRow] | None = None) -> tuple[list[dict], list[str]]:
-    """Count every row (default :data:`PAPER_ROWS`) on the meta device.
+def paper_table(rows: Sequence[PaperRow] | None = None, progress=None) -> tuple[list[dict], list[str]]:
+    """Count every row (default :data:`PAPER_ROWS`) on the meta device; ``progress`` as in
+    :func:`summarize` (one line per model counted).
 
     Returns (results, notes): one dict per counted row with the counted and published
     parameters (M) and GFLOPs per view, and their relative differences (GFLOPs against
@@ -241,7 +251,8 @@ def paper_table(rows: Sequence[PaperRow] | None = None) -> tuple[list[dict], lis
         pass
     results, notes, cache = [], [], {}
     registered = set(timm.list_models("structvit_*"))
-    for row in PAPER_ROWS if rows is None else rows:
+    rows = list(PAPER_ROWS if rows is None else rows)
+    for i, row in enumerate(rows, 1):
         if row.model not in registered:
             note = f"{row.label} ({row.bench}): {row.model} is not registered, row skipped."
             if note not in notes:
@@ -249,6 +260,8 @@ def paper_table(rows: Sequence[PaperRow] | None = None) -> tuple[list[dict], lis
             continue
         key = (row.model, tuple(sorted(row.kwargs.items())), row.frames, row.size, row.classes)
         if key not in cache:
+            if progress is not None:
+                progress(f"counting {row.model} for {row.label} ({i}/{len(rows)} rows) ...")
             extra = {} if row.frames is None else {"num_frames": row.frames}
             with torch.device("meta"):
                 model = timm.create_model(row.model, num_classes=row.classes, **extra, **row.kwargs)
@@ -311,14 +324,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.paper:
         if args.names or args.baselines or args.backend:
             parser.error("--paper takes no model names, --baselines or --backend")
-        print(paper_markdown(*paper_table()))
+        print(paper_markdown(*paper_table(progress=progress_to_stderr)))
         return 0
     registered = tuple(dict.fromkeys(MODEL_NAMES + tuple(timm.list_models("structvit_*"))))
     unknown = [n for n in args.names if n not in registered]
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; registered: {', '.join(registered)}")
     kwargs = {} if args.backend is None else {"backend": args.backend}
-    print(to_markdown(summarize(args.names or list(registered), baselines=args.baselines, **kwargs)))
+    rows = summarize(args.names or list(registered), baselines=args.baselines, progress=progress_to_stderr, **kwargs)
+    print(to_markdown(rows))
     return 0
 
 
