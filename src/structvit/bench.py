@@ -116,9 +116,21 @@ def machine_line(device: torch.device) -> str:
     info = cpu_info()
     isa = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in info["isa"].items())
     line = f"CPU {info['model']} ({info['cpus']} logical CPUs; {isa}), {torch.get_num_threads()} torch threads"
+    line += f"; {kernel_build_line()}"
     if device.type == "cuda":
         line += f"; GPU {torch.cuda.get_device_name(device)}"
     return line
+
+
+def kernel_build_line() -> str:
+    """The fused kernel's build: its vector ISA and lanes, the build target setting, and how
+    "auto" chooses (STRUCTVIT_NATIVE_ARCH, STRUCTVIT_AUTOTUNE)."""
+    from . import config
+    from .ops import native
+
+    s = config.settings()
+    build = native.build_isa() or f"unavailable ({native.unavailable_reason()})"
+    return f"fused kernel build {build}, STRUCTVIT_NATIVE_ARCH={s.native_arch}, STRUCTVIT_AUTOTUNE={s.autotune}"
 
 
 def _read_status(field: str) -> int | None:
@@ -360,6 +372,7 @@ def write_performance(path, tables: list[str], device: torch.device, argv: list[
              f"- machine: {info['model']}, {info['cpus']} logical CPUs, {torch.get_num_threads()} torch threads"
              + (f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
              f"- ISA: {isa}",
+             f"- {kernel_build_line()}",
              f"- torch {torch.__version__}, device {device}", ""]
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
