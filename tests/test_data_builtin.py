@@ -200,3 +200,99 @@ def test_datamodule_bad_arguments_name_the_argument():
         ImageDataModule("cifar")
     with pytest.raises(ValueError, match="root"):
         ImageDataModule("imagenet")
+
+
+# ----------------------------------------------------------------------------- digit relations
+def _relations(split="val", **kw):
+    from structvit.data.builtin import make_digit_relations
+
+    return make_digit_relations(split, samples_per_image=1, **kw)
+
+
+def test_digit_relations_shapes_balance_pairs_and_split():
+    from structvit.data.builtin import RELATION_CLASSES
+
+    images, labels, pairs = _relations("val")
+    assert images.shape == (359, 32, 32, 3) and images.dtype == torch.uint8
+    assert labels.shape == (359,) and set(labels.tolist()) == set(range(len(RELATION_CLASSES)))
+    counts = torch.bincount(labels, minlength=4)
+    assert counts.max() - counts.min() <= 1  # balanced
+    assert (pairs[:, 1] == digits_split("val")).all()  # the big digit: each source image once
+    val = set(digits_split("val"))
+    assert set(pairs.ravel()) <= val  # both digits from the split's own images
+    _, _, train_pairs = _relations("train")
+    assert not set(train_pairs.ravel()) & val
+
+
+def test_digit_relations_layout_matches_the_class():
+    _, labels, _, centres = _relations("val", with_layout=True)
+    d = centres[:, 1] - centres[:, 0]  # from the small digit to the big one, (x, y), y down
+    r = np.hypot(d[:, 0], d[:, 1])
+    assert (r >= 12 - 1e-6).all() and (r <= 17 + 1e-6).all()
+    axis = np.array([[-1, 0], [1, 0], [0, -1], [0, 1]])[labels.numpy()]  # left, right, above, below
+    cos = (d * axis).sum(1) / r
+    assert (cos >= np.cos(np.deg2rad(30)) - 1e-9).all()  # within 30 degrees of the class's axis
+    assert (centres > 0.3 * 13 - 1e-6).all() and (centres < 32 - 0.3 * 13 + 1e-6).all()  # both inside
+
+
+def test_digit_relations_deterministic_and_seed_dependent():
+    a, la, pa = _relations("val", seed=3)
+    b, lb, pb = _relations("val", seed=3)
+    assert torch.equal(a, b) and torch.equal(la, lb) and (pa == pb).all()
+    c, _, _ = _relations("val", seed=4)
+    assert not torch.equal(a, c)
+
+
+def test_digit_relations_draws_both_digits():
+    # clean images: no clutter, noise or distractors; background colour stays where no digit is
+    images, _, _, centres = _relations("val", num_distractors=0, clutter=0.0, noise=0.0, with_layout=True)
+    for i in range(5):
+        img = images[i].float()
+        bg = img[0, 0]
+        for k in range(2):
+            x, y = (int(round(v)) for v in centres[i, k])
+            patch = img[max(0, y - 5):y + 6, max(0, x - 5):x + 6]
+            assert (patch - bg).abs().amax() > 60, (i, k)  # a digit stroke near each centre
+
+
+def test_digit_relations_datamodule_and_bad_arguments():
+    from structvit.data.builtin import DigitRelationsDataModule, DigitRelationsDataset, make_digit_relations
+
+    dm = DigitRelationsDataModule(batch_size=8, options={"samples_per_image": 1})
+    assert dm.num_classes == 4 and len(dm.classes) == 4
+    x, y = next(iter(dm.val_dataloader()))
+    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and y.shape == (8,)
+    ds = DigitRelationsDataset("val", samples_per_image=1)
+    img, label = ds[0]
+    raw = ds.images[0].float() / 255
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert torch.allclose(img, (raw - mean) / std) and label == int(ds.targets[0])
+    assert len(dm.train_dataloader()) == 1438 // 8  # drop_last in training
+    with pytest.raises(ValueError, match="batch_size"):
+        DigitRelationsDataModule(batch_size=0)
+    with pytest.raises(TypeError, match="options"):
+        DigitRelationsDataModule(options=[1])
+    with pytest.raises(ValueError, match="samples_per_image"):
+        make_digit_relations("val", samples_per_image=0)
+    with pytest.raises(ValueError, match="num_distractors"):
+        make_digit_relations("val", num_distractors=-1)
+    with pytest.raises(ValueError, match="split"):
+        make_digit_relations("tset")
+
+
+def test_digit_relations_big_digit_is_bigger():
+    # one digit at a time on a blank canvas: the big one covers more pixels than the small one
+    from structvit.data.builtin import make_digit_relations
+
+    images, _, _, centres = make_digit_relations("val", samples_per_image=1, num_distractors=0, clutter=0.0,
+                                                 noise=0.0, with_layout=True)
+    img = images[:50].float().amax(-1)  # (50, 32, 32)
+    ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    ink = img > img[:, :1, :1] + 40
+    for i in range(50):
+        c = torch.from_numpy(centres[i]).float()  # (2, 2): small, big
+        d_small = (xs - c[0, 0]) ** 2 + (ys - c[0, 1]) ** 2
+        d_big = (xs - c[1, 0]) ** 2 + (ys - c[1, 1]) ** 2
+        small_ink = (ink[i] & (d_small < d_big)).sum()
+        big_ink = (ink[i] & (d_big <= d_small)).sum()
+        assert big_ink > small_ink, i

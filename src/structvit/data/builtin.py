@@ -1,8 +1,12 @@
-"""Built-in data that needs no download: ``digits`` and ``moving_digits``.
+"""Built-in data that needs no download: ``digits``, ``moving_digits`` and ``digit_relations``.
 
-Both are made from the 1,797 real 8x8 handwritten digits that scikit-learn ships
+All three are made from the 1,797 real 8x8 handwritten digits that scikit-learn ships
 (``sklearn.datasets.load_digits``).  The train/validation split is by source image and
-is the same for both (a fixed permutation, 20 % validation: 1,438 / 359 images).
+is the same for all (a fixed permutation, 20 % validation: 1,438 / 359 images).
+
+``digit_relations`` (:func:`make_digit_relations`): images of two digits whose class is
+their spatial relation (where the big digit lies relative to the small one);
+a task about layouts and inter-object relations rather than appearance.
 
 ``moving_digits``: short clips (default 8 frames of 32x32 RGB) of one digit moving over a
 cluttered background with moving distractor fragments.  The class is the *motion* of the
@@ -43,6 +47,7 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
+import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -59,6 +64,10 @@ __all__ = [
     "render_sprites",
     "moving_digits_arrays",
     "moving_digits_dataset",
+    "RELATION_CLASSES",
+    "make_digit_relations",
+    "DigitRelationsDataset",
+    "DigitRelationsDataModule",
 ]
 
 MOVING_DIGITS_CLASSES = (
@@ -360,3 +369,176 @@ def moving_digits_dataset(split: str = "train", *, sampler=None, transform=None,
                       train=train, frame_reader=_ArrayReader(clips), frame_count=_ConstCount(num_frames))
     ds.source_index = src
     return ds
+
+
+# --------------------------------------------------------------------------- digit relations
+RELATION_CLASSES = ("big_left", "big_right", "big_above", "big_below")
+
+
+def make_digit_relations(
+    split: str = "train",
+    *,
+    seed: int = 0,
+    size: int = 32,
+    samples_per_image: int = 4,
+    num_distractors: int = 2,
+    clutter: float = 0.25,
+    noise: float = 0.05,
+    with_layout: bool = False,
+):
+    """Generate ``digit_relations`` images (in memory, deterministic from ``seed`` and ``split``).
+
+    Each image shows two handwritten digits, a big one and a small one, at random places on
+    a cluttered background with a few dim digit fragments. The class is a *spatial relation
+    between the two objects*: where the big digit lies relative to the small one, along the
+    dominant axis of their displacement:
+
+    ====  ==========  =============================================
+     id    name        the big digit is ...
+    ====  ==========  =============================================
+     0     big_left    left of the small one
+     1     big_right   right of it
+     2     big_above   above it (y axis down, as displayed)
+     3     big_below   below it
+    ====  ==========  =============================================
+
+    Neither digit's appearance nor its position alone gives the class: the model has to
+    find both digits, tell which is the big one and read their relative layout. At 32 px
+    the big digit is 13-15 px, the small one 7-9 px (the fragments are 6-10 px, dimmer);
+    the displacement's direction is within 30 degrees of the class's axis and its length
+    is 12-17 px; the midpoint is uniform where both fit. The digits' values are random
+    (the big one cycles through the split's source images ``samples_per_image`` times, the
+    small one is drawn from the same split, :func:`digits_split`).
+
+    Returns ``images`` uint8 ``(N, size, size, 3)``, ``labels`` int64 ``(N,)`` and the source
+    index pairs ``(N, 2)`` (small digit, big digit); with ``with_layout`` also the digit
+    centres in pixels ``(N, 2, 2)`` (small, big; x, y with y down).
+    """
+    for name, v, lo in (("size", size, 16), ("samples_per_image", samples_per_image, 1)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {v!r}")
+        if v < lo:
+            raise ValueError(f"{name} must be >= {lo}, got {v}")
+    if isinstance(num_distractors, bool) or not isinstance(num_distractors, int) or num_distractors < 0:
+        raise ValueError(f"num_distractors must be an int >= 0, got {num_distractors!r}")
+    if not 0 <= clutter <= 1 or not 0 <= noise <= 1:
+        raise ValueError(f"clutter and noise must be in [0, 1], got {clutter}, {noise}")
+    images, _ = load_digit_images()
+    split_id = 0 if _norm_split(split) == "train" else 1
+    pool = digits_split(split)
+    rng = np.random.default_rng([int(seed), split_id, 7])  # 7: another stream than moving digits
+    big = np.repeat(pool, samples_per_image)
+    n, s = len(big), float(size)
+    K = len(RELATION_CLASSES)
+    lab = rng.permutation(np.arange(n) % K)
+    small = rng.choice(pool, size=n)
+    u = lambda lo, hi, shape=(n,): rng.uniform(lo, hi, size=shape)  # noqa: E731
+    side = np.stack([u(7 / 32, 9 / 32), u(13 / 32, 15 / 32)]) * s  # small, big
+    radius = u(12 / 32, 17 / 32) * s
+    axis = np.array([math.pi, 0.0, -math.pi / 2, math.pi / 2])[lab]  # left, right, up, down (y down)
+    theta = axis + np.deg2rad(u(-30, 30))
+    dx, dy = radius * np.cos(theta), radius * np.sin(theta)  # from the small to the big digit
+    margin = 0.3 * side[1]
+    lo, hi = margin, s - margin
+    mx = lo + np.abs(dx) / 2 + u(0, 1) * np.maximum(hi - lo - np.abs(dx), 0)
+    my = lo + np.abs(dy) / 2 + u(0, 1) * np.maximum(hi - lo - np.abs(dy), 0)
+    tilt = np.deg2rad(u(-10, 10, (2, n)))
+    color = u(0.65, 1.0, (2, n, 3))
+    centres = ((mx - dx / 2, my - dy / 2), (mx + dx / 2, my + dy / 2))  # small, big
+    # --- background and distractors (independent of the class) ---------------------------
+    bg_col = torch.from_numpy(u(0.0, 0.35, (n, 3))).float()
+    low = torch.from_numpy(rng.random((n, 1, 6, 6))).float()
+    low = F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    canvas = bg_col[:, None, None, :] + clutter * low[:, 0, :, :, None]  # (n, S, S, 3)
+
+    def paint(canvas, sprites, cx, cy, sd, ang, col, strength=1.0):
+        t1 = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float64)).float()[:, None]  # noqa: E731
+        alpha = render_sprites(sprites, t1(cx), t1(cy), t1(sd), t1(ang), size=size)[:, 0, :, :, None]
+        alpha = alpha * torch.as_tensor(strength, dtype=torch.float32).reshape(-1, 1, 1, 1)
+        return canvas * (1 - alpha) + torch.from_numpy(col).float()[:, None, None, :] * alpha
+
+    for _ in range(num_distractors):
+        other = rng.integers(0, len(images), size=n)
+        oy, ox = rng.integers(0, 5, size=(2, n))
+        frag = torch.from_numpy(np.stack([images[o, y:y + 4, x:x + 4] for o, y, x in zip(other, oy, ox)]))
+        canvas = paint(canvas, frag.unsqueeze(1), u(0.1, 0.9) * s, u(0.1, 0.9) * s, u(0.2, 0.3) * s,
+                       u(-math.pi, math.pi), u(0.4, 0.9, (n, 3)), u(0.4, 0.8))
+    for k, idx in enumerate((small, big)):
+        canvas = paint(canvas, torch.from_numpy(images[idx]).unsqueeze(1), centres[k][0], centres[k][1],
+                       side[k], tilt[k], color[k])
+    if noise > 0:
+        canvas = canvas + noise * torch.from_numpy(rng.standard_normal((n, size, size, 1))).float()
+    out = (canvas.clamp(0, 1) * 255).round().to(torch.uint8)
+    pairs = np.stack([small, big], 1)
+    if with_layout:
+        return out, torch.from_numpy(lab), pairs, np.array(centres).transpose(2, 0, 1)
+    return out, torch.from_numpy(lab), pairs
+
+
+class DigitRelationsDataset(torch.utils.data.Dataset):
+    """``digit_relations`` (see :func:`make_digit_relations`) as normalised ``(3, size, size)``
+    images and targets 0-3. No augmentation: every image is drawn afresh by the generator."""
+
+    classes = RELATION_CLASSES
+    num_classes = len(RELATION_CLASSES)
+
+    def __init__(self, split: str = "train", *, seed: int = 0, size: int = 32, samples_per_image: int = 4,
+                 num_distractors: int = 2, clutter: float = 0.25, noise: float = 0.05,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.split = _norm_split(split)
+        images, labels, pairs = make_digit_relations(
+            self.split, seed=seed, size=size, samples_per_image=samples_per_image,
+            num_distractors=num_distractors, clutter=clutter, noise=noise)
+        self.images = images.permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S) uint8
+        self.targets = labels
+        self.source_pairs = pairs
+        self.mean = torch.tensor(_check_stats("mean", mean)).view(3, 1, 1)
+        self.std = torch.tensor(_check_stats("std", std)).view(3, 1, 1)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return (self.images[i].float().div_(255) - self.mean) / self.std, int(self.targets[i])
+
+
+class DigitRelationsDataModule(L.LightningDataModule):
+    """A Lightning data module of ``digit_relations``: training and validation loaders (the
+    validation set is also the test set). ``options`` go to :func:`make_digit_relations`
+    for both splits (``seed``, ``samples_per_image``, ``num_distractors``, ...)."""
+
+    classes = list(RELATION_CLASSES)
+    num_classes = len(RELATION_CLASSES)
+
+    def __init__(self, batch_size: int = 64, num_workers: int = 0, drop_last: bool = True,
+                 options: dict | None = None):
+        super().__init__()
+        for name, v, lo in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        if options is not None and not isinstance(options, dict):
+            raise TypeError(f"options must be a dict of make_digit_relations arguments, got {options!r}")
+        self.batch_size, self.num_workers, self.drop_last = batch_size, num_workers, bool(drop_last)
+        self.options = dict(options or {})
+        self._datasets: dict = {}
+
+    def setup(self, stage=None):
+        for split in ("train", "val"):
+            if split not in self._datasets:
+                self._datasets[split] = DigitRelationsDataset(split, **self.options)
+
+    def _loader(self, split: str, shuffle: bool):
+        self.setup()
+        ds = self._datasets[split]
+        return torch.utils.data.DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle,
+                                           num_workers=self.num_workers,
+                                           drop_last=shuffle and self.drop_last and len(ds) > self.batch_size)
+
+    def train_dataloader(self):
+        return self._loader("train", True)
+
+    def val_dataloader(self):
+        return self._loader("val", False)
+
+    def test_dataloader(self):
+        return self._loader("val", False)
