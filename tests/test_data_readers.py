@@ -158,14 +158,18 @@ def test_corrupt_and_truncated_files_are_reported_counted_and_replaced(layouts, 
     garbage, cut = _with_bad_files(layouts["ssv2"][0], tmp_path / "ssv2")
     ann = read_annotations("ssv2", tmp_path / "ssv2", "train")
     assert ann.problems == []  # the files exist: found when read
+    # evaluation: the bad samples are skipped (None), never replaced by a neighbour
     ds = VideoDataset(ann, sampler=FrameSampler("segment", num_frames=8), transform=_raw, train=False)
     with caplog.at_level(logging.WARNING, logger="structvit.data"):
         samples = [ds[i] for i in range(len(ds))]
     assert str(garbage) in caplog.text and str(cut) in caplog.text
-    assert ds.num_bad_samples >= 2 and {str(garbage), str(cut)} <= set(ds.bad_files)
-    # both bad samples were replaced by the good one (id 103, label 1)
-    assert [s[1] for s in samples] == [1, 1, 1]
-    assert all(s[0].shape == (3, 8, 48, 64) for s in samples)
+    assert ds.num_bad_samples == 2 and {str(garbage), str(cut)} == set(ds.bad_files)
+    assert samples[0] is None and samples[1] is None and samples[2][1] == 1
+    # training: replaced by a readable sample (the good one, id 103, label 1)
+    tr = VideoDataset(ann, sampler=FrameSampler("segment", num_frames=8), transform=_raw, train=True)
+    got = [tr[i] for i in range(len(tr))]
+    assert [s[1] for s in got] == [1, 1, 1]
+    assert all(s[0].shape == (3, 8, 48, 64) for s in got)
     # bounded retries, then a clear error
     only_bad = [r for r in ann.records if r.path in (str(garbage), str(cut))]
     bad_ds = VideoDataset(only_bad, classes=ann.classes, sampler=FrameSampler(), transform=_raw, train=True,
@@ -176,13 +180,17 @@ def test_corrupt_and_truncated_files_are_reported_counted_and_replaced(layouts, 
     assert data_main(["check", "--dataset", "ssv2", "--root", str(tmp_path / "ssv2"), "--split", "train"]) == 1
 
 
-def test_missing_file_after_indexing_is_replaced(layouts, tmp_path):
+def test_missing_file_after_indexing_is_replaced_in_training(layouts, tmp_path):
     shutil.copytree(layouts["gym99"][0], tmp_path / "gym")
     ann = read_annotations("gym99", tmp_path / "gym", "train")
     os.remove(ann.records[0].path)
-    ds = VideoDataset(ann, sampler=FrameSampler(num_frames=2), transform=_raw, train=False)
+    ds = VideoDataset(ann, sampler=FrameSampler(num_frames=2), transform=_raw, train=True)
     _, label = ds[0]
-    assert label == ann.records[1].label and ds.bad_files == [ann.records[0].path]
+    assert label == ann.records[1].label and ds.bad_files[0] == ann.records[0].path
+    ev = VideoDataset(ann, sampler=FrameSampler(num_frames=2), transform=_raw, train=False, on_unreadable="replace")
+    assert ev[0][1] == ann.records[1].label  # replacing is still available, on request
+    with pytest.raises(ValueError, match="on_unreadable"):
+        VideoDataset(ann, sampler=FrameSampler(), transform=_raw, train=False, on_unreadable="drop")
 
 
 def test_bad_sample_count_is_shared_by_dataloader_workers(layouts, tmp_path):

@@ -9,20 +9,27 @@ label order (from the official files, never from folder order) and the problems 
 transforms the clip (:mod:`.transforms`) and returns ``(clip, label)`` with ``clip`` a
 float tensor ``(C, T, H, W)``, or ``(views, label)`` with ``views`` ``(V, C, T, H, W)``,
 ``V = num_clips * num_crops`` (clip-major), in multi-view test mode.  A file that fails
-to decode is logged with its path, counted (``num_bad_samples``) and replaced by another
-sample, at most ``max_retries`` times in a row before a clear error.
+to decode is logged with its path and counted (``num_bad_samples``); in training it is
+replaced by another random sample (at most ``max_retries`` times in a row before a clear
+error), in evaluation it is skipped (``__getitem__`` returns None, :func:`skip_collate`
+drops it and counts it), so no sample is scored twice.  Records of splits without labels
+(the Kinetics-400 test CSV, SSv2's ``test.json``) have the label :data:`UNLABELLED` (-1):
+they serve prediction only.
 
 Layouts (``root`` is the dataset folder; the first existing candidate is used):
 
 * ``kinetics400``: ``{root}/annotations/{split}.csv`` or ``{root}/{split}.csv`` (also
-  ``validate.csv``), columns ``label,youtube_id,time_start,time_end,split``; clips
+  ``validate.csv``), columns ``label,youtube_id,time_start,time_end,split`` (a test CSV
+  without the ``label`` column gives unlabelled records); clips
   ``{youtube_id}_{time_start:06d}_{time_end:06d}.mp4`` anywhere under ``{root}/{split}/``
   (per-label sub-folders allowed).  Classes: the sorted label names of the train CSV.
   Alternatively ``annotation_file=`` a "path label" list (``{root}``-relative paths).
-* ``ssv2``: ``something-something-v2-{labels,train,validation}.json`` in
-  ``{root}/labels`` or ``{root}``; videos ``{root}/20bn-something-something-v2/{id}.webm``
-  (or ``{root}/videos``).  Label = the labels-JSON index of the template with its
-  brackets removed.
+* ``ssv2``: ``labels/{labels,train,validation,test}.json`` (as Qualcomm distributes it)
+  or the older ``something-something-v2-{labels,train,validation,test}.json``, in
+  ``{root}/labels``, ``{root}/annotations`` or ``{root}``; videos
+  ``{root}/20bn-something-something-v2/{id}.webm`` (or ``{root}/videos``).  Label = the
+  labels-JSON index of the template with its brackets removed; ``test.json`` has no
+  templates: labels from ``test-answers.csv`` (``id;label``) next to it, else unlabelled.
 * ``ssv1``: ``something-something-v1-{labels,train,validation}.csv`` (``;``-separated
   ``id;label``; labels file: one class per line, line order = label); frames
   ``{root}/20bn-something-something-v1/{id}/00001.jpg`` ...
@@ -73,11 +80,22 @@ __all__ = [
     "read_annotations",
     "ssv2_template_to_label",
     "ImageFolderDataset",
+    "read_loc_val_solution",
+    "read_devkit_ground_truth",
     "normalize_split",
     "VIDEO_EXTENSIONS",
+    "UNLABELLED",
+    "EvalItems",
+    "skip_collate",
+    "BENCHMARK_CLASSES",
 ]
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
+#: the label of a record whose split has no labels (prediction only)
+UNLABELLED = -1
+#: the number of classes of each benchmark (``structvit data check`` flags another count)
+BENCHMARK_CLASSES = {"kinetics400": 400, "ssv2": 174, "ssv1": 174, "diving48": 48, "gym99": 99, "gym288": 288,
+                     "imagenet": 1000}
 
 
 @dataclass
@@ -101,6 +119,11 @@ class Annotations:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def labelled(self) -> bool:
+        """False if any record has no label (:data:`UNLABELLED`)."""
+        return all(r.label != UNLABELLED for r in self.records)
 
 
 def normalize_split(split: str) -> str:
@@ -153,19 +176,20 @@ def _kinetics_csv_candidates(root, split):
     return [os.path.join(d, n) for d in dirs for n in names]
 
 
-def _read_kinetics_csv(path) -> tuple[list[dict], list[str]]:
-    problems = []
+def _read_kinetics_csv(path) -> tuple[list[dict], bool]:
+    """The rows of a Kinetics CSV and whether it has a ``label`` column (the test CSV may not)."""
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         cols = set(reader.fieldnames or [])
-        need = {"label", "youtube_id", "time_start", "time_end"}
+        need = {"youtube_id", "time_start", "time_end"}
         if not need <= cols:
-            raise ValueError(f"{path}: expected columns {sorted(need)}, found {sorted(cols)}")
+            raise ValueError(f"{path}: expected columns label (optional for test), {', '.join(sorted(need))}; "
+                             f"found {', '.join(sorted(cols))}")
         rows = []
         for i, row in enumerate(reader, start=2):
             row["_line"] = i
             rows.append(row)
-    return rows, problems
+    return rows, "label" in cols
 
 
 def read_kinetics400(root, split: str = "train", *, annotation_file=None, video_dir=None, classes_file=None,
@@ -178,7 +202,10 @@ def read_kinetics400(root, split: str = "train", *, annotation_file=None, video_
                                     check_files=check_files)
     ann = os.fspath(annotation_file) if annotation_file else _first(
         _kinetics_csv_candidates(root, split), f"Kinetics-400 {split} CSV", root)
-    rows, problems = _read_kinetics_csv(ann)
+    rows, has_labels = _read_kinetics_csv(ann)
+    problems = []
+    if not has_labels and split != "test":
+        raise ValueError(f"{ann}: no label column; only a test CSV may come without labels")
     if classes_file:
         classes = [ln.strip() for ln in open(classes_file, encoding="utf-8") if ln.strip()]
     else:
@@ -186,6 +213,9 @@ def read_kinetics400(root, split: str = "train", *, annotation_file=None, video_
         src_rows = rows if train_csv is None or os.path.abspath(train_csv) == os.path.abspath(ann) else \
             _read_kinetics_csv(train_csv)[0]
         classes = sorted({r["label"] for r in src_rows if r.get("label")})
+        if not classes:
+            raise ValueError(f"{ann}: no class names (no labelled train CSV found next to it; "
+                             "pass classes_file=)")
         if train_csv is None:
             problems.append(f"{ann}: no train CSV found; classes taken from this CSV ({len(classes)})")
     index = {c: i for i, c in enumerate(classes)}
@@ -205,7 +235,7 @@ def read_kinetics400(root, split: str = "train", *, annotation_file=None, video_
     for row in rows:
         where = f"{ann} line {row['_line']}"
         label = row.get("label") or ""
-        if label not in index:
+        if has_labels and label not in index:
             problems.append(f"{where}: unknown label {label!r}")
             continue
         try:
@@ -219,7 +249,7 @@ def read_kinetics400(root, split: str = "train", *, annotation_file=None, video_
                 problems.append(f"{where}: missing file {os.path.join(vdir or root, name)}.mp4")
                 continue
             path = os.path.join(vdir or root, name + ".mp4")
-        records.append(VideoRecord(path, index[label], name=name))
+        records.append(VideoRecord(path, index[label] if has_labels else UNLABELLED, name=name))
     return Annotations(records, classes, problems)
 
 
@@ -276,13 +306,23 @@ def _annotation_lines(path: str):
 
 def _ssv_annotation_files(root: str, split: str, version: str, ext: str) -> tuple[str, str]:
     """The labels file and the split's annotation file of Something-Something ``version``
-    (v1/v2), looked for in ``root/labels``, ``root/annotations`` and ``root``."""
+    (v1/v2), looked for in ``root/labels``, ``root/annotations`` and ``root``: the long
+    names (``something-something-v2-train.json``) or, for v2, the short ones of the current
+    distribution (``labels/train.json``).  Both files come from the same folder."""
     name = {"train": "train", "val": "validation", "test": "test"}[normalize_split(split)]
     adirs = [os.path.join(root, "labels"), os.path.join(root, "annotations"), root]
-    found = []
-    for base in (f"something-something-{version}-labels.{ext}", f"something-something-{version}-{name}.{ext}"):
-        found.append(_first([os.path.join(d, base) for d in adirs], base, root))
-    return found[0], found[1]
+    pairs = [(f"something-something-{version}-labels.{ext}", f"something-something-{version}-{name}.{ext}")]
+    if version == "v2":
+        pairs.append((f"labels.{ext}", f"{name}.{ext}"))
+    looked = []
+    for d in adirs:
+        for labels, ann in pairs:
+            lp, ap = os.path.join(d, labels), os.path.join(d, ann)
+            if os.path.isfile(lp) and os.path.isfile(ap):
+                return lp, ap
+            looked.append(ap)
+    raise FileNotFoundError(f"Something-Something {version} {split} annotations not found under {root}; "
+                            f"looked for (each next to its labels file): " + ", ".join(looked))
 
 
 def read_ssv2(root, split: str = "train", *, check_files: bool = True) -> Annotations:
@@ -300,17 +340,24 @@ def read_ssv2(root, split: str = "train", *, check_files: bool = True) -> Annota
              if os.path.isdir(p)]
     with open(ann, encoding="utf-8") as f:
         entries = json.load(f)
+    answers = _ssv2_test_answers(ann, label_map, problems) if normalize_split(split) == "test" else None
     records = []
     for i, e in enumerate(entries):
         where = f"{ann} entry {i} (id {e.get('id')!r})"
         if "id" not in e:
             problems.append(f"{where}: no id")
             continue
-        if "template" not in e:
-            problems.append(f"{where}: no template (unlabelled test entry?)")
+        if "template" in e:
+            lab = ssv2_template_to_label(e["template"])
+        elif answers is not None:  # the test split: labels (if any) in test-answers.csv
+            lab = answers.get(str(e["id"]))
+            if answers and lab is None:
+                problems.append(f"{where}: not in test-answers.csv")
+                continue
+        else:
+            problems.append(f"{where}: no template")
             continue
-        lab = ssv2_template_to_label(e["template"])
-        if lab not in label_map:
+        if lab is not None and lab not in label_map:
             problems.append(f"{where}: unknown label {lab!r}")
             continue
         vid = str(e["id"])
@@ -320,8 +367,26 @@ def read_ssv2(root, split: str = "train", *, check_files: bool = True) -> Annota
                 problems.append(f"{where}: missing file {os.path.join(vdirs[0] if vdirs else root, vid)}.webm")
                 continue
             path = os.path.join(vdirs[0] if vdirs else root, vid + ".webm")
-        records.append(VideoRecord(path, label_map[lab], frames=frames, name=vid))
+        records.append(VideoRecord(path, UNLABELLED if lab is None else label_map[lab], frames=frames, name=vid))
     return Annotations(records, classes, problems)
+
+
+def _ssv2_test_answers(ann: str, label_map: dict, problems: list) -> dict:
+    """``{id: class name}`` from ``test-answers.csv`` (``id;label`` lines) in the folder of the
+    test JSON or its parent; empty if there is none (the test split is then unlabelled)."""
+    d = os.path.dirname(os.path.abspath(ann))
+    path = next((p for p in (os.path.join(d, "test-answers.csv"), os.path.join(os.path.dirname(d), "test-answers.csv"))
+                 if os.path.isfile(p)), None)
+    out = {}
+    if path is None:
+        return out
+    for where, line in _annotation_lines(path):
+        vid, sep, lab = line.partition(";")
+        if not sep:
+            problems.append(f"{where}: expected 'id;label', got {line!r}")
+            continue
+        out[vid.strip()] = lab.strip()
+    return out
 
 
 def read_ssv1(root, split: str = "train", *, check_files: bool = True) -> Annotations:
@@ -544,16 +609,23 @@ class VideoDataset(torch.utils.data.Dataset):
         on_problem: what to do with annotation problems found up front: ``"warn"`` (log
             them, drop those rows) or ``"raise"``.
         max_retries: replacements tried in a row for unreadable files before giving up.
+        on_unreadable: ``"replace"`` (by a random other sample) or ``"skip"`` (return
+            None; :func:`skip_collate` drops it and counts it).  Default: replace in
+            training, skip in evaluation (a replacement would be scored twice).
         frame_reader: ``(record, indices) -> uint8 (N, H, W, 3)`` override (in-memory data).
 
     Attributes the engine can read: ``num_bad_samples`` (files that failed to load, over
-    all workers), ``bad_files`` (their paths, in this process), ``problems``.
+    all workers), ``bad_files`` (their paths, in this process), ``problems``,
+    ``sample_ids`` (the record names, e.g. SSv2 video ids).
     """
 
     def __init__(self, annotations, *, sampler: FrameSampler, transform, train: bool, classes=None,
-                 on_problem: str = "warn", max_retries: int = 10, frame_reader=None, frame_count=None):
+                 on_problem: str = "warn", max_retries: int = 10, frame_reader=None, frame_count=None,
+                 on_unreadable: str | None = None):
         if on_problem not in ("warn", "raise"):
             raise ValueError(f"on_problem must be 'warn' or 'raise', got {on_problem!r}")
+        if on_unreadable not in (None, "replace", "skip"):
+            raise ValueError(f"on_unreadable must be 'replace', 'skip' or None, got {on_unreadable!r}")
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
         if not isinstance(sampler, FrameSampler):
@@ -575,6 +647,7 @@ class VideoDataset(torch.utils.data.Dataset):
         self.sampler = sampler
         self.transform = transform
         self.train = bool(train)
+        self.on_unreadable = on_unreadable or ("replace" if self.train else "skip")
         self.max_retries = max_retries
         self._frame_reader = frame_reader
         self._frame_count = frame_count
@@ -593,6 +666,11 @@ class VideoDataset(torch.utils.data.Dataset):
     @property
     def targets(self) -> list[int]:
         return [r.label for r in self.records]
+
+    @property
+    def sample_ids(self) -> list[str]:
+        """One id per sample: the record's name (video id, clip name), else its path."""
+        return [r.name or r.path for r in self.records]
 
     @property
     def num_views(self) -> int:
@@ -626,6 +704,14 @@ class VideoDataset(torch.utils.data.Dataset):
         return out, rec.label
 
     def __getitem__(self, index: int):
+        if self.on_unreadable == "skip":
+            try:
+                return self.load(index)
+            except DataFileError as e:
+                self._bad.add()
+                self.bad_files.append(e.path)
+                log.warning("unreadable sample %d skipped: %s", index, e)
+                return None
         tried = []
         i = index
         for attempt in range(self.max_retries + 1):
@@ -643,60 +729,232 @@ class VideoDataset(torch.utils.data.Dataset):
                            f"(max_retries={self.max_retries}):\n  " + "\n  ".join(tried))
 
 
+# --------------------------------------------------------------------------- evaluation batches
+class EvalItems(torch.utils.data.Dataset):
+    """Evaluation view of a dataset: item ``i`` is ``(x, y, i)``, or None for a sample the
+    dataset skipped (unreadable).  With :func:`skip_collate` the batches carry the dataset
+    indices of their samples (for file ids in predictions) and the number skipped."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        item = self.dataset[index]
+        return None if item is None else (item[0], item[1], index)
+
+    def __getattr__(self, name):  # num_bad_samples, classes, sample_ids, ... of the dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def skip_collate(items: list) -> list:
+    """``[x, y, index, skipped]`` from :class:`EvalItems` items: None items (unreadable
+    samples) dropped and counted in ``skipped`` (a 0-d long tensor); ``x`` is None (and
+    ``y``, ``index`` empty) when every sample of the batch was skipped."""
+    from torch.utils.data import default_collate
+
+    kept = [it for it in items if it is not None]
+    skipped = torch.tensor(len(items) - len(kept), dtype=torch.long)
+    if not kept:
+        empty = torch.zeros(0, dtype=torch.long)
+        return [None, empty, empty, skipped]
+    x, y, idx = default_collate(kept)
+    return [x, y, idx, skipped]
+
+
 # --------------------------------------------------------------------------- images
+_IMAGE_FILE_EXTENSIONS = IMAGE_EXTENSIONS + (".bmp", ".webp")
+#: where ImageNet's split folders are, relative to the dataset root: the plain layout and
+#: Kaggle's (``ILSVRC/Data/CLS-LOC/{train,val,test}``)
+_IMAGENET_SPLIT_BASES = ("", os.path.join("ILSVRC", "Data", "CLS-LOC"))
+_DEVKIT_DIRS = ("", "ILSVRC2012_devkit_t12", os.path.join("ILSVRC2012_devkit_t12", "data"), "data", "devkit")
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(_IMAGE_FILE_EXTENSIONS)
+
+
+def read_loc_val_solution(path) -> dict[str, str]:
+    """``{image id: wnid}`` from ImageNet's ``LOC_val_solution.csv`` (columns ``ImageId,
+    PredictionString``; the string is ``wnid x_min y_min x_max y_max`` repeated per box, all
+    boxes of one image have its class)."""
+    out = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not {"ImageId", "PredictionString"} <= set(reader.fieldnames or []):
+            raise ValueError(f"{path}: expected columns ImageId,PredictionString, found {reader.fieldnames}")
+        for i, row in enumerate(reader, start=2):
+            tokens = (row["PredictionString"] or "").split()
+            if not tokens:
+                raise ValueError(f"{path} line {i}: empty PredictionString for {row['ImageId']!r}")
+            out[row["ImageId"].strip()] = tokens[0]
+    return out
+
+
+def read_devkit_ground_truth(gt_path, meta_path) -> list[str]:
+    """The wnid of every validation image, in file-name order, from the ILSVRC2012 devkit:
+    ``ILSVRC2012_validation_ground_truth.txt`` (one 1-based ILSVRC2012_ID per line) and
+    ``meta.mat`` (MATLAB; read with scipy) mapping ILSVRC2012_IDs to wnids."""
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise ImportError(f"reading {meta_path} (MATLAB) needs scipy: pip install scipy; or give the validation "
+                          "labels as LOC_val_solution.csv") from None
+    synsets = loadmat(os.fspath(meta_path), squeeze_me=True)["synsets"]
+    id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}
+    out = []
+    for where, line in _annotation_lines(os.fspath(gt_path)):
+        try:
+            out.append(id_to_wnid[int(line)])
+        except (ValueError, KeyError):
+            raise ValueError(f"{where}: {line!r} is not an ILSVRC2012_ID of {meta_path}") from None
+    return out
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """ImageNet-style class folders ``{root}/{split}/{class}/*.JPEG``.
+    """ImageNet as distributed, and ImageNet-style class folders.
+
+    The split folder is ``{root}/{split}`` or, in Kaggle's layout,
+    ``{root}/ILSVRC/Data/CLS-LOC/{split}``.  A split of class folders
+    (``{split}/{class}/*.JPEG``) takes its labels from the folder names.  A flat split (the
+    validation images as distributed, ``val/ILSVRC2012_val_00000001.JPEG``) takes them from
+    ``LOC_val_solution.csv`` (in ``root``) or the devkit's
+    ``ILSVRC2012_validation_ground_truth.txt`` with its ``meta.mat`` (in ``root``,
+    ``root/ILSVRC2012_devkit_t12/data``); a flat ``test`` split without such a file is
+    unlabelled (label :data:`UNLABELLED`, prediction only).
 
     Classes: the lines of a class list file in ``root`` if there is one
     (``LOC_synset_mapping.txt`` or ``classes.txt``: first token of each line is the
-    folder name), else the sorted train-folder names (ImageNet's wnid order) - never the
-    file system's listing order.  Validation folders not in the class list are reported.
+    folder name, the rest its description, kept in ``class_descriptions``), else the
+    sorted train-folder names (ImageNet's wnid order) - never the file system's listing
+    order.  Folders and labels not in the class list are reported.  Unreadable images are
+    replaced by the next one in training (``on_unreadable="replace"``) and skipped
+    (``"skip"``: ``__getitem__`` returns None) otherwise.
     """
 
-    def __init__(self, root, split: str = "train", *, transform=None, classes=None):
+    def __init__(self, root, split: str = "train", *, transform=None, classes=None, on_unreadable: str = "replace"):
         from torchvision.datasets.folder import default_loader
 
-        split_dir = os.path.join(os.fspath(root), split)
-        if not os.path.isdir(split_dir):
-            raise FileNotFoundError(f"image folder split {split!r} not found: {split_dir}")
+        if on_unreadable not in ("replace", "skip"):
+            raise ValueError(f"on_unreadable must be 'replace' or 'skip', got {on_unreadable!r}")
+        root = os.fspath(root)
+        split_dir = self.split_dir(root, split)
+        self.root, self.split = root, split
         self.classes = list(classes) if classes is not None else self.find_classes(root)
+        self.class_descriptions = self.find_descriptions(root)
         index = {c: i for i, c in enumerate(self.classes)}
         self.problems = []
         self.samples = []
-        for d in sorted(os.listdir(split_dir)):
-            p = os.path.join(split_dir, d)
-            if not os.path.isdir(p):
-                continue
-            if d not in index:
-                self.problems.append(f"{p}: folder {d!r} is not a known class")
-                continue
-            for dp, _, fnames in sorted(os.walk(p)):
-                for fn in sorted(fnames):
-                    if fn.lower().endswith(IMAGE_EXTENSIONS + (".jpeg", ".bmp", ".webp")):
-                        self.samples.append((os.path.join(dp, fn), index[d]))
+        subdirs = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+        flat = sorted(n for n in os.listdir(split_dir) if _is_image(n) and os.path.isfile(os.path.join(split_dir, n)))
+        if subdirs and not flat:
+            for d in subdirs:
+                p = os.path.join(split_dir, d)
+                if d not in index:
+                    self.problems.append(f"{p}: folder {d!r} is not a known class")
+                    continue
+                for dp, _, fnames in sorted(os.walk(p)):
+                    for fn in sorted(fnames):
+                        if _is_image(fn):
+                            self.samples.append((os.path.join(dp, fn), index[d]))
+        elif flat:
+            self._read_flat(root, split, split_dir, flat, index)
         if self.problems:
-            log.warning("%d image folder problem(s):\n  %s", len(self.problems), "\n  ".join(self.problems))
+            log.warning("%d image folder problem(s):\n  %s", len(self.problems), "\n  ".join(self.problems[:50]))
         if not self.samples:
             raise ValueError(f"no images found in {split_dir}")
         self.targets = [s[1] for s in self.samples]
         self.transform = transform
         self.loader = default_loader
+        self.on_unreadable = on_unreadable
         self._bad = _Counter()
         self.bad_files: list[str] = []
         self.max_retries = 10
 
+    def _read_flat(self, root, split, split_dir, names, index) -> None:
+        """Labels of a flat split from the official files (see the class docstring)."""
+        solution = next((p for p in (os.path.join(root, "LOC_val_solution.csv"),
+                                     os.path.join(split_dir, "LOC_val_solution.csv")) if os.path.isfile(p)), None)
+        gt = next((os.path.join(root, d, "ILSVRC2012_validation_ground_truth.txt") for d in _DEVKIT_DIRS
+                   if os.path.isfile(os.path.join(root, d, "ILSVRC2012_validation_ground_truth.txt"))), None)
+        if split != "test" and solution is not None:
+            wnid_of = read_loc_val_solution(solution)
+            source = solution
+            labels = []
+            for n in names:
+                stem = os.path.splitext(n)[0]
+                if stem not in wnid_of:
+                    self.problems.append(f"{os.path.join(split_dir, n)}: not in {solution}")
+                labels.append(wnid_of.get(stem))
+        elif split != "test" and gt is not None:
+            meta = os.path.join(os.path.dirname(gt), "meta.mat")
+            if not os.path.isfile(meta):
+                raise FileNotFoundError(f"{gt} needs the devkit's meta.mat next to it (ILSVRC2012_ID -> wnid)")
+            wnids = read_devkit_ground_truth(gt, meta)
+            source = gt
+            if len(wnids) != len(names):
+                raise ValueError(f"{gt} has {len(wnids)} labels but {split_dir} holds {len(names)} images")
+            labels = wnids  # line k is the k-th image in name order (ILSVRC2012_val_%08d)
+        elif split == "test":
+            for n in names:
+                self.samples.append((os.path.join(split_dir, n), UNLABELLED))
+            return
+        else:
+            raise FileNotFoundError(
+                f"{split_dir} holds images but no class folders, and no label file was found: expected "
+                f"{os.path.join(root, 'LOC_val_solution.csv')} or the devkit's "
+                f"ILSVRC2012_validation_ground_truth.txt + meta.mat under {root}")
+        for n, wnid in zip(names, labels):
+            if wnid is None:
+                continue
+            if wnid not in index:
+                self.problems.append(f"{os.path.join(split_dir, n)}: label {wnid!r} ({source}) is not a known class")
+                continue
+            self.samples.append((os.path.join(split_dir, n), index[wnid]))
+
+    @staticmethod
+    def split_dir(root, split: str) -> str:
+        root = os.fspath(root)
+        cands = [os.path.join(root, base, split) for base in _IMAGENET_SPLIT_BASES]
+        found = _first_dir(cands)
+        if found is None:
+            raise FileNotFoundError(f"image folder split {split!r} not found; looked for " + ", ".join(cands))
+        return found
+
+    @staticmethod
+    def _class_list_file(root) -> str | None:
+        return next((os.path.join(root, n) for n in ("LOC_synset_mapping.txt", "classes.txt", "synsets.txt")
+                     if os.path.isfile(os.path.join(root, n))), None)
+
     @staticmethod
     def find_classes(root) -> list[str]:
         root = os.fspath(root)
-        for name in ("LOC_synset_mapping.txt", "classes.txt", "synsets.txt"):
-            p = os.path.join(root, name)
-            if os.path.isfile(p):
-                with open(p, encoding="utf-8") as f:
-                    return [ln.split()[0] for ln in f if ln.strip()]
-        train = os.path.join(root, "train")
-        if not os.path.isdir(train):
-            raise FileNotFoundError(f"no class list file and no train folder in {root}")
+        p = ImageFolderDataset._class_list_file(root)
+        if p is not None:
+            with open(p, encoding="utf-8") as f:
+                return [ln.split()[0] for ln in f if ln.strip()]
+        train = _first_dir([os.path.join(root, base, "train") for base in _IMAGENET_SPLIT_BASES])
+        if train is None:
+            raise FileNotFoundError(f"no class list file (LOC_synset_mapping.txt, classes.txt) and no train "
+                                    f"folder in {root}")
         return sorted(d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d)))
+
+    @staticmethod
+    def find_descriptions(root) -> dict[str, str]:
+        """``{class: description}`` from the class list file (``n01440764 tench, Tinca tinca``)."""
+        p = ImageFolderDataset._class_list_file(os.fspath(root))
+        out = {}
+        if p is not None:
+            with open(p, encoding="utf-8") as f:
+                for ln in f:
+                    parts = ln.strip().split(maxsplit=1)
+                    if len(parts) == 2:
+                        out[parts[0]] = parts[1]
+        return out
 
     @property
     def num_classes(self):
@@ -705,6 +963,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     @property
     def num_bad_samples(self):
         return self._bad.value
+
+    @property
+    def sample_ids(self) -> list[str]:
+        """The image paths relative to the split folder, without extension (``ILSVRC2012_val_00000001``)."""
+        base = self.split_dir(self.root, self.split)
+        return [os.path.splitext(os.path.relpath(p, base))[0] for p, _ in self.samples]
 
     def __len__(self):
         return len(self.samples)
@@ -718,6 +982,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             except Exception as e:
                 self._bad.add()
                 self.bad_files.append(path)
+                if self.on_unreadable == "skip":
+                    log.warning("unreadable image %s (%s) skipped", path, e)
+                    return None
                 tried.append(f"{path}: {e}")
                 j = (i + 1) % len(self)
                 log.warning("unreadable image %s (%s); replaced by sample %d", path, e, j)

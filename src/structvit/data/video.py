@@ -8,6 +8,7 @@ file's path, so a dataset can report, count and replace the sample.
 from __future__ import annotations
 
 import os
+import re
 from fractions import Fraction
 from typing import Sequence
 
@@ -227,14 +228,32 @@ def read_video_all(path) -> torch.Tensor:
     return torch.from_numpy(np.stack(frames))
 
 
+#: optical-flow images of mmaction2/denseflow "rawframes" folders (``flow_x_00001.jpg``,
+#: ``flow_y_00001.jpg``, older ``x_00001.jpg``/``y_00001.jpg``), never RGB frames
+_FLOW_NAME = re.compile(r"^(flow_[xy]|[xy])_\d+\.", re.IGNORECASE)
+_RGB_PREFIX = "img_"  # mmaction2's RGB frames: img_00001.jpg
+
+
+def _natural_key(name: str):
+    """``frame_2.jpg`` before ``frame_10.jpg``: digit runs compare as numbers."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", name)]
+
+
 def list_frame_files(folder) -> list[str]:
-    """The image files of a frame folder, in name order (``00001.jpg``, ``00002.jpg``, ...)."""
+    """The RGB image files of a frame folder, in frame order (``00001.jpg``, ``00002.jpg``, ...).
+
+    mmaction2's rawframes folders keep the RGB frames (``img_00001.jpg``) next to the
+    optical flow (``flow_x_00001.jpg``, ``flow_y_00001.jpg``): when ``img_*`` files are
+    present only they are taken, and flow images are never taken.  Numbers in names are
+    compared as numbers (``2`` before ``10``), so unpadded names keep their order."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise MissingFileError(folder, "frame folder not found")
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+    names = [n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS) and not _FLOW_NAME.match(n)]
+    rgb = [n for n in names if n.lower().startswith(_RGB_PREFIX)]
+    names = sorted(rgb or names, key=_natural_key)
     if not names:
-        raise CorruptFileError(folder, "frame folder holds no image files")
+        raise CorruptFileError(folder, "frame folder holds no RGB image files")
     return [os.path.join(folder, n) for n in names]
 
 
