@@ -267,3 +267,232 @@ def test_one_command_end_to_end_and_resume(tmp_path, capsys):
     assert res["steps"] == 2 and 0.0 <= res["acc1"] <= 1.0 and res["params"] > 0 and res["gflops"] > 0
     assert S.main(["ablation", "--config", str(cfg), "--out", str(out), "--steps", "2", "--resume"]) == 0
     assert capsys.readouterr().out.count("(skipped)") == 2
+
+
+# ------------------------------------------------------------------ the paper's ablations (study paper)
+PAPER_STUDY = ROOT / "configs" / "study" / "paper.yaml"
+
+
+def test_paper_plan_tables_variants_and_equal_budget():
+    from structvit.models.deit import StructDeiT
+    from structvit.nn.attention import SelfAttention
+
+    study = S.load_study(PAPER_STUDY)
+    runs = S.expand_plan(study)
+    names = ["sa", "convsa", "d2", "d4", "d8", "m1", "m5", "m7", "elem", "dot", "chcorr"]
+    assert len(runs) == 2 * len(names) * 5 and sorted({r.seed for r in runs}) == [0, 1, 2, 3, 4]
+    assert {r.seed for r in runs[:2 * len(names)]} == {0}  # seed-major: every variant at seed 0 first
+    for task in ("digit_relations", "moving_digits"):
+        specs = {r.variant: r.spec for r in runs if r.task == task and r.seed == 0}
+        assert list(specs) == names
+        for key in ("steps", "recipe", "data", "model", "input_shape", "val_every", "trainer"):
+            assert all(s[key] == specs["sa"][key] for s in specs.values()), (task, key)
+        rank = len(specs["sa"]["input_shape"]) - 1
+        for name, spec in specs.items():
+            m = S.build_model(spec, "meta")
+            assert isinstance(m, StructDeiT) and m.depth == 4 and m.embed_dim == 64
+            attn = [b.attn for b in m.blocks]
+            if name == "sa":
+                assert all(isinstance(a, SelfAttention) and not isinstance(a, StructSA) for a in attn)
+                continue
+            assert all(isinstance(a, StructSA) for a in attn)  # every attention replaced
+            a = attn[0]
+            want_d = {"convsa": 1, "d2": 2, "d8": 8}.get(name, 4)
+            want_m = {"m1": 1, "m5": 5, "m7": 7}.get(name, 3)
+            assert S.variant_D(spec["model_kwargs"]) == want_d == a.num_patterns
+            assert a.window == (want_m,) * rank
+            assert a.window_v == ((1,) * rank if name == "elem" else (want_m,) * rank)
+            assert a.patterns == ("head" if name == "dot" else "channel")
+            tied = name == "chcorr"
+            assert hasattr(a, "parametrizations") == tied and spec.get("value_patterns") == ("head" if tied else None)
+    tables = study["tables"]
+    assert list(tables) == ["1a", "1b", "1c", "6a"]
+    assert [r["variant"] for r in tables["1a"]["rows"]] == ["sa", "convsa", "d2", "d4", "d8"]
+    assert [r["variant"] for r in tables["1b"]["rows"]] == ["sa", "m1", "d4", "m5", "m7"]
+    assert [r["variant"] for r in tables["1c"]["rows"]] == ["elem", "d4"]
+    assert [(r["variant"], r["paper"]) for r in tables["6a"]["rows"]] == [
+        ("dot", {"IN-1K": 80.7, "SSv1": 48.7}), ("chcorr", {"IN-1K": 81.0, "SSv1": 49.9}),
+        ("d4", {"IN-1K": 81.1, "SSv1": 50.4})]
+    assert study["baselines"] == ["sa", "convsa"]
+    quick = S.expand_plan(S.quick_study(study))
+    assert len(quick) == 2 * len(names) and {r.spec["steps"] for r in quick} == {20}
+    assert {r.seed for r in quick} == {0}
+
+
+def test_tie_value_patterns_shares_aggregators_over_channels():
+    torch.manual_seed(0)
+    layer = StructSA(16, 2, window=(3, 3), num_patterns=3, patterns="channel")
+    assert S.tie_value_patterns(torch.nn.Sequential(layer)) == 1
+    u_v = layer.u_v
+    assert u_v.shape == (2, 8, 3, 3, 3)  # the op's channel-wise layout ...
+    assert torch.equal(u_v, u_v[:, :1].expand_as(u_v))  # ... the same aggregator on every channel of a head
+    assert layer.parametrizations.u_v.original.shape == (2, 1, 3, 3, 3)  # parameters: per head, as dot-product
+    x = torch.randn(2, 16, 16)
+    y = layer(x, (4, 4))
+    ref = StructSA(16, 2, window=(3, 3), num_patterns=3, patterns="channel")
+    with torch.no_grad():
+        for name in ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "u_k"):
+            ref.get_parameter(name).copy_(layer.get_parameter(name))
+        ref.u_v.copy_(u_v)
+    assert torch.allclose(y, ref(x, (4, 4)), atol=1e-6)  # the same function as untied weights
+    y.square().sum().backward()
+    g = layer.parametrizations.u_v.original.grad
+    assert g is not None and g.shape == (2, 1, 3, 3, 3) and g.abs().sum() > 0
+    with pytest.raises(S.StudyError, match="channel-wise"):
+        S.tie_value_patterns(torch.nn.Sequential(StructSA(16, 2, patterns="head")))
+
+
+def test_welch_test():
+    a, b = [0.50, 0.55, 0.60, 0.52], [0.40, 0.45, 0.41]
+    t, p = S.welch(a, b)
+    (ma, sa), (mb, sb) = S._mean_std(a), S._mean_std(b)
+    va, vb = sa ** 2 / len(a), sb ** 2 / len(b)
+    assert t == pytest.approx((ma - mb) / math.sqrt(va + vb))
+    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    from scipy import stats
+
+    assert p == pytest.approx(2 * stats.t.sf(abs(t), dof)) and 0 < p < 0.05
+    assert math.isnan(S.welch([0.5], b)[1]) and math.isnan(S.welch([0.5, 0.5], [0.4, 0.4])[1])
+
+
+PAPER_TINY = """
+name: tinypaper
+seeds: [0, 1]
+threads: 1
+jobs: 1
+order: seed
+baselines: [sa, convsa]
+quick: {seeds: [0], steps: 1, val_every: 1, val_batches: 1}
+tables:
+  1a:
+    title: D
+    rows:
+      - {variant: sa, label: "D = 0 (SA)"}
+      - {variant: convsa, label: "D = 1"}
+      - {variant: d2, label: "D = 2", paper: {IN-1K: 80.5}}
+  6a:
+    title: correlation
+    rows:
+      - {variant: chcorr, label: "channel-wise correlation", paper: {IN-1K: 81.0}, note: "tied"}
+tasks:
+  rel:
+    paper_column: IN-1K
+    model: structvit_deit_tiny
+    input_shape: [3, 32, 32]
+    model_kwargs: {embed_dim: 8, num_heads: 2, depth: 1, patch_size: 8, num_patterns: 2}
+    recipe: {lr: 2.0e-3, warmup_steps: 1, ema_decay: 0.9}
+    data:
+      class_path: structvit.data.builtin.DigitRelationsDataModule
+      init_args: {batch_size: 8, options: {samples_per_image: 1}}
+    steps: 2
+    val_every: 2
+    val_batches: 2
+    variants:
+      - {name: sa, model_kwargs: {attention: sa}}
+      - {name: convsa, model_kwargs: {attention: convsa}}
+      - {name: d2, model_kwargs: {num_patterns: 2}}
+      - {name: chcorr, value_patterns: head}
+"""
+
+
+def _paper_tiny(tmp_path) -> Path:
+    p = tmp_path / "paper_tiny.yaml"
+    p.write_text(PAPER_TINY)
+    return p
+
+
+def test_paper_study_file_errors_are_named(tmp_path):
+    p = tmp_path / "s.yaml"
+    for old, new, words in (
+            ("value_patterns: head}", "value_patterns: channel}", "value_patterns must be one of"),
+            ("baselines: [sa, convsa]", "baselines: [sa, conv]", "baseline 'conv'"),
+            ("{variant: d2,", "{variant: d3,", "every row needs a 'variant'"),
+            ("order: seed", "order: random", "order must be"),
+            ("jobs: 1", "jobs: 0", "jobs must be"),
+            ("quick: {seeds: [0],", "quick: {seed: [0],", "quick must be")):
+        assert old in PAPER_TINY
+        p.write_text(PAPER_TINY.replace(old, new))
+        with pytest.raises(S.StudyError, match=words):
+            S.load_study(p)
+    p.write_text(PAPER_TINY.replace("quick: {seeds: [0], steps: 1, val_every: 1, val_batches: 1}\n", ""))
+    with pytest.raises(S.StudyError, match="no 'quick' block"):
+        S.quick_study(S.load_study(p))
+
+
+def test_paper_tables_welch_and_plot_from_finished_runs(tmp_path):
+    study = S.load_study(_paper_tiny(tmp_path))
+    accs = {"sa": [0.50, 0.52, 0.48], "convsa": [0.60, 0.62, 0.61], "d2": [0.70, 0.75, 0.72]}  # chcorr: not run
+    for variant, values in accs.items():
+        for seed, acc in enumerate(values):
+            folder = tmp_path / "rel" / variant / f"seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / S.RESULT).write_text(json.dumps(_fake_result("rel", variant, seed, acc)))
+    runs = S.expand_plan(study, seeds=[0, 1, 2])
+    res = S.report(tmp_path, runs, command="structvit study paper --x", study=study)
+    by = {(e["table"], e["variant"]): e for e in res["paper"]}
+    d2 = by["1a", "d2"]
+    assert d2["seeds"] == 3 and d2["acc1_mean"] == pytest.approx(0.7233333) and d2["paper_top1"] == 80.5
+    assert d2["delta_sa"] == pytest.approx(0.7233333 - 0.5) and d2["p_sa"] == pytest.approx(
+        S.welch(accs["d2"], accs["sa"])[1])
+    assert d2["delta_convsa"] == pytest.approx(0.7233333 - 0.61)
+    assert math.isnan(by["1a", "sa"]["delta_sa"]) and by["6a", "chcorr"]["seeds"] == 0
+    md = res["paper_md"].read_text()
+    assert "`structvit study paper --x`" in md and "### Table 1a: D" in md and "### Table 6a: correlation" in md
+    assert "| D = 2 | 80.5 | 72.3 ± 2.5 (n=3) | +22.3 (" in md
+    assert "| channel-wise correlation | 81.0 | not run |" in md and "tied" in md
+    with open(res["paper_csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {r["variant"] for r in rows} == {"sa", "convsa", "d2", "chcorr"}
+    assert res["png"].name == "paper.png" and res["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _fake_train_top(run, folder, threads=1):
+    """A picklable stand-in for train_run (parallel jobs run it in other processes)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    res = _fake_result(run.task, run.variant, run.seed, 0.5 + 0.01 * run.seed)
+    res["spec_hash"] = run.spec_hash
+    (folder / S.RESULT).write_text(json.dumps(res))
+    return res
+
+
+def test_parallel_jobs_write_every_run_and_resume(tmp_path):
+    runs = S.expand_plan(S.load_study(_paper_tiny(tmp_path)))
+    assert [r.seed for r in runs] == [0] * 4 + [1] * 4  # order: seed
+    out = tmp_path / "out"
+    _fake_train_top(runs[0], runs[0].folder(out))  # finished before
+    log = []
+    results = S.run_study(runs, out, resume=True, jobs=2, trainer_fn=_fake_train_top, log=log.append)
+    assert [r["variant"] for r in results] == [r.variant for r in runs]  # plan order
+    assert all((r.folder(out) / S.RESULT).is_file() for r in runs)
+    assert sum("skipped" in m for m in log) == 1 and sum("training" in m for m in log) == 7
+    with pytest.raises(S.StudyError, match="jobs"):
+        S.run_study(runs, out, resume=True, jobs=0, trainer_fn=_fake_train_top)
+
+
+def test_paper_tied_variant_trains_reproducibly(tmp_path):
+    from structvit.engine.weights import load_weights
+
+    study = S.load_study(_paper_tiny(tmp_path))
+    run = S.expand_plan(study, variants=["chcorr"], seeds=[0])[0]
+    a = S.train_run(run, tmp_path / "a")
+    b = S.train_run(run, tmp_path / "b")
+    assert a["steps"] == 2 and a["acc1"] == b["acc1"] and a["val_loss"] == b["val_loss"]
+    wa, _ = load_weights(str(tmp_path / "a" / "final.safetensors"))
+    wb, _ = load_weights(str(tmp_path / "b" / "final.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    tied = [k for k in wa if k.endswith("parametrizations.u_v.original")]
+    assert tied and all(wa[k].shape[1] == 1 for k in tied)  # one aggregator per head, trained as such
+    untied = S.expand_plan(study, variants=["d2"], seeds=[0])[0]
+    assert a["params"] < S.model_cost(untied.spec)["params"]
+
+
+def test_paper_quick_command_end_to_end(tmp_path, capsys):
+    cfg, out = _paper_tiny(tmp_path), tmp_path / "q"
+    assert S.main(["paper", "--config", str(cfg), "--out", str(out), "--quick"]) == 0
+    text = capsys.readouterr().out
+    for f in ("results.csv", "results.md", "paper_tables.md", "paper_summary.csv", "paper.png"):
+        assert (out / f).is_file(), f
+    assert "Table 1a" in text and "(n=1)" in text
+    res = json.loads((out / "rel" / "chcorr" / "seed0" / S.RESULT).read_text())
+    assert res["steps"] == 1 and res["spec"]["value_patterns"] == "head"

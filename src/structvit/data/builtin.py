@@ -381,15 +381,16 @@ def make_digit_relations(
     seed: int = 0,
     size: int = 32,
     samples_per_image: int = 4,
-    num_distractors: int = 2,
-    clutter: float = 0.25,
-    noise: float = 0.05,
+    num_distractors: int = 0,
+    clutter: float = 0.1,
+    noise: float = 0.02,
     with_layout: bool = False,
 ):
     """Generate ``digit_relations`` images (in memory, deterministic from ``seed`` and ``split``).
 
     Each image shows two handwritten digits, a big one and a small one, at random places on
-    a cluttered background with a few dim digit fragments. The class is a *spatial relation
+    a background of smooth colour clutter and pixel noise (optionally with dim digit
+    fragments, ``num_distractors``). The class is a *spatial relation
     between the two objects*: where the big digit lies relative to the small one, along the
     dominant axis of their displacement:
 
@@ -404,7 +405,7 @@ def make_digit_relations(
 
     Neither digit's appearance nor its position alone gives the class: the model has to
     find both digits, tell which is the big one and read their relative layout. At 32 px
-    the big digit is 13-15 px, the small one 7-9 px (the fragments are 6-10 px, dimmer);
+    the big digit is 13-15 px, the small one 7-9 px (fragments, if any, 6-10 px and dimmer);
     the displacement's direction is within 30 degrees of the class's axis and its length
     is 12-17 px; the midpoint is uniform where both fit. The digits' values are random
     (the big one cycles through the split's source images ``samples_per_image`` times, the
@@ -483,7 +484,7 @@ class DigitRelationsDataset(torch.utils.data.Dataset):
     num_classes = len(RELATION_CLASSES)
 
     def __init__(self, split: str = "train", *, seed: int = 0, size: int = 32, samples_per_image: int = 4,
-                 num_distractors: int = 2, clutter: float = 0.25, noise: float = 0.05,
+                 num_distractors: int = 0, clutter: float = 0.1, noise: float = 0.02,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.split = _norm_split(split)
         images, labels, pairs = make_digit_relations(
