@@ -438,7 +438,7 @@ def test_paper_tables_welch_and_plot_from_finished_runs(tmp_path):
     assert math.isnan(by["1a", "sa"]["delta_sa"]) and by["6a", "chcorr"]["seeds"] == 0
     md = res["paper_md"].read_text()
     assert "`structvit study paper --x`" in md and "### Table 1a: D" in md and "### Table 6a: correlation" in md
-    assert "| D = 2 | 80.5 | 72.3 ± 2.5 (n=3) | +22.3 (" in md
+    assert f"| D = 2 | 80.5 | 72.3 ± 2.5 (n=3) | +22.3, p={S.welch(accs['d2'], accs['sa'])[1]:.2g} | +11.3, p=" in md
     assert "| channel-wise correlation | 81.0 | not run |" in md and "tied" in md
     with open(res["paper_csv"]) as f:
         rows = list(csv.DictReader(f))

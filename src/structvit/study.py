@@ -42,6 +42,7 @@ import math
 import os
 import shutil
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -765,7 +766,7 @@ def write_paper_tables(summary: list[dict], study: dict, out: Path | str, *, com
         rule = "|---|"
         for t in tasks:
             col = study["tasks"][t].get("paper_column") or "paper"
-            head += f" paper {col} | {t} top-1 (%) | " + " | ".join(f"Δ vs {blabel.get(b, b)} (p)" for b in baselines) + " |"
+            head += f" paper {col} | {t} top-1 (%) | " + " | ".join(f"Δ vs {blabel.get(b, b)}, p" for b in baselines) + " |"
             rule += "---:|---:|" + "---:|" * len(baselines)
         lines += [head, rule]
         for row in table["rows"]:
@@ -781,8 +782,9 @@ def write_paper_tables(summary: list[dict], study: dict, out: Path | str, *, com
                 line += f" {_fmt(e['paper_top1'])} | {acc} |"
                 for b in baselines:
                     d, pv = e.get(f"delta_{b}"), e.get(f"p_{b}")
+                    p_text = f"p={_fmt(pv, '.2g')}" if _fmt(pv) else "p n/a"
                     line += (" - |" if row["variant"] == b else
-                             f" {_fmt(d, '+.1f', 100)} ({_fmt(pv, '.2g')}) |" if _fmt(d) else " |")
+                             f" {_fmt(d, '+.1f', 100)}, {p_text} |" if _fmt(d) else " |")
             lines.append(line)
         notes = [f"{row.get('label', row['variant'])}: {row['note']}" for row in table["rows"] if row.get("note")]
         if table.get("note"):
@@ -799,7 +801,8 @@ def write_paper_tables(summary: list[dict], study: dict, out: Path | str, *, com
 
 def plot_paper(summary: list[dict], rows: list[dict], study: dict, out: Path | str) -> Path:
     """``paper.png``: per task (rows of panels) and paper table (columns), the final top-1 of
-    every row (mean ± std, and each seed as a dot), with SA's mean as a dashed line."""
+    every row (mean ± std in blue, each seed as an orange dot), with the first baseline's
+    mean (SA) as a dashed line; one y scale per task."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -812,8 +815,8 @@ def plot_paper(summary: list[dict], rows: list[dict], study: dict, out: Path | s
     for r in rows:
         by.setdefault((r["task"], r["variant"]), []).append(100 * r["acc1"])
     widths = [max(2, len(t["rows"])) for _, t in tables]
-    fig, axes = plt.subplots(len(tasks), len(tables), figsize=(1.1 * sum(widths) + 2, 3.6 * len(tasks)),
-                             squeeze=False, gridspec_kw={"width_ratios": widths})
+    fig, axes = plt.subplots(len(tasks), len(tables), figsize=(1.1 * sum(widths) + 2, 3.8 * len(tasks)),
+                             squeeze=False, sharey="row", gridspec_kw={"width_ratios": widths})
     base = (study.get("baselines") or [None])[0]
     for i, t in enumerate(tasks):
         for j, (tid, table) in enumerate(tables):
@@ -827,7 +830,7 @@ def plot_paper(summary: list[dict], rows: list[dict], study: dict, out: Path | s
                 m, sd = _mean_std(accs)
                 ax.errorbar([k], [m], yerr=[sd], fmt="o", color="C0", capsize=4, zorder=3)
                 ax.scatter([k + 0.15] * len(accs), accs, s=8, color="C1", zorder=2)
-            if base and by.get((t, base)):
+            if base and by.get((t, base)):  # the baseline's mean (SA), in every panel of the task
                 ax.axhline(_mean_std(by[(t, base)])[0], ls="--", color="gray", lw=1)
             ax.set_xticks(range(len(labels)))
             ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
@@ -836,7 +839,7 @@ def plot_paper(summary: list[dict], rows: list[dict], study: dict, out: Path | s
             if j == 0:
                 ax.set_ylabel(f"{t}\nfinal top-1 (%)")
             if i == 0:
-                ax.set_title(f"Table {tid}: {table.get('title', '')}", fontsize=9)
+                ax.set_title(textwrap.fill(f"Table {tid}: {table.get('title', '')}", 14 * widths[j]), fontsize=9)
     fig.tight_layout()
     path = out / "paper.png"
     fig.savefig(path, dpi=110)
