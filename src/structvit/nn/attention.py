@@ -129,10 +129,6 @@ def _record_backend(module, backend: str) -> None:
         module.last_backend = backend
 
 
-def _as_rank3(sizes: tuple[int, ...], centre: bool) -> tuple[int, int, int]:
-    return ((1,) if len(sizes) == 2 else ()) + sizes if not centre else (1,) + sizes[-2:]
-
-
 class StructSA(SelfAttention):
     """Structural self-attention (Kim et al., CVPR 2024) as a drop-in attention layer.
 
