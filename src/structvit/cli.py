@@ -23,8 +23,8 @@ COMMANDS = {
     "fit": ("structvit.engine.cli:fit", "train: `structvit fit --config configs/digits_structvit_tiny.yaml`"),
     "validate": ("structvit.engine.cli:validate", "evaluate on the validation split (`--ckpt_path best|last|FILE`)"),
     "test": ("structvit.engine.cli:test", "test, multi-view for video (`--ckpt_path best|last|FILE`)"),
-    "predict": ("structvit.engine.cli:predict", "write top-k predictions of the test split to a CSV"),
-    "study": ("structvit.study", "the SA/ConvSA/StructSA ablation: `structvit study ablation [--seeds 0 1 2]`"),
+    "predict": ("structvit.predict", "classify files: `structvit predict PATH... --checkpoint CKPT` (or a split: --config)"),
+    "study": ("structvit.study", "the ablations: `structvit study ablation` (StructViT), `structvit study paper [--quick]` (Tables 1, 6a)"),
 }
 
 
