@@ -49,7 +49,7 @@ from timm.models._features import feature_take_indices
 
 from ..nn.attention import SelfAttention, StructSA, _canonical, _record_backend, _stride_for
 from ..ops import canonical_grid, struct_attention_unchecked
-from .structvit import VideoPretrainedCfg, token_grid
+from .structvit import VideoPretrainedCfg, init_weights, token_grid
 
 __all__ = ["StructDeiT", "DeiTBlock", "TokenEmbed", "DEIT_ATTENTION_KINDS", "attend_with_prefix", "default_cfgs"]
 
@@ -319,17 +319,7 @@ class StructDeiT(nn.Module):
             trunc_normal_(self.time_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(init_weights)
 
     @staticmethod
     def _check_pool(global_pool: str, class_token: bool) -> None:
@@ -368,7 +358,7 @@ class StructDeiT(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
-            self._init_weights(self.head)
+            init_weights(self.head)
 
     # ------------------------------------------------------------ forward
 

@@ -99,6 +99,17 @@ def _cube(size: int, video: bool, time: int | None = None) -> tuple[int, ...]:
     return (size if time is None else time, size, size) if video else (size, size)
 
 
+def init_weights(m: nn.Module) -> None:
+    """Linear layers: truncated normal (std 0.02), zero bias; LayerNorm: ones and zeros (timm's ViT init)."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
 # --------------------------------------------------------------------------- blocks
 
 
@@ -356,17 +367,7 @@ class StructViT(nn.Module):
         self.norm = _bn_cls(video)(embed_dims[-1])
         self.head_drop = nn.Dropout(head_drop_rate)
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(init_weights)
 
     # ------------------------------------------------------------ timm contract
 
@@ -399,7 +400,7 @@ class StructViT(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
-            self._init_weights(self.head)
+            init_weights(self.head)
 
     def stages(self) -> list[tuple[nn.Module, nn.ModuleList]]:
         """The four (patch embedding, blocks) pairs, in order."""
