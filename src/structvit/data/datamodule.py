@@ -11,6 +11,15 @@ CPU or many GPUs.
   ``"ssv2"``, ``"ssv1"``, ``"diving48"``, ``"gym99"``, ``"gym288"``.  Training and
   validation batches ``(B, C, T, H, W)``; test batches ``(B, V, C, T, H, W)`` with
   ``V = num_clips * num_crops`` views to average when ``V > 1``.
+
+Evaluation loaders leave unreadable samples out of their batches
+(:func:`~structvit.data.datasets.skip_collate`) and count them (:meth:`num_skipped`)
+instead of replacing them by a neighbour that would be scored twice; the prediction
+loader's batches are ``[x, y, index, skipped]``, ``index`` the dataset positions (for the
+file ids of ``predictions.csv``).
+:meth:`eval_preprocessing` describes the evaluation pipeline (size, frames, sampling,
+views, normalisation); the engine stores it in every checkpoint and ``structvit predict``
+applies it to single files.
 """
 from __future__ import annotations
 
@@ -20,7 +29,15 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from .builtin import MOVING_DIGITS_CLASSES, DigitsDataset, moving_digits_dataset
-from .datasets import ImageFolderDataset, READERS, VideoDataset, canonical_name, read_annotations
+from .datasets import (
+    READERS,
+    EvalItems,
+    ImageFolderDataset,
+    VideoDataset,
+    canonical_name,
+    read_annotations,
+    skip_collate,
+)
 from .sampling import SAMPLING_MODES, FrameSampler
 from .transforms import CROP_MODES, IMAGENET_MEAN, IMAGENET_STD, VideoTransform, build_image_transform
 
@@ -55,12 +72,14 @@ class _Base(L.LightningDataModule):
         _check_int("batch_size", batch_size, 1)
         _check_int("num_workers", num_workers, 0)
 
-    def _loader(self, ds, *, shuffle: bool, drop_last: bool = False) -> DataLoader:
+    def _loader(self, ds, *, shuffle: bool, drop_last: bool = False, evaluation: bool = False,
+                indexed: bool = False) -> DataLoader:
         nw = self.hparams.num_workers
         return DataLoader(
-            ds, batch_size=self.hparams.batch_size, shuffle=shuffle, num_workers=nw,
+            EvalItems(ds) if indexed else ds, batch_size=self.hparams.batch_size, shuffle=shuffle, num_workers=nw,
             pin_memory=bool(self.hparams.pin_memory), persistent_workers=bool(self.hparams.persistent_workers) and nw > 0,
             drop_last=drop_last and len(ds) > self.hparams.batch_size,
+            collate_fn=skip_collate if evaluation else None,
         )
 
     def _get(self, key, stage):
@@ -73,18 +92,31 @@ class _Base(L.LightningDataModule):
         return self._loader(self._get("train", "fit"), shuffle=True, drop_last=self.hparams.drop_last)
 
     def val_dataloader(self):
-        return self._loader(self._get("val", "validate"), shuffle=False)
+        return self._loader(self._get("val", "validate"), shuffle=False, evaluation=True)
 
     def test_dataloader(self):
-        return self._loader(self._get("test", "test"), shuffle=False)
+        return self._loader(self._get("test", "test"), shuffle=False, evaluation=True)
 
     def predict_dataloader(self):
-        return self.test_dataloader()
+        return self._loader(self._get("test", "predict"), shuffle=False, evaluation=True, indexed=True)
+
+    def num_skipped(self, key: str) -> int:
+        """Unreadable samples the ``key`` (``val``/``test``) dataset has left out so far (all workers)."""
+        ds = self._datasets.get(key)
+        return int(getattr(ds, "num_bad_samples", 0)) if ds is not None else 0
 
     @property
     def num_bad_samples(self) -> int:
-        """Unreadable files replaced so far, over all datasets of this module."""
+        """Unreadable files met so far (replaced in training, skipped in evaluation), over
+        all datasets of this module."""
         return sum(getattr(d, "num_bad_samples", 0) for d in self._datasets.values())
+
+    def sample_ids(self, key: str = "test") -> list[str]:
+        """One id per sample of the ``key`` dataset (``train``/``val``/``test``): file or video
+        ids where the dataset has them, else the position."""
+        ds = self._get(key, {"train": "fit", "val": "validate"}.get(key, "predict"))
+        ids = getattr(ds, "sample_ids", None)
+        return list(ids) if ids is not None else [str(i) for i in range(len(ds))]
 
 
 class ImageDataModule(_Base):
@@ -142,13 +174,28 @@ class ImageDataModule(_Base):
             return list(DigitsDataset.classes)
         return ImageFolderDataset.find_classes(self.hparams.root)
 
+    def eval_preprocessing(self) -> dict:
+        """How an image is prepared for evaluation (stored in checkpoints, used by ``structvit
+        predict``): ``resize`` ``"full"`` (the whole image to ``input_size`` squared, bilinear:
+        the built-in digits) or ``"crop"`` (timm's eval transform: short side to
+        ``input_size / crop_pct``, centre crop, ``interpolation``)."""
+        hp = self.hparams
+        out = {"kind": "image", "dataset": hp.dataset, "input_size": int(hp.input_size),
+               "mean": [float(v) for v in hp.mean], "std": [float(v) for v in hp.std]}
+        if hp.dataset == "digits":
+            out.update(resize="full", interpolation="bilinear", crop_pct=1.0)
+        else:
+            out.update(resize="crop", interpolation="bicubic", crop_pct=0.875 if hp.input_size >= 64 else 1.0)
+        return out
+
     def _make(self, split: str, train: bool):
         hp = self.hparams
         if hp.dataset == "digits":
             return DigitsDataset(split, size=hp.input_size, augment=train, mean=hp.mean, std=hp.std)
         tf = build_image_transform(hp.input_size, train=train, randaugment=hp.randaugment,
                                    random_erasing=hp.random_erasing, hflip=hp.hflip, mean=hp.mean, std=hp.std)
-        return ImageFolderDataset(hp.root, split, transform=tf, classes=self.classes)
+        return ImageFolderDataset(hp.root, split, transform=tf, classes=self.classes,
+                                  on_unreadable="replace" if train else "skip")
 
     def setup(self, stage: Optional[str] = None):
         hp = self.hparams
@@ -269,6 +316,16 @@ class VideoDataModule(_Base):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def eval_preprocessing(self) -> dict:
+        """How a video is prepared for testing (stored in checkpoints, used by ``structvit
+        predict``): frames (sampling, count, stride), test views (clips x crops), size and
+        normalisation."""
+        hp = self.hparams
+        return {"kind": "video", "dataset": hp.dataset, "input_size": int(hp.input_size),
+                "test_short_side": int(hp.test_short_side or hp.input_size), "num_frames": int(hp.num_frames),
+                "sampling": hp.sampling, "frame_stride": int(hp.frame_stride), "num_clips": int(hp.num_clips),
+                "num_crops": int(hp.num_crops), "mean": [float(v) for v in hp.mean], "std": [float(v) for v in hp.std]}
 
     def make_dataset(self, split: str, *, train: bool, num_clips: int = 1, num_crops: int = 1) -> VideoDataset:
         hp = self.hparams

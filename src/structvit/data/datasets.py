@@ -731,9 +731,9 @@ class VideoDataset(torch.utils.data.Dataset):
 
 # --------------------------------------------------------------------------- evaluation batches
 class EvalItems(torch.utils.data.Dataset):
-    """Evaluation view of a dataset: item ``i`` is ``(x, y, i)``, or None for a sample the
+    """Prediction view of a dataset: item ``i`` is ``(x, y, i)``, or None for a sample the
     dataset skipped (unreadable).  With :func:`skip_collate` the batches carry the dataset
-    indices of their samples (for file ids in predictions) and the number skipped."""
+    indices of their samples (for the file ids of predictions) and the number skipped."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -745,25 +745,23 @@ class EvalItems(torch.utils.data.Dataset):
         item = self.dataset[index]
         return None if item is None else (item[0], item[1], index)
 
-    def __getattr__(self, name):  # num_bad_samples, classes, sample_ids, ... of the dataset
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
 
 def skip_collate(items: list) -> list:
-    """``[x, y, index, skipped]`` from :class:`EvalItems` items: None items (unreadable
-    samples) dropped and counted in ``skipped`` (a 0-d long tensor); ``x`` is None (and
-    ``y``, ``index`` empty) when every sample of the batch was skipped."""
+    """Evaluation batches without the samples a dataset skipped (None items).
+
+    Items ``(x, y)`` give ``[x, y]``; :class:`EvalItems` items ``(x, y, index)`` give
+    ``[x, y, index, skipped]`` with ``skipped`` the number of None items (a 0-d long
+    tensor).  ``x`` is None (and ``y``, ``index`` empty) when every sample was skipped."""
     from torch.utils.data import default_collate
 
     kept = [it for it in items if it is not None]
+    with_index = any(isinstance(it, tuple) and len(it) == 3 for it in kept) or not kept
     skipped = torch.tensor(len(items) - len(kept), dtype=torch.long)
     if not kept:
         empty = torch.zeros(0, dtype=torch.long)
         return [None, empty, empty, skipped]
-    x, y, idx = default_collate(kept)
-    return [x, y, idx, skipped]
+    out = list(default_collate(kept))
+    return out + [skipped] if with_index else out
 
 
 # --------------------------------------------------------------------------- images

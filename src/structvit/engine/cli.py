@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import os
 import sys
+import warnings
 from typing import Optional
 
 import lightning as L
@@ -32,7 +33,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from .callbacks import DeterministicData, StructViTCheckpoint, Throughput
 from .module import ClassificationModule, NonFiniteLossError
 
-__all__ = ["StructViTCLI", "main", "SUBCOMMANDS", "default_loggers"]
+__all__ = ["StructViTCLI", "main", "SUBCOMMANDS", "default_loggers", "write_predictions"]
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 #: step checkpoints (``step<N>.ckpt``) kept by default besides ``last.ckpt`` and ``best.ckpt``
@@ -177,17 +178,48 @@ class StructViTCLI(LightningCLI):
         os.makedirs(out_dir, exist_ok=True)
         name = "predictions.csv" if trainer.world_size == 1 else f"predictions_rank{trainer.global_rank}.csv"
         path = os.path.join(out_dir, name)
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["index", "pred", "topk", "topk_prob", "target"])
-            i = 0
-            for batch in self.predictions or []:
-                for j in range(len(batch["pred"])):
-                    w.writerow([i, int(batch["pred"][j]), " ".join(str(int(v)) for v in batch["topk"][j]),
-                                " ".join(f"{float(v):.4f}" for v in batch["topk_prob"][j]),
-                                int(batch["target"][j]) if "target" in batch else ""])
-                    i += 1
-        print(f"predictions of {i} samples written to {path}")
+        n, skipped = write_predictions(path, self.predictions or [], self.datamodule)
+        print(f"predictions of {n} samples written to {path}"
+              + (f" ({skipped} unreadable samples skipped)" if skipped else ""))
+
+
+def write_predictions(path: str, batches, datamodule=None) -> tuple[int, int]:
+    """``predictions.csv``: one row per sample with its dataset position, id (file or video
+    id), predicted class and name, top-k classes, names and probabilities, and the target
+    (and its name) where the data has labels.  Returns ``(rows, skipped samples)``."""
+    ids, classes = None, None
+    if datamodule is not None:
+        try:
+            ids = datamodule.sample_ids("test") if hasattr(datamodule, "sample_ids") else None
+        except Exception:  # noqa: BLE001 - ids are a convenience
+            ids = None
+        classes = list(getattr(datamodule, "classes", None) or []) or None
+
+    def cname(i: int) -> str:
+        return classes[i] if classes is not None and 0 <= i < len(classes) else ""
+
+    rows, skipped, position = 0, 0, 0
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "id", "pred", "pred_name", "topk", "topk_names", "topk_prob", "target", "target_name"])
+        for batch in batches:
+            if batch is None:
+                continue
+            skipped += int(batch.get("skipped", 0))
+            if "pred" not in batch:
+                continue
+            index = batch.get("index")
+            for j in range(len(batch["pred"])):
+                i = int(index[j]) if index is not None else position
+                position += 1
+                top = [int(v) for v in batch["topk"][j]]
+                target = int(batch["target"][j]) if "target" in batch else -1
+                w.writerow([i, ids[i] if ids is not None and i < len(ids) else "", top[0], cname(top[0]),
+                            " ".join(map(str, top)), "|".join(cname(t) for t in top),
+                            " ".join(f"{float(v):.4f}" for v in batch["topk_prob"][j]),
+                            target if target >= 0 else "", cname(target) if target >= 0 else ""])
+                rows += 1
+    return rows, skipped
 
 
 def _readable(path: str, weights_only: bool = True) -> Optional[str]:
@@ -229,7 +261,10 @@ def main(argv: Optional[list[str]] = None, subcommand: Optional[str] = None) -> 
     args = ([subcommand] if subcommand else []) + argv
     name = f"structvit {args[0]}" if args and args[0] in SUBCOMMANDS else "structvit"
     try:
-        StructViTCLI(args=args)
+        with warnings.catch_warnings():
+            # we pass the command line as `args` on purpose; Lightning warns when sys.argv is set too
+            warnings.filterwarnings("ignore", message=r".*args parameter is intended to run from within Python.*")
+            StructViTCLI(args=args)
     except CLIError as err:
         print(f"{name}: error: {err}", file=sys.stderr)
         return 2
@@ -261,6 +296,13 @@ def test(argv=None) -> int:
 
 
 def predict(argv=None) -> int:
+    """``structvit predict``: files (``PATH ... --checkpoint CKPT``, :mod:`structvit.predict`)
+    or a data module's test split (``--config ...``, LightningCLI)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from ..predict import is_file_predict, main as predict_files
+
+    if is_file_predict(argv):
+        return predict_files(argv)
     return main(argv, "predict")
 
 

@@ -328,8 +328,14 @@ class ClassificationModule(L.LightningModule):
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch, metrics: nn.ModuleDict, ema_metrics: Optional[nn.ModuleDict], prefix: str):
-        x, y = batch
+        x, y = batch[0], batch[1]  # evaluation batches may carry more (indices, skipped count)
+        if x is None:  # every sample of the batch was unreadable (counted by the data module)
+            return
         self._check_batch(x)
+        if bool((y < 0).any()):
+            raise ValueError(f"the {prefix} data has no labels (e.g. the Kinetics-400 test CSV, SSv2's test.json); "
+                             "it can only be predicted: `structvit predict --config ...` or `structvit predict FILE "
+                             "--checkpoint CKPT`")
         main_model = self.ema_model if (prefix == "test" and self.hparams.ema_test and self.ema_model is not None) \
             else self.model
         scores = self._views_forward(main_model, x)
@@ -357,8 +363,39 @@ class ClassificationModule(L.LightningModule):
     def test_step(self, batch, batch_idx):
         self._eval_step(batch, self.test_metrics, self.test_ema_metrics, "test")
 
+    def on_validation_epoch_start(self) -> None:
+        self._skipped_before = self._data_skipped("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._skipped_before = self._data_skipped("test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._report_skipped("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._report_skipped("test")
+
+    def _data_skipped(self, key: str) -> int:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return int(dm.num_skipped(key)) if dm is not None and hasattr(dm, "num_skipped") else 0
+
+    def _report_skipped(self, prefix: str) -> None:
+        """Log ``{prefix}/skipped_samples``: unreadable samples left out of this evaluation
+        (summed over processes), with a warning naming the count when there are any."""
+        if self._trainer is None or self.trainer.sanity_checking:
+            return
+        n = self._data_skipped(prefix) - getattr(self, "_skipped_before", 0)
+        total = int(self.trainer.strategy.reduce(torch.tensor(float(n), device=self.device), reduce_op="sum")) \
+            if self.trainer.world_size > 1 else n
+        self.log(f"{prefix}/skipped_samples", float(total), on_step=False, on_epoch=True, sync_dist=False)
+        if total and self.trainer.is_global_zero:
+            warnings.warn(f"{prefix}: {total} unreadable sample(s) skipped (not scored); the metrics are over the "
+                          "readable ones; `structvit data check` lists the files", UserWarning, stacklevel=1)
+
     def predict_step(self, batch, batch_idx, dataloader_idx: int = 0):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if x is None:  # every sample of the batch was unreadable
+            return {"index": batch[2], "skipped": batch[3]} if len(batch) > 3 else None
         self._check_batch(x)
         model = self.ema_model if (self.hparams.ema_test and self.ema_model is not None) else self.model
         scores = self._views_forward(model, x)
@@ -368,6 +405,8 @@ class ClassificationModule(L.LightningModule):
         out = {"pred": top_i[:, 0], "topk": top_i, "topk_prob": top_p}
         if isinstance(batch, (tuple, list)) and len(batch) > 1:
             out["target"] = batch[1]
+        if isinstance(batch, (tuple, list)) and len(batch) > 3:  # indexed prediction batches
+            out["index"], out["skipped"] = batch[2], batch[3]
         return out
 
     # ------------------------------------------------------------------ optimisation
@@ -442,14 +481,29 @@ class ClassificationModule(L.LightningModule):
                 "num_classes": str(hp.num_classes), "hparams": json.dumps(dict(hp), default=str)}
         if self.run_config:
             meta["config"] = self.run_config
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        classes = getattr(dm, "classes", None) if dm is not None else None
-        if classes is not None:
-            try:
-                meta["classes"] = json.dumps(list(classes))
-            except Exception:  # noqa: BLE001
-                pass
+        meta.update({k: json.dumps(v) for k, v in self._data_metadata().items()})
         return meta
+
+    def _data_metadata(self) -> dict:
+        """``classes`` and ``preprocessing`` (the data module's evaluation pipeline: size,
+        frames, sampling, views, normalisation) for exports and checkpoints; ``structvit
+        predict`` reads them."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        out = {}
+        if dm is None:
+            return out
+        try:
+            classes = getattr(dm, "classes", None)
+            if classes is not None:
+                out["classes"] = [str(c) for c in classes]
+        except Exception:  # noqa: BLE001 - a data module that cannot list its classes
+            pass
+        if hasattr(dm, "eval_preprocessing"):
+            out["preprocessing"] = dm.eval_preprocessing()
+        return out
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["structvit"] = self._data_metadata()
 
 
 def _video_of(name: str) -> bool:
