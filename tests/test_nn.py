@@ -154,13 +154,18 @@ def test_attention_dropout_only_in_training():
     assert not torch.allclose(m(x, (3, 3)), m(x, (3, 3)))
 
 
-def test_autocast_bfloat16():
-    """Mixed precision: q, k, v come out of the projection in bf16 while the patterns are float32."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("patterns", ["channel", "head"])
+def test_autocast(dtype, patterns):
+    """Mixed precision: q, k, v come out of the projection in the autocast dtype while the
+    patterns are float32 parameters; the output has the autocast dtype, the gradients the
+    parameters' dtype."""
     torch.manual_seed(0)
-    m = StructSA(16, 2, window=(3, 3, 3))
+    m = StructSA(16, 2, window=(3, 3, 3), patterns=patterns)
     x = torch.randn(2, 18, 16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         y = m(x, (2, 3, 3))
+    assert y.dtype == dtype
     y.float().sum().backward()
     assert m.u_k.grad is not None and m.u_k.grad.dtype == torch.float32
     torch.testing.assert_close(y.float(), m(x, (2, 3, 3)), rtol=0.05, atol=0.05)
