@@ -61,11 +61,15 @@ def test_resolve_backend_is_what_runs():
 
 
 def test_auto_fused_rule():
-    # the fused CPU kernel's cost model: 3x3, 3x3x3 and 1x5x5 windows, keyconv (SDPA) for 5x5x5
-    assert choose_backend(16, 5, 196, 64, 8, 9, fused_ok=True) == "fused"
-    assert choose_backend(2, 5, 1568, 64, 8, 27, fused_ok=True) == "fused"
-    assert choose_backend(2, 5, 1568, 64, 8, 25, fused_ok=True) == "fused"
-    assert choose_backend(2, 5, 1568, 64, 8, 125, fused_ok=True) == "keyconv"
+    # the fused CPU kernel's cost model (AVX-512 and AVX2 builds): 3x3, 3x3x3 and 1x5x5
+    # windows, keyconv (SDPA) for 5x5x5; the portable build only for 3x3
+    for isa in ("avx512", "avx2"):
+        assert choose_backend(16, 5, 196, 64, 8, 9, fused_ok=True, isa=isa) == "fused"
+        assert choose_backend(2, 5, 1568, 64, 8, 27, fused_ok=True, isa=isa) == "fused"
+        assert choose_backend(2, 5, 1568, 64, 8, 25, fused_ok=True, isa=isa) == "fused"
+        assert choose_backend(2, 5, 1568, 64, 8, 125, fused_ok=True, isa=isa) == "keyconv"
+    assert choose_backend(16, 5, 196, 64, 8, 9, fused_ok=True, isa="generic") == "fused"
+    assert choose_backend(2, 5, 1568, 64, 8, 27, fused_ok=True, isa="generic") == "keyconv"
     assert choose_backend(16, 5, 196, 64, 8, 9, fused_ok=False) != "fused"
     assert choose_backend(16, 5, 196, 64, 8, 9, fused_ok=True, return_weights=True) == "correlation"
     # memory is the limit: the fused kernel (chunks shrink to fit) instead of keyconv's D-times keys
