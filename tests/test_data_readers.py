@@ -174,8 +174,12 @@ def test_corrupt_and_truncated_files_are_reported_counted_and_replaced(layouts, 
     only_bad = [r for r in ann.records if r.path in (str(garbage), str(cut))]
     bad_ds = VideoDataset(only_bad, classes=ann.classes, sampler=FrameSampler(), transform=_raw, train=True,
                           max_retries=3)
+    with pytest.raises(RuntimeError, match="2 unreadable files in a row"):
+        bad_ds[0]  # every sample tried once: no sample is drawn twice
+    few = VideoDataset(only_bad * 3, classes=ann.classes, sampler=FrameSampler(), transform=_raw, train=True,
+                       max_retries=3)
     with pytest.raises(RuntimeError, match="4 unreadable files in a row"):
-        bad_ds[0]
+        few[0]  # bounded by max_retries
     # the check command finds both, with their paths
     assert data_main(["check", "--dataset", "ssv2", "--root", str(tmp_path / "ssv2"), "--split", "train"]) == 1
 
@@ -204,8 +208,13 @@ def test_bad_sample_count_is_shared_by_dataloader_workers(layouts, tmp_path):
 
 def test_check_command_clean_dataset(layouts, capsys):
     root, _ = layouts["ssv1"]
-    assert data_main(["check", "--dataset", "ssv1", "--root", root]) == 0
+    assert data_main(["check", "--dataset", "ssv1", "--root", root, "--num-classes", "3", "--split", "train"]) == 0
     assert "no problems" in capsys.readouterr().out
+    # the benchmark's class count (174) by default; a label of the train split missing from val
+    assert data_main(["check", "--dataset", "ssv1", "--root", root]) == 1
+    out = capsys.readouterr().out
+    assert "3 classes, the ssv1 benchmark has 174" in out
+    assert "label 'Holding something' appears only in the train split" in out
     assert data_main(["check", "--dataset", "nope", "--root", root]) == 2
     with pytest.raises(SystemExit):
         data_main(["check", "--root", root])  # --dataset is required
@@ -214,7 +223,7 @@ def test_check_command_clean_dataset(layouts, capsys):
 def test_export_moving_digits_as_ssv2_reads_back_identically(tmp_path):
     out = tmp_path / "md_ssv2"
     assert data_main(["export", "moving_digits", "--format", "ssv2", str(out), "--split", "val", "--limit", "12"]) == 0
-    assert data_main(["check", "--dataset", "ssv2", "--root", str(out), "--split", "val"]) == 0
+    assert data_main(["check", "--dataset", "ssv2", "--root", str(out), "--split", "val", "--num-classes", "10"]) == 0
     ann = read_annotations("ssv2", out, "val")
     ref = moving_digits_dataset("val")
     assert [r.label for r in ann.records] == ref.targets[:12]
@@ -255,3 +264,144 @@ def test_image_folder_class_order_from_class_list(tmp_path):
     tr = ImageFolderDataset(tmp_path, "train")
     items = [tr[i][1] for i in range(len(tr))]
     assert tr.num_bad_samples == 1 and len(items) == 3
+
+
+def test_check_flags_a_misspelled_kinetics_label(layouts, tmp_path, capsys):
+    root = tmp_path / "k400"
+    shutil.copytree(layouts["kinetics400"][0], root)
+    train = root / "annotations" / "train.csv"
+    lines = train.read_text().splitlines()
+    lines[-1] = lines[-1].replace("abseiling", "abseilng")  # the 4th row: a class of its own
+    train.write_text("\n".join(lines) + "\n")
+    assert read_annotations("kinetics400", root, "train").num_classes == 4
+    assert data_main(["check", "--dataset", "k400", "--root", str(root), "--num-classes", "3"]) == 1
+    out = capsys.readouterr().out
+    assert "4 classes, the kinetics400 benchmark has 3" in out
+    assert "label 'abseilng' appears only in the train split" in out
+
+
+def test_check_decodes_every_frame_unless_quick(layouts, tmp_path, capsys):
+    root = tmp_path / "ssv1"
+    shutil.copytree(layouts["ssv1"][0], root)
+    folder = root / "20bn-something-something-v1" / "11"
+    middle = sorted(folder.iterdir())[5]  # neither first, middle (8) nor last of 16
+    middle.write_bytes(middle.read_bytes()[:200])  # a truncated JPEG
+    args = ["check", "--dataset", "ssv1", "--root", str(root), "--split", "train", "--num-classes", "3"]
+    assert data_main(args + ["--quick"]) == 0
+    capsys.readouterr()
+    assert data_main(args) == 1
+    assert str(middle) in capsys.readouterr().out
+
+
+def test_check_reports_progress(layouts):
+    from structvit.data.check import check_dataset
+
+    seen = []
+    check_dataset("ssv2", layouts["ssv2"][0], ("train",), num_classes=3, progress=seen.append, progress_every=0)
+    assert seen and all("train:" in m and "samples decoded" in m for m in seen)
+
+
+def test_ssv2_as_qualcomm_distributes_it(layouts, tmp_path):
+    root = tmp_path / "ssv2"
+    shutil.copytree(layouts["ssv2"][0], root)
+    ldir = root / "labels"
+    for long, short in (("labels", "labels"), ("train", "train"), ("validation", "validation")):
+        (ldir / f"something-something-v2-{long}.json").rename(ldir / f"{short}.json")
+    val = json.loads((ldir / "validation.json").read_text())
+    (ldir / "test.json").write_text(json.dumps([{"id": e["id"]} for e in val]))
+    info = layouts["ssv2"][1]
+    for split in ("train", "val"):
+        ann = read_annotations("ssv2", root, split)
+        assert ann.problems == [] and ann.classes == info["classes"]
+        assert [(r.name, r.label) for r in ann.records] == [(e[0], e[1]) for e in info["expected"][split]]
+    test = read_annotations("ssv2", root, "test")
+    assert [r.label for r in test.records] == [-1, -1] and test.problems == []
+    # test-answers.csv (id;label) labels the test split
+    (root / "labels" / "test-answers.csv").write_text(
+        "".join(f"{e['id']};{ssv2_template_to_label(e['template'])}\n" for e in val))
+    test = read_annotations("ssv2", root, "test")
+    assert [r.label for r in test.records] == [e[1] for e in info["expected"]["val"]]
+    shutil.rmtree(ldir)
+    with pytest.raises(FileNotFoundError, match="labels.json|train.json"):
+        read_annotations("ssv2", root, "train")
+
+
+def test_kinetics_test_csv_without_labels(layouts, tmp_path):
+    root = tmp_path / "k400"
+    shutil.copytree(layouts["kinetics400"][0], root)
+    val = (root / "annotations" / "val.csv").read_text().splitlines()
+    rows = [ln.split(",", 1)[1] for ln in val]  # drop the label column
+    (root / "annotations" / "test.csv").write_text("\n".join(rows) + "\n")
+    shutil.copytree(root / "val", root / "test")
+    ann = read_annotations("kinetics400", root, "test")
+    assert ann.problems == [] and len(ann.records) == 2 and not ann.labelled
+    assert ann.classes == ["abseiling", "air drumming", "zumba"]
+    (root / "annotations" / "val.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match="no label column"):
+        read_annotations("kinetics400", root, "val")
+
+
+def _imagenet(tmp_path, *, kaggle=False):
+    from PIL import Image
+
+    base = tmp_path / "ILSVRC" / "Data" / "CLS-LOC" if kaggle else tmp_path
+    wnids = ["n01440764", "n01443537", "n01484850"]
+    for w in wnids:
+        (base / "train" / w).mkdir(parents=True)
+        Image.fromarray(np.full((8, 8, 3), 50, np.uint8)).save(base / "train" / w / f"{w}_1.JPEG")
+    (base / "val").mkdir(parents=True)
+    truth = ["n01484850", "n01440764", "n01443537", "n01440764"]
+    for i in range(len(truth)):
+        Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)).save(base / "val" / f"ILSVRC2012_val_{i + 1:08d}.JPEG")
+    (tmp_path / "LOC_synset_mapping.txt").write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish\n"
+                                                     "n01484850 great white shark\n")
+    return wnids, truth
+
+
+@pytest.mark.parametrize("kaggle", [False, True])
+def test_imagenet_flat_val_with_loc_val_solution(tmp_path, kaggle):
+    wnids, truth = _imagenet(tmp_path, kaggle=kaggle)
+    with open(tmp_path / "LOC_val_solution.csv", "w") as f:
+        f.write("ImageId,PredictionString\n")
+        for i, w in reversed(list(enumerate(truth))):  # any row order
+            f.write(f"ILSVRC2012_val_{i + 1:08d},{w} 10 20 30 40 {w} 1 2 3 4\n")
+    ds = ImageFolderDataset(tmp_path, "val")
+    assert ds.classes == wnids and ds.targets == [wnids.index(w) for w in truth]
+    assert ds.sample_ids == [f"ILSVRC2012_val_{i + 1:08d}" for i in range(4)]
+    assert ds.class_descriptions["n01443537"] == "goldfish"
+    assert ImageFolderDataset(tmp_path, "train").targets == [0, 1, 2]
+
+
+def test_imagenet_flat_val_with_devkit_ground_truth(tmp_path):
+    from scipy.io import savemat
+
+    wnids, truth = _imagenet(tmp_path)
+    # ILSVRC2012_IDs are not in wnid order: 1 -> the shark, 2 -> tench, 3 -> goldfish
+    ids = {"n01484850": 1, "n01440764": 2, "n01443537": 3}
+    dk = tmp_path / "ILSVRC2012_devkit_t12" / "data"
+    dk.mkdir(parents=True)
+    synsets = np.zeros((3,), dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")])
+    for j, (w, i) in enumerate(ids.items()):
+        synsets[j] = (i, w, w, 0)
+    savemat(dk / "meta.mat", {"synsets": synsets})
+    (dk / "ILSVRC2012_validation_ground_truth.txt").write_text("".join(f"{ids[w]}\n" for w in truth))
+    ds = ImageFolderDataset(tmp_path, "val")
+    assert ds.targets == [wnids.index(w) for w in truth]
+    os.remove(dk / "meta.mat")
+    with pytest.raises(FileNotFoundError, match="meta.mat"):
+        ImageFolderDataset(tmp_path, "val")
+    os.remove(dk / "ILSVRC2012_validation_ground_truth.txt")
+    with pytest.raises(FileNotFoundError, match="LOC_val_solution.csv"):
+        ImageFolderDataset(tmp_path, "val")
+
+
+def test_evaluation_loader_skips_unreadable_samples(layouts, tmp_path):
+    _with_bad_files(layouts["ssv2"][0], tmp_path / "ssv2")
+    dm = VideoDataModule("ssv2", root=str(tmp_path / "ssv2"), val_split="train", num_frames=4, input_size=32,
+                         batch_size=2)
+    batches = list(dm.val_dataloader())
+    labels = torch.cat([b[1] for b in batches if b[0] is not None])
+    assert labels.tolist() == [1]  # only the readable sample, once
+    assert dm.num_skipped("val") == 2
+    x, y, idx, skipped = next(iter(dm.predict_dataloader()))
+    assert x is None and y.numel() == 0 and int(skipped) == 2  # the first batch: both unreadable

@@ -201,3 +201,24 @@ def test_transform_bad_arguments():
         VideoTransform(32.0, train=True)
     with pytest.raises(TypeError, match="frames"):
         VideoTransform(32, train=True)(torch.zeros(4, 3, 32, 32))
+
+
+def test_rawframes_folder_lists_rgb_frames_only_in_frame_order(tmp_path):
+    from structvit.data.video import list_frame_files
+
+    names = ["img_00002.jpg", "flow_x_00001.jpg", "img_00001.jpg", "flow_y_00001.jpg", "x_00003.jpg",
+             "y_00003.jpg", "img_00010.jpg"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"")
+    got = [os.path.basename(p) for p in list_frame_files(tmp_path)]
+    assert got == ["img_00001.jpg", "img_00002.jpg", "img_00010.jpg"]
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for n in ("10.jpg", "2.jpg", "1.jpg", "flow_x_1.jpg"):
+        (plain / n).write_bytes(b"")
+    assert [os.path.basename(p) for p in list_frame_files(plain)] == ["1.jpg", "2.jpg", "10.jpg"]  # numeric order
+    flow_only = tmp_path / "flow"
+    flow_only.mkdir()
+    (flow_only / "flow_x_00001.jpg").write_bytes(b"")
+    with pytest.raises(CorruptFileError, match="no RGB image files"):
+        list_frame_files(flow_only)

@@ -5,9 +5,13 @@
     structvit data export digits --format imagefolder DIR
     structvit data bench-decode [--seconds 10] [--height 320] [--frames 16] [--stride 4]
 
-``check`` lists every problem (annotation rows with unknown labels or missing files,
-unreadable or truncated videos and frames) without training, and exits with status 1
-if there is any.
+``check`` lists every problem without training, and exits with status 1 if there is any:
+annotation rows with unknown labels or missing files, labels that appear in only one of
+the checked splits (a misspelled label in the train CSV becomes a class of its own), a
+class count other than the benchmark's (400 Kinetics, 174 SSv1/v2, 48 Diving-48, 99/288
+FineGym, 1000 ImageNet; ``--num-classes`` for another label set), and unreadable or
+truncated videos and frames: by default every frame of every sample is decoded (with
+progress on stderr); ``--quick`` decodes only the first, middle and last frame.
 """
 from __future__ import annotations
 
@@ -41,63 +45,96 @@ def _log(msg, out=None):
 
 # --------------------------------------------------------------------------- check
 def check_dataset(dataset: str, root, splits=("train", "val"), *, quick: bool = False,
-                  reader_options: dict | None = None, progress=None) -> list[str]:
+                  reader_options: dict | None = None, progress=None, num_classes: int | None = None,
+                  progress_every: float = 5.0) -> list[str]:
     """Every problem of ``dataset`` under ``root``, as lines naming the file (empty: all good).
 
     Reads the official annotation files (unknown labels, malformed rows, missing files),
-    then opens every video (frame count from the header) or frame folder and, unless
-    ``quick``, decodes its first, middle and last frames (catches corrupt and truncated
-    files)."""
-    from .datasets import ImageFolderDataset, canonical_name, read_annotations
-    from .video import DataFileError, list_frame_files, probe_video, read_frame_folder, read_video_frames
+    compares the label sets of the splits and the class count with the benchmark's
+    (``num_classes`` overrides it), then decodes every frame of every video or frame folder
+    (``quick``: the first, middle and last frame).  ``progress(message)`` is called about
+    every ``progress_every`` seconds."""
+    from .datasets import BENCHMARK_CLASSES, ImageFolderDataset, canonical_name, read_annotations
+    from .video import DataFileError, list_frame_files, probe_video, read_frame_folder, read_video_all, read_video_frames
 
     name = canonical_name(dataset)
     problems: list[str] = []
     if name in ("digits", "moving_digits"):
         return problems  # built in: generated, nothing on disk
+    expected = num_classes if num_classes is not None else BENCHMARK_CLASSES.get("imagenet" if name in (
+        "imagenet", "imagefolder") else name)
+    if name == "imagefolder" and num_classes is None:
+        expected = None  # any folder of classes
+    last = [time.perf_counter()]
+
+    def tick(split, i, n):
+        if progress and time.perf_counter() - last[0] >= progress_every:
+            last[0] = time.perf_counter()
+            progress(f"{split}: {i}/{n} samples decoded ({100 * i / max(n, 1):.0f}%)")
+
+    labels_by_split: dict[str, set] = {}
+    classes = None
     if name in ("imagenet", "imagefolder"):
         from PIL import Image
 
         for split in splits:
             try:
                 ds = ImageFolderDataset(root, split)
-            except (FileNotFoundError, ValueError) as e:
+            except (FileNotFoundError, ValueError, ImportError) as e:
                 problems.append(f"{split}: {e}")
                 continue
+            classes = ds.classes
             problems += ds.problems
-            if quick:
-                continue
-            for path, _ in ds.samples:
+            labels_by_split[split] = {t for t in ds.targets if t >= 0}
+            for i, (path, _) in enumerate(ds.samples):
+                tick(split, i, len(ds.samples))
+                if quick and i % 50:
+                    continue  # --quick: every 50th image
                 try:
                     with Image.open(path) as im:
                         im.convert("RGB")
                 except Exception as e:
                     problems.append(f"{path}: unreadable image ({type(e).__name__}: {e})")
-        return problems
-    for split in splits:
-        try:
-            ann = read_annotations(name, root, split, **(reader_options or {}))
-        except (FileNotFoundError, ValueError) as e:
-            problems.append(f"{split}: {e}")
-            continue
-        problems += ann.problems
-        for i, rec in enumerate(ann.records):
-            if progress and i and i % 500 == 0:
-                progress(f"{split}: {i}/{len(ann.records)}")
+    else:
+        for split in splits:
             try:
-                if rec.frames:
-                    files = list_frame_files(rec.path)
-                    n = len(files)
-                    if not quick:
-                        read_frame_folder(rec.path, sorted({0, n // 2, n - 1}), files=files)
-                else:
-                    n = probe_video(rec.path).num_frames
-                    if not quick:
-                        read_video_frames(rec.path, sorted({0, n // 2, max(n - 1, 0)}))
-                if rec.end_frame is not None and rec.end_frame > n + 1:
-                    problems.append(f"{rec.path}: annotation says end_frame {rec.end_frame} but it has {n} frames")
-            except DataFileError as e:
-                problems.append(str(e))
+                ann = read_annotations(name, root, split, **(reader_options or {}))
+            except (FileNotFoundError, ValueError) as e:
+                problems.append(f"{split}: {e}")
+                continue
+            classes = ann.classes
+            problems += ann.problems
+            if ann.labelled:
+                labels_by_split[split] = {r.label for r in ann.records}
+            for i, rec in enumerate(ann.records):
+                tick(split, i, len(ann.records))
+                try:
+                    if rec.frames:
+                        files = list_frame_files(rec.path)
+                        n = len(files)
+                        read_frame_folder(rec.path, sorted({0, n // 2, n - 1}) if quick else range(n), files=files)
+                    else:
+                        n = probe_video(rec.path).num_frames
+                        if quick:
+                            read_video_frames(rec.path, sorted({0, n // 2, max(n - 1, 0)}))
+                        else:
+                            decoded = len(read_video_all(rec.path))
+                            if decoded + 2 < n:  # header counts may overstate by a frame or two
+                                problems.append(f"{rec.path}: {decoded} frames decoded, the header says {n} "
+                                                "(truncated or damaged)")
+                    if rec.end_frame is not None and rec.end_frame > n + 1:
+                        problems.append(f"{rec.path}: annotation says end_frame {rec.end_frame} but it has {n} frames")
+                except DataFileError as e:
+                    problems.append(str(e))
+    if classes is not None and expected is not None and len(classes) != expected:
+        problems.append(f"{root}: {len(classes)} classes, the {name} benchmark has {expected} (a misspelled or "
+                        f"extra label in the train annotations? --num-classes {len(classes)} if intended)")
+    if classes is not None and len(labels_by_split) > 1:
+        every = set.union(*labels_by_split.values())
+        for label in sorted(every):
+            present = [s for s, labs in labels_by_split.items() if label in labs]
+            if len(present) == 1:
+                problems.append(f"{root}: label {classes[label]!r} appears only in the {present[0]} split")
     return problems
 
 
@@ -208,7 +245,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="kinetics400, ssv2, ssv1, diving48, gym99, gym288, imagenet/imagefolder, digits, moving_digits")
     c.add_argument("--root", required=False, help="dataset folder (official layout)")
     c.add_argument("--split", nargs="+", default=["train", "val"], help="splits to check (default: train val)")
-    c.add_argument("--quick", action="store_true", help="only open files (headers), decode nothing")
+    c.add_argument("--quick", action="store_true",
+                   help="decode the first, middle and last frame of each video (every 50th image) instead of all")
+    c.add_argument("--num-classes", type=int, default=None,
+                   help="the expected class count (default: the benchmark's, e.g. 400 for Kinetics)")
     c.add_argument("--max-print", type=int, default=200, help="problems printed in full (default 200)")
     e = sub.add_parser("export", help="write built-in data in a benchmark layout")
     e.add_argument("name", choices=["moving_digits", "digits"])
@@ -243,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"structvit data check: --root must be an existing folder, got {args.root!r}", sys.stderr)
             return 2
         t0 = time.perf_counter()
-        problems = check_dataset(name, args.root, args.split, quick=args.quick,
+        problems = check_dataset(name, args.root, args.split, quick=args.quick, num_classes=args.num_classes,
                                  progress=lambda m: _log(f"  ... {m}", sys.stderr))
         for line in problems[: args.max_print]:
             _log(f"PROBLEM {line}")

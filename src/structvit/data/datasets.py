@@ -713,6 +713,7 @@ class VideoDataset(torch.utils.data.Dataset):
                 log.warning("unreadable sample %d skipped: %s", index, e)
                 return None
         tried = []
+        seen: set[int] = set()
         i = index
         for attempt in range(self.max_retries + 1):
             try:
@@ -721,7 +722,15 @@ class VideoDataset(torch.utils.data.Dataset):
                 self._bad.add()
                 self.bad_files.append(e.path)
                 tried.append(str(e))
-                j = (int(torch.randint(0, len(self), (1,)).item()) if self.train else (i + 1) % len(self))
+                seen.add(i)
+                if len(seen) >= len(self):
+                    break
+                if self.train:  # another random sample, not one that already failed
+                    j = int(torch.randint(0, len(self), (1,)).item())
+                    while j in seen:
+                        j = int(torch.randint(0, len(self), (1,)).item())
+                else:
+                    j = (i + 1) % len(self)
                 log.warning("unreadable sample %d: %s; replaced by sample %d (attempt %d of %d)",
                             i, e, j, attempt + 1, self.max_retries)
                 i = j
