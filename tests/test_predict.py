@@ -192,3 +192,17 @@ def test_ssv2_test_split_predicts_without_labels(ssv2, tmp_path):
     x, y, idx, skipped = next(iter(dm.predict_dataloader()))
     assert y.tolist() == [-1, -1] and idx.tolist() == [0, 1] and int(skipped) == 0
     assert dm.sample_ids("test") == [e["id"] for e in val]
+
+
+def test_viz_inputs_are_prepared_at_the_checkpoint_size(ssv2):
+    """viz's model and sample loading (the figures' route) takes the checkpoint's evaluation
+    size, frames and normalisation, not the model's default 112 px / 16 frames."""
+    from structvit.viz.cli import load_model, load_sample
+
+    model = load_model(checkpoint=ssv2.ckpt)
+    assert model.eval_preprocessing["input_size"] == 32
+    dm = ssv2.dm
+    dm.setup("test")
+    path = dm._datasets["test"].records[0].path
+    x = load_sample(model, input_path=path)
+    assert x.shape == (3, 4, 32, 32)  # the model's own default would be (3, 16, 112, 112)

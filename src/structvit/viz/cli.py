@@ -157,20 +157,38 @@ def load_model(name: str | None = None, checkpoint=None, model_kwargs: dict | No
         if unexpected:
             print(f"structvit viz: ignored {len(unexpected)} checkpoint tensors not in the model "
                   f"(e.g. {unexpected[:3]})", file=sys.stderr)
+        model.eval_preprocessing = _checkpoint_preprocessing(checkpoint)
     return model.eval()
 
 
+def _checkpoint_preprocessing(checkpoint) -> dict | None:
+    """The evaluation preprocessing ``structvit fit`` recorded in the checkpoint (input size,
+    frames, normalisation), so that figures see inputs prepared as the model was evaluated."""
+    from ..predict import PredictError, load_checkpoint
+
+    try:
+        return load_checkpoint(checkpoint)["preprocessing"]
+    except PredictError:
+        return None  # not written by structvit fit: the model's default input size
+
+
 def _input_hw(model, size) -> tuple[int, int]:
+    """``size``, else the input size the checkpoint was evaluated at, else the model's default."""
     if size:
         return size
+    pre = getattr(model, "eval_preprocessing", None)
+    if pre and pre.get("input_size"):
+        s = pre["input_size"]
+        return (s, s) if isinstance(s, int) else tuple(s)
     _, h, w = model.pretrained_cfg.get("input_size", (3, 112, 112))
     return h, w
 
 
 def _normalise(x: torch.Tensor, model) -> torch.Tensor:
     """(C, [T,] H, W) in [0, 1] -> normalised with the model's mean/std."""
-    mean = torch.tensor(model.pretrained_cfg.get("mean", (0.485, 0.456, 0.406)), dtype=x.dtype)
-    std = torch.tensor(model.pretrained_cfg.get("std", (0.229, 0.224, 0.225)), dtype=x.dtype)
+    pre = getattr(model, "eval_preprocessing", None) or {}
+    mean = torch.tensor(pre.get("mean") or model.pretrained_cfg.get("mean", (0.485, 0.456, 0.406)), dtype=x.dtype)
+    std = torch.tensor(pre.get("std") or model.pretrained_cfg.get("std", (0.229, 0.224, 0.225)), dtype=x.dtype)
     shape = (3,) + (1,) * (x.dim() - 1)
     return (x - mean.view(shape)) / std.view(shape)
 
@@ -191,7 +209,8 @@ def load_sample(model, input_path=None, sample: str | None = None, size=None, nu
     ``builtin:moving_digits[:I]`` (validation split, index I, default 0)."""
     video = bool(getattr(model, "video", False))
     if video and num_frames is None:
-        num_frames = model.pretrained_cfg.get("num_frames", model.num_frames)
+        pre = getattr(model, "eval_preprocessing", None) or {}
+        num_frames = pre.get("num_frames") or model.pretrained_cfg.get("num_frames", model.num_frames)
     if input_path is not None:
         path = Path(input_path)
         if not path.is_file():
