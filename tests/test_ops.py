@@ -423,3 +423,49 @@ def test_video_grid_needs_3d_window():
     args["u_k"] = args["u_v"] = torch.randn(3, 3)
     with pytest.raises(ValueError, match=r"u_k must have shape .*\(D, kt, kh, kw\) \(shared\) for a 3-D grid"):
         _call(args)
+
+
+# ----------------------------------------------------------------------------- keyconv layouts
+
+
+@pytest.mark.parametrize("grid,window,stride", [
+    ((1, 5, 6), (1, 3, 3), (1, 1, 1)),
+    ((1, 5, 6), (3, 3, 5), (1, 2, 3)),  # an image with a kt > 1 window: only the centre slice counts
+    ((3, 4, 5), (3, 3, 3), (1, 1, 1)),
+    ((3, 4, 5), (1, 5, 3), (2, 2, 1)),
+    ((3, 4, 5), (3, 3, 3), (1, 2, 2)),
+    ((2, 1, 1), (3, 1, 1), (1, 1, 1)),
+])
+@pytest.mark.parametrize("cu", [1, 3])
+def test_pattern_keys_layouts_match_a_loop(grid, window, stride, cu):
+    """Every convolution layout of keyconv gives x^d_{j'c} = sum_o u[h, c, d, o] x_{s j' + o, c} in
+    the pattern-major (B, h, D * N', C) order with unit stride in C, values and gradients (float64)."""
+    from reference import neighbours
+    from structvit.ops.backends.keyconv import LAYOUTS, pattern_keys
+
+    b, h, c, d = 2, 2, 3, 2
+    n = grid[0] * grid[1] * grid[2]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(b, h, n, c, generator=gen, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(h, cu, d, *window, generator=gen, dtype=torch.float64, requires_grad=True)
+    uf = u.flatten(3).expand(h, c, d, -1)  # (h, C, D, M)
+    rows = []
+    for row in neighbours(grid, window, stride):  # the kept key positions j' and their (o, s j' + o)
+        acc = torch.zeros(b, h, d, c, dtype=torch.float64)
+        for m, i in row:
+            acc = acc + uf[None, :, :, :, m].transpose(-1, -2) * x[:, :, i, None, :]
+        rows.append(acc)
+    ref = torch.stack(rows, 3).flatten(2, 3)  # (B, h, D * N', C)
+    ref_grads = torch.autograd.grad((ref * torch.arange(ref.numel()).reshape(ref.shape).sin()).sum(), (x, u))
+    layouts = [lay for lay in LAYOUTS
+               if lay != "spatial_c" or (cu == 1 and (grid[0] == 1 or stride[2] == 1))]
+    assert len(layouts) == (3 if cu == 1 and (grid[0] == 1 or stride[2] == 1) else 2)
+    for layout in layouts:
+        out = pattern_keys(x, u, grid, stride, layout=layout)
+        assert out.shape == ref.shape and out.stride(-1) == 1, layout
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-10, msg=f"layout {layout}")
+        grads = torch.autograd.grad((out * torch.arange(out.numel()).reshape(out.shape).sin()).sum(), (x, u))
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=0, atol=1e-10, msg=f"layout {layout} gradient")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        pattern_keys(x, u, grid, stride, layout="nhwc")

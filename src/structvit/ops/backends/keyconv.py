@@ -6,32 +6,101 @@ pattern for the channel-wise variant, one per head for the dot-product one, eval
 every s-th position with a key/value stride s), then ordinary attention over the D * N'
 keys [K^1 ... K^D] and values [V^1 ... V^D] (joint softmax), or the sum over d of D
 attentions (per-pattern softmax). It serves every case.
+
+The convolved keys go to ``scaled_dot_product_attention`` as (B, h, D * N', C) with unit
+stride in C (its fused kernels need that). How the convolution is laid out to get there
+with as few copies as possible (:func:`pattern_layout`):
+
+- ``"spatial_c"`` (dot-product patterns, CPU): the filters do not depend on the channel,
+  so C is treated as one more spatial axis of size 1 in the window: a conv3d over
+  (H, W, C) for an image, or over (T, H, W * C) with the W taps dilated by C for a video.
+  Its output (B, h * D, *grid', C) *is* (B, h, D * N', C): no layout copy in forward.
+- ``"channels_last"`` (channel-wise patterns, CPU): one depthwise convolution with D
+  outputs per channel, input and output in channels-last memory format (the CPU kernels
+  are faster there), then one copy from (B, N', h, C, D) to (B, h, D, N', C).
+- ``"channels_first"`` (other devices, where the two above were not measured): the same
+  convolution in the default layout, then one copy from (B, h, C, D, N') to (B, h, D, N', C).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
-from ..grid import Grid3, depthwise_pattern_weight, grid_conv
+from ..grid import Grid3, depthwise_pattern_weight, grid_conv, strided_grid
 from .common import dropout, normalise
 
+LAYOUTS = ("spatial_c", "channels_last", "channels_first")
 
-def pattern_conv(x: torch.Tensor, u: torch.Tensor, grid: Grid3, stride: Grid3 = (1, 1, 1)) -> torch.Tensor:
+
+def pattern_layout(x: torch.Tensor, u: torch.Tensor, grid: Grid3, stride: Grid3) -> str:
+    """The convolution layout :func:`pattern_keys` uses for ``x`` (B, h, N, C) and patterns
+    ``u`` (hu, cu, D, kt, kh, kw). A video's W stride cannot be expressed on the dilated
+    (W * C) axis, so strided-W dot-product calls take the channels-last form."""
+    if x.device.type != "cpu":
+        return "channels_first"
+    if u.shape[1] == 1 and (grid[0] == 1 or stride[2] == 1):
+        return "spatial_c"
+    return "channels_last"
+
+
+def pattern_keys(x: torch.Tensor, u: torch.Tensor, grid: Grid3, stride: Grid3 = (1, 1, 1),
+                 layout: str | None = None) -> torch.Tensor:
     """Convolve a token map with each of the D patterns: ``x^d_{j'c} = sum_o u[h, c, d, o] x_{s j' + o, c}``.
 
     One grouped convolution over all heads and channels.
 
     Args:
         x: (B, h, N, C); u: (hu, cu, D, kt, kh, kw) with hu in (1, h), cu in (1, C).
+        layout: one of ``LAYOUTS`` (default: :func:`pattern_layout`'s choice); all give the
+            same values.
 
     Returns:
-        (B, h, D, N', C).
+        (B, h, D * N', C), pattern-major (d * N' + j'), unit stride in C.
     """
+    layout = pattern_layout(x, u, grid, stride) if layout is None else layout
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     b, h, n, c = x.shape
     d = u.shape[2]
-    w = depthwise_pattern_weight(u, h, c)  # (h * C * D, 1, k...)
-    y = grid_conv(x.transpose(-1, -2).reshape(b, h * c, n), w, grid, groups=h * c, stride=stride)  # (B, h*C*D, N')
-    return y.reshape(b, h, c, d, y.shape[-1]).permute(0, 1, 3, 4, 2)
+    n_out = math.prod(strided_grid(grid, stride))
+    T, H, W = grid
+    kt, kh, kw = u.shape[3:]
+    if layout == "spatial_c":
+        if u.shape[1] != 1:
+            raise ValueError("pattern_keys: layout 'spatial_c' needs dot-product patterns (cu == 1)")
+        w = u.expand(h, 1, *u.shape[2:]).reshape(h * d, 1, kt, kh, kw)
+        # reshape copies a non-contiguous x (e.g. sliced from a qkv projection): CPU bf16
+        # convolutions compute wrong weight gradients for non-contiguous inputs
+        if T == 1:  # (H, W, C), taps (kh, kw, 1); a kt > 1 window only sees padding
+            y = F.conv3d(x.reshape(b, h, H, W, c), w[:, :, kt // 2, :, :, None], padding=(kh // 2, kw // 2, 0),
+                         stride=(stride[1], stride[2], 1), groups=h)
+        else:  # (T, H, W * C): tap ow of channel c is C positions away on the W * C axis
+            if stride[2] != 1:
+                raise ValueError("pattern_keys: layout 'spatial_c' needs a W stride of 1 for a video grid")
+            y = F.conv3d(x.reshape(b, h, T, H, W * c), w, padding=(kt // 2, kh // 2, (kw // 2) * c),
+                         dilation=(1, 1, c), stride=(stride[0], stride[1], 1), groups=h)
+        return y.reshape(b, h, d * n_out, c)
+    weight = depthwise_pattern_weight(u, h, c)  # (h * C * D, 1, k...); channel (head, c, d)
+    if layout == "channels_first":
+        y = grid_conv(x.transpose(-1, -2).reshape(b, h * c, n), weight, grid, groups=h * c, stride=stride)
+        return y.reshape(b, h, c, d, n_out).permute(0, 1, 3, 4, 2).contiguous().view(b, h, d * n_out, c)
+    xl = x.transpose(1, 2).contiguous()  # (B, N, h, C): channels-last of (B, h * C, *grid)
+    if T == 1:
+        xi = xl.reshape(b, H, W, h * c).permute(0, 3, 1, 2)
+        y = F.conv2d(xi, weight[:, :, kt // 2], padding=(kh // 2, kw // 2), stride=stride[1:], groups=h * c)
+    else:
+        xi = xl.reshape(b, T, H, W, h * c).permute(0, 4, 1, 2, 3)
+        y = F.conv3d(xi, weight, padding=(kt // 2, kh // 2, kw // 2), stride=stride, groups=h * c)
+    y = y.movedim(1, -1).reshape(b, n_out, h, c, d)  # a view when the output is channels-last
+    return y.permute(0, 2, 4, 1, 3).contiguous().view(b, h, d * n_out, c)
+
+
+def pattern_conv(x: torch.Tensor, u: torch.Tensor, grid: Grid3, stride: Grid3 = (1, 1, 1)) -> torch.Tensor:
+    """:func:`pattern_keys` as (B, h, D, N', C)."""
+    y = pattern_keys(x, u, grid, stride)
+    return y.unflatten(2, (u.shape[2], math.prod(strided_grid(grid, stride))))
 
 
 def keyconv(q, k, v, u_k, u_v, grid: Grid3, stride: Grid3, normalize: str, scale: float, dropout_p: float,
@@ -40,19 +109,18 @@ def keyconv(q, k, v, u_k, u_v, grid: Grid3, stride: Grid3, normalize: str, scale
     exists). ``return_weights`` computes the weights explicitly instead (O(N D N') memory)."""
     b, h, n, c = q.shape
     d = u_k.shape[2]
-    # Contiguous copies: the fused CPU/GPU kernels need unit stride in the channel dim
-    # (otherwise SDPA silently falls back to the O(D N^2)-memory math path).
-    k_pat = pattern_conv(k, u_k, grid, stride).contiguous()  # (B, h, D, N', C)
-    v_pat = pattern_conv(v, u_v, grid, stride).contiguous()  # (B, h, D, N', Cv)
+    n_kv = math.prod(strided_grid(grid, stride))  # explicit sizes: B = 0 is allowed
+    k_pat = pattern_keys(k, u_k, grid, stride)  # (B, h, D * N', C)
+    v_pat = pattern_keys(v, u_v, grid, stride)  # (B, h, D * N', Cv)
     if return_weights:
-        scores = torch.einsum("bhic,bhdjc->bhidj", q * scale, k_pat)
+        k5, v5 = k_pat.unflatten(2, (d, n_kv)), v_pat.unflatten(2, (d, n_kv))
+        scores = torch.einsum("bhic,bhdjc->bhidj", q * scale, k5)
         weights = normalise(scores, normalize)
-        out = torch.einsum("bhidj,bhdjc->bhic", dropout(weights, dropout_p), v_pat)
+        out = torch.einsum("bhidj,bhdjc->bhic", dropout(weights, dropout_p), v5)
         return out, weights
     if normalize == "joint":
-        out = F.scaled_dot_product_attention(q, k_pat.flatten(2, 3), v_pat.flatten(2, 3), dropout_p=dropout_p,
-                                             scale=scale)
+        out = F.scaled_dot_product_attention(q, k_pat, v_pat, dropout_p=dropout_p, scale=scale)
     else:
-        out = F.scaled_dot_product_attention(q.unsqueeze(2).expand(b, h, d, n, c), k_pat, v_pat,
-                                             dropout_p=dropout_p, scale=scale).sum(2)
+        out = F.scaled_dot_product_attention(q.unsqueeze(2).expand(b, h, d, n, c), k_pat.unflatten(2, (d, n_kv)),
+                                             v_pat.unflatten(2, (d, n_kv)), dropout_p=dropout_p, scale=scale).sum(2)
     return out, None
