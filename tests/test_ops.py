@@ -457,9 +457,8 @@ def test_pattern_keys_layouts_match_a_loop(grid, window, stride, cu):
         rows.append(acc)
     ref = torch.stack(rows, 3).flatten(2, 3)  # (B, h, D * N', C)
     ref_grads = torch.autograd.grad((ref * torch.arange(ref.numel()).reshape(ref.shape).sin()).sum(), (x, u))
-    layouts = [lay for lay in LAYOUTS
-               if lay != "spatial_c" or (cu == 1 and (grid[0] == 1 or stride[2] == 1))]
-    assert len(layouts) == (3 if cu == 1 and (grid[0] == 1 or stride[2] == 1) else 2)
+    layouts = [lay for lay in LAYOUTS if lay != "spatial_c" or (cu == 1 and grid[0] == 1)]
+    assert len(layouts) == (3 if cu == 1 and grid[0] == 1 else 2)
     for layout in layouts:
         out = pattern_keys(x, u, grid, stride, layout=layout)
         assert out.shape == ref.shape and out.stride(-1) == 1, layout
@@ -469,3 +468,6 @@ def test_pattern_keys_layouts_match_a_loop(grid, window, stride, cu):
             torch.testing.assert_close(g, r, rtol=0, atol=1e-10, msg=f"layout {layout} gradient")
     with pytest.raises(ValueError, match="layout must be one of"):
         pattern_keys(x, u, grid, stride, layout="nhwc")
+    if len(layouts) == 2:
+        with pytest.raises(ValueError, match="spatial_c"):
+            pattern_keys(x, u, grid, stride, layout="spatial_c")

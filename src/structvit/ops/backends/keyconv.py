@@ -11,15 +11,17 @@ The convolved keys go to ``scaled_dot_product_attention`` as (B, h, D * N', C) w
 stride in C (its fused kernels need that). How the convolution is laid out to get there
 with as few copies as possible (:func:`pattern_layout`):
 
-- ``"spatial_c"`` (dot-product patterns, CPU): the filters do not depend on the channel,
-  so C is treated as one more spatial axis of size 1 in the window: a conv3d over
-  (H, W, C) for an image, or over (T, H, W * C) with the W taps dilated by C for a video.
-  Its output (B, h * D, *grid', C) *is* (B, h, D * N', C): no layout copy in forward.
+- ``"spatial_c"`` (dot-product patterns on an image grid, CPU): the filters do not depend
+  on the channel, so C is one more spatial axis, with a window of size 1 along it: a
+  conv3d over (H, W, C) whose output (B, h * D, H', W', C) *is* (B, h, D * N', C), with no
+  layout copy. (For a video this needs a fourth spatial axis; folding C into W with
+  dilated taps measured slower than the default layout there, on 2 threads far slower.)
 - ``"channels_last"`` (channel-wise patterns, CPU): one depthwise convolution with D
   outputs per channel, input and output in channels-last memory format (the CPU kernels
   are faster there), then one copy from (B, N', h, C, D) to (B, h, D, N', C).
-- ``"channels_first"`` (other devices, where the two above were not measured): the same
-  convolution in the default layout, then one copy from (B, h, C, D, N') to (B, h, D, N', C).
+- ``"channels_first"`` (dot-product patterns on a video grid, and other devices, where the
+  two above were not measured): the same convolution in the default layout, then one copy
+  from (B, h, C, D, N') to (B, h, D, N', C).
 """
 from __future__ import annotations
 
@@ -36,13 +38,12 @@ LAYOUTS = ("spatial_c", "channels_last", "channels_first")
 
 def pattern_layout(x: torch.Tensor, u: torch.Tensor, grid: Grid3, stride: Grid3) -> str:
     """The convolution layout :func:`pattern_keys` uses for ``x`` (B, h, N, C) and patterns
-    ``u`` (hu, cu, D, kt, kh, kw). A video's W stride cannot be expressed on the dilated
-    (W * C) axis, so strided-W dot-product calls take the channels-last form."""
+    ``u`` (hu, cu, D, kt, kh, kw) (the choices were measured with ``bench op`` A/B)."""
     if x.device.type != "cpu":
         return "channels_first"
-    if u.shape[1] == 1 and (grid[0] == 1 or stride[2] == 1):
-        return "spatial_c"
-    return "channels_last"
+    if u.shape[1] > 1:
+        return "channels_last"
+    return "spatial_c" if grid[0] == 1 else "channels_first"
 
 
 def pattern_keys(x: torch.Tensor, u: torch.Tensor, grid: Grid3, stride: Grid3 = (1, 1, 1),
@@ -68,19 +69,15 @@ def pattern_keys(x: torch.Tensor, u: torch.Tensor, grid: Grid3, stride: Grid3 = 
     T, H, W = grid
     kt, kh, kw = u.shape[3:]
     if layout == "spatial_c":
-        if u.shape[1] != 1:
-            raise ValueError("pattern_keys: layout 'spatial_c' needs dot-product patterns (cu == 1)")
-        w = u.expand(h, 1, *u.shape[2:]).reshape(h * d, 1, kt, kh, kw)
-        # reshape copies a non-contiguous x (e.g. sliced from a qkv projection): CPU bf16
-        # convolutions compute wrong weight gradients for non-contiguous inputs
-        if T == 1:  # (H, W, C), taps (kh, kw, 1); a kt > 1 window only sees padding
-            y = F.conv3d(x.reshape(b, h, H, W, c), w[:, :, kt // 2, :, :, None], padding=(kh // 2, kw // 2, 0),
-                         stride=(stride[1], stride[2], 1), groups=h)
-        else:  # (T, H, W * C): tap ow of channel c is C positions away on the W * C axis
-            if stride[2] != 1:
-                raise ValueError("pattern_keys: layout 'spatial_c' needs a W stride of 1 for a video grid")
-            y = F.conv3d(x.reshape(b, h, T, H, W * c), w, padding=(kt // 2, kh // 2, (kw // 2) * c),
-                         dilation=(1, 1, c), stride=(stride[0], stride[1], 1), groups=h)
+        if u.shape[1] != 1 or T != 1:
+            raise ValueError("pattern_keys: layout 'spatial_c' needs dot-product patterns (cu == 1) on an image "
+                             f"grid (T == 1), got cu={u.shape[1]}, T={T}")
+        w = u.expand(h, 1, *u.shape[2:]).reshape(h * d, 1, kt, kh, kw)[:, :, kt // 2, :, :, None]  # (h*D, 1, kh, kw, 1)
+        # taps (kh, kw, 1) over (H, W, C); a kt > 1 window only sees padding when T == 1. reshape
+        # copies a non-contiguous x (e.g. sliced from a qkv projection): CPU bf16 convolutions
+        # compute wrong weight gradients for non-contiguous inputs
+        y = F.conv3d(x.reshape(b, h, H, W, c), w, padding=(kh // 2, kw // 2, 0), stride=(stride[1], stride[2], 1),
+                     groups=h)
         return y.reshape(b, h, d * n_out, c)
     weight = depthwise_pattern_weight(u, h, c)  # (h * C * D, 1, k...); channel (head, c, d)
     if layout == "channels_first":
