@@ -38,10 +38,11 @@ def _probe(**changes) -> autotune.Probe:
     return autotune.Probe(**fields)
 
 
-def _fake_measure(winner: str, calls: list):
+def _fake_measure(winner: str, calls: list, spread: float = 1.0):
+    """A stand-in for autotune.measure: ``winner`` fastest; each candidate's runs differ by ``spread``."""
     def measure(probe, candidates, memory_limit):
         calls.append(tuple(candidates))
-        return {name: (0.001 if name == winner else 0.01) for name in candidates}
+        return {name: [t, t * spread, t] for name in candidates for t in [0.001 if name == winner else 0.01]}
     return measure
 
 
@@ -185,3 +186,102 @@ def test_setting_values(monkeypatch):
             config.reload_from_environment()
     finally:
         config._settings = saved
+
+
+def test_timed_rounds_retime_only_the_two_close_candidates():
+    """A fake clock: each callable advances it by its cost. Candidates within CLOSE of each
+    other get extra rounds (just those two); a clear winner gets none."""
+    now = [0.0]
+    calls = {}
+
+    def fn(name, cost):
+        def run():
+            calls[name] = calls.get(name, 0) + 1
+            now[0] += cost
+        return run
+
+    times = autotune.timed_rounds({"a": fn("a", 1.0), "b": fn("b", 1.02), "c": fn("c", 2.0)}, repeats=3, close=0.05,
+                                  extra=4, clock=lambda: now[0])
+    assert calls == {"a": 1 + 3 + 4, "b": 1 + 3 + 4, "c": 1 + 3}  # warm-up, rounds, extra rounds of a and b
+    assert len(times["a"]) == 7 and len(times["c"]) == 3 and min(times["a"]) == pytest.approx(1.0)
+    calls.clear()
+    autotune.timed_rounds({"a": fn("a", 1.0), "b": fn("b", 1.5)}, repeats=3, close=0.05, extra=4, clock=lambda: now[0])
+    assert calls == {"a": 4, "b": 4}
+
+
+def test_noisy_record_is_measured_again_by_later_processes(tune, monkeypatch):
+    """A measurement whose runs disagreed is recorded as noisy: this process keeps it, the next
+    processes (memory reset) measure again until MAX_TRIES; deterministic mode just uses it."""
+    calls = []
+    monkeypatch.setattr(autotune, "measure", _fake_measure("keyconv", calls, spread=2 * autotune.NOISY))
+    probe = _probe()
+    args = (["keyconv", "correlation"], "correlation", 1e9, None, True)
+    assert autotune.choose(probe, *args) == "keyconv"
+    assert autotune.choose(probe, *args) == "keyconv" and len(calls) == 1  # final in this process
+    entry = json.loads(autotune.cache_file().read_text())["choices"][probe.key(None)]
+    assert entry["noisy"] and entry["tries"] == 1
+    config.set_autotune("deterministic")
+    autotune.reset()
+    assert autotune.choose(probe, *args) == "keyconv" and len(calls) == 1
+    config.set_autotune("measure")
+    for tries in range(2, autotune.MAX_TRIES + 1):
+        autotune.reset()
+        assert autotune.choose(probe, *args) == "keyconv"
+        assert len(calls) == tries
+    autotune.reset()
+    assert autotune.choose(probe, *args) == "keyconv" and len(calls) == autotune.MAX_TRIES  # kept for good
+    # a quiet measurement is final at once
+    monkeypatch.setattr(autotune, "measure", _fake_measure("correlation", calls))
+    other = _probe(training=False)
+    autotune.choose(other, *args)
+    autotune.reset()
+    assert autotune.choose(other, *args) == "correlation" and len(calls) == autotune.MAX_TRIES + 1
+    assert "noisy" not in json.loads(autotune.cache_file().read_text())["choices"][other.key(None)]
+
+
+def test_forget_deletes_the_records_and_measures_again(tune, monkeypatch):
+    calls = []
+    monkeypatch.setattr(autotune, "measure", _fake_measure("keyconv", calls))
+    probe = _probe()
+    args = (["keyconv", "correlation"], "correlation", 1e9, None, True)
+    autotune.choose(probe, *args)
+    other_machine = autotune.cache_file("0123456789abcdef")
+    other_machine.write_text(autotune.cache_file().read_text())
+    assert autotune.forget() == [autotune.cache_file()]
+    assert not autotune.cache_file().exists() and other_machine.exists()
+    monkeypatch.setattr(autotune, "measure", _fake_measure("correlation", calls))
+    assert autotune.choose(probe, *args) == "correlation" and len(calls) == 2  # measured again
+    assert sorted(autotune.forget(all_machines=True)) == sorted([autotune.cache_file(), other_machine])
+    assert autotune.forget() == []
+
+
+def test_bench_autotune_command_shows_and_forgets(tune, monkeypatch, capsys):
+    from structvit import bench
+
+    calls = []
+    monkeypatch.setattr(autotune, "measure", _fake_measure("keyconv", calls))
+    probe = _probe()
+    autotune.choose(probe, ["keyconv", "correlation"], "correlation", 1e9, None, True)
+    assert bench.main(["autotune"]) == 0
+    out = capsys.readouterr().out
+    assert "1 recorded choices" in out and probe.key(None) in out and "keyconv 1.0 ms" in out
+    assert bench.main(["autotune", "--forget"]) == 0
+    assert "deleted" in capsys.readouterr().out and not autotune.cache_file().exists()
+    assert bench.main(["autotune", "--forget"]) == 0
+    assert "nothing recorded" in capsys.readouterr().out
+
+
+def test_bench_auto_rows_are_compared_with_the_fastest_backend(tune):
+    """``bench op``'s auto rows carry their time over the fastest explicit backend row of the
+    same run (the acceptance figure), with --stat min as well as the median."""
+    from structvit import bench
+
+    case = bench.OP_CASES["tiny"]
+    rows = bench.bench_op_case("tiny", case, ["naive", "keyconv", "auto"], device="cpu", dtype="float32", repeats=2,
+                               measure_memory=False, stat="min")
+    timed = {r["backend"]: r for r in rows if "seconds" in r}
+    auto = next(r for r in timed.values() if r["backend"].startswith("auto"))
+    fastest = min(timed["naive"]["seconds"], timed["keyconv"]["seconds"])
+    assert auto["fastest_ratio"] == pytest.approx(auto["seconds"] / fastest)
+    assert "fastest_ratio" not in timed["keyconv"] and "fastest_ratio" not in timed["SA (sdpa)"]
+    assert "x the fastest explicit backend" in bench.format_op_table(case, rows)

@@ -232,8 +232,8 @@ def _peak_main(case_key: str, normalize: str, backend: str, device: str, dtype: 
     return 0
 
 
-def interleaved_medians(fns: dict, repeats: int, device: torch.device, warmup: int = 1) -> dict:
-    """Median seconds of each zero-argument callable, timed in rounds.
+def interleaved_medians(fns: dict, repeats: int, device: torch.device, warmup: int = 1, stat: str = "median") -> dict:
+    """Median (``stat="min"``: minimum) seconds of each zero-argument callable, timed in rounds.
 
     Timing the candidates in turn, round after round, exposes them to the same
     background load, so their ratios stay meaningful on a busy machine. Each round takes
@@ -258,11 +258,13 @@ def interleaved_medians(fns: dict, repeats: int, device: torch.device, warmup: i
             fn()
             _sync(device)
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    reduce = min if stat == "min" else statistics.median
+    return {name: reduce(t) for name, t in times.items()}
 
 
 def bench_op_case(case_key: str, case: OpCase, backends: list[str], *, device: str, dtype: str, repeats: int,
-                  naive_limit: int = 2 << 30, memory_limit: int = 8 << 20, measure_memory: bool = True) -> list[dict]:
+                  naive_limit: int = 2 << 30, memory_limit: int = 8 << 20, measure_memory: bool = True,
+                  stat: str = "median") -> list[dict]:
     """Rows of {backend, seconds, peak bytes, ratios} for one shape, SA first (peak None
     without ``measure_memory``: each measurement is a fresh process, seconds each)."""
     dev = torch.device(device)
@@ -295,7 +297,7 @@ def bench_op_case(case_key: str, case: OpCase, backends: list[str], *, device: s
         inputs = (q, k, v) if backend == "sa" else (q, k, v, u_k, u_v)
         fns[backend] = (lambda fn=op_fn(case, backend, memory_limit), inputs=inputs:
                         fn(*inputs).float().sum().backward())
-    seconds = interleaved_medians(fns, repeats, dev)
+    seconds = interleaved_medians(fns, repeats, dev, stat=stat)
     rows = []
     for backend, label in labels.items():
         if backend in skipped:
@@ -303,12 +305,16 @@ def bench_op_case(case_key: str, case: OpCase, backends: list[str], *, device: s
             continue
         peak = (peak_memory_in_subprocess(case_key, case.normalize, backend, device, dtype, memory_limit)
                 if measure_memory else None)
-        rows.append({"backend": label, "seconds": seconds[backend], "peak": peak})
+        rows.append({"backend": label, "seconds": seconds[backend], "peak": peak, "auto": backend.startswith("auto")})
     sa = rows[0]
+    # the fastest explicit backend of the run, for the auto rows' "x fastest"
+    fastest = min((r["seconds"] for r in rows[1:] if "seconds" in r and not r["auto"]), default=None)
     for row in rows:
         if "seconds" in row:
             row["time_ratio"] = row["seconds"] / sa["seconds"]
             row["mem_ratio"] = row["peak"] / sa["peak"] if row["peak"] and sa["peak"] else None
+            if row["auto"] and fastest:
+                row["fastest_ratio"] = row["seconds"] / fastest
     return rows
 
 
@@ -327,6 +333,10 @@ def format_op_table(case: OpCase, rows: list[dict]) -> str:
             continue
         mr = "n/a" if r["mem_ratio"] is None else f"{r['mem_ratio']:.1f}x"
         lines.append(f"| {r['backend']} | {r['seconds'] * 1e3:.1f} ms | {r['time_ratio']:.1f}x | {_fmt_mem(r['peak'])} | {mr} |")
+    auto = [r for r in rows if "fastest_ratio" in r]
+    if auto:
+        lines += [""] + [f"{r['backend']}: {r['fastest_ratio']:.2f}x the fastest explicit backend "
+                         f"({'within' if r['fastest_ratio'] <= 1.1 else 'NOT within'} 10%)" for r in auto]
     return "\n".join(lines)
 
 
@@ -345,16 +355,18 @@ def run_op(args) -> int:
         if args.normalize != "joint":
             case = OpCase(**{**case.__dict__, "normalize": args.normalize})
         rows = bench_op_case(name, case, args.backends, device=args.device, dtype=args.dtype, repeats=args.repeats,
-                             memory_limit=int(args.memory_limit * 2**20), measure_memory=not args.no_memory)
+                             memory_limit=int(args.memory_limit * 2**20), measure_memory=not args.no_memory,
+                             stat=args.stat)
         tables.append(format_op_table(case, rows))
         print(tables[-1], "\n", flush=True)
     if args.write:
-        write_performance(args.write, tables, device, argv=getattr(args, "argv", None))
+        write_performance(args.write, tables, device, argv=getattr(args, "argv", None), stat=args.stat)
         print(f"wrote {args.write}")
     return 0
 
 
-def write_performance(path, tables: list[str], device: torch.device, argv: list[str] | None = None) -> None:
+def write_performance(path, tables: list[str], device: torch.device, argv: list[str] | None = None,
+                      stat: str = "median") -> None:
     """Write the op tables to ``path`` (Markdown) with the command, machine, ISA and date."""
     import datetime
     import shlex
@@ -365,8 +377,11 @@ def write_performance(path, tables: list[str], device: torch.device, argv: list[
     isa = ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in info["isa"].items())
     lines = ["# Performance: the StructSA op against plain attention", "",
              "Forward + backward of `struct_attention` and of `scaled_dot_product_attention` (SA) on the same",
-             "inputs, timed interleaved in one run (median over rounds); ratios are to SA. Peak memory is",
-             "measured in a fresh process per row (see `structvit.bench`).", "",
+             f"inputs, timed interleaved in one run ({'minimum' if stat == 'min' else 'median'} over rounds); "
+             "ratios are to SA. Peak memory is",
+             "measured in a fresh process per row (see `structvit.bench`). \"x the fastest explicit backend\" is",
+             "an auto row's time over the fastest of the backend rows of the same run.", "",
+             f"- load average when written (1, 5, 15 min): {', '.join(f'{x:.2f}' for x in os.getloadavg())}",
              f"- command: `{cmd}`",
              f"- date: {datetime.date.today().isoformat()}",
              f"- machine: {info['model']}, {info['cpus']} logical CPUs, {torch.get_num_threads()} torch threads"
@@ -480,6 +495,30 @@ def run_model(args) -> int:
     return 0
 
 
+def run_autotune(args) -> int:
+    """Show (default) or delete (``--forget``) the choices "auto" recorded on this machine."""
+    import json
+
+    from .ops import autotune
+
+    print(f"# machine: {machine_line(torch.device('cpu'))}")
+    path = autotune.cache_file()
+    if args.forget:
+        removed = autotune.forget(all_machines=args.all)
+        print("\n".join(f"deleted {p}" for p in removed) or f"nothing recorded ({path} does not exist)")
+        return 0
+    entries = autotune._read_file(path)
+    print(f"# {len(entries)} recorded choices in {path}")
+    if entries:
+        data = json.loads(path.read_text())["choices"]
+        print("| shape class | backend | seconds per candidate | noisy |\n|---|---|---|---|")
+        for key, entry in sorted(data.items()):
+            secs = ", ".join(f"{name} {t * 1e3:.1f} ms" for name, t in sorted(entry.get("seconds", {}).items()))
+            noisy = f"yes ({entry.get('tries', 1)} tries)" if entry.get("noisy") else "no"
+            print(f"| {key} | {entry.get('backend')} | {secs} | {noisy} |")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="structvit bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -496,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--device", default="cpu")
     op.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     op.add_argument("--repeats", type=int, default=5)
+    op.add_argument("--stat", default="median", choices=["median", "min"],
+                    help="per backend: the median or the minimum over the interleaved rounds (min: the least "
+                         "disturbed run, for a loaded machine)")
     op.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     op.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements (one process each)")
     op.add_argument("--write", default=None, metavar="PATH",
@@ -511,6 +553,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--repeats", type=int, default=3)
     model.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     model.set_defaults(func=run_model)
+    tune = sub.add_parser("autotune", help="the backend choices 'auto' measured and recorded on this machine")
+    tune.add_argument("--forget", action="store_true", help="delete them, so that 'auto' measures again")
+    tune.add_argument("--all", action="store_true", help="with --forget: the records of every machine key "
+                      "(other thread counts, kernel builds, torch versions), not only the current one")
+    tune.set_defaults(func=run_autotune)
     return p
 
 

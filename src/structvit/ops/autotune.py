@@ -22,6 +22,15 @@ mode (not while ``torch.compile``/``torch.export`` traces, under fake tensors, a
 mode such as the FLOP counter, or ONNX export; there a recorded choice is still used),
 and at least ``MIN_MACS`` multiply-adds, so that small calls (and the test suite's)
 never pay for timing. A damaged or foreign cache file is ignored and rewritten.
+
+A shared machine makes timings noisy, so a measurement is built to survive it: the
+candidates are timed in rounds, each round in a new (seeded) random order so that they
+share the background load, and each keeps its fastest run (the least disturbed one);
+when the two fastest are within ``CLOSE`` of each other, more rounds of just those two
+follow (up to ``MAX_EXTRA_ROUNDS``). A choice whose rounds disagreed (a candidate's
+slowest run more than ``NOISY`` times its fastest) is recorded as noisy and measured
+again by the next process that needs it (up to ``MAX_TRIES`` times in all). To start
+again, :func:`forget` deletes the recorded choices (``structvit bench autotune --forget``).
 """
 from __future__ import annotations
 
@@ -45,6 +54,10 @@ FILE_VERSION = 1
 # a wrong pick costs little there, and timing would cost more than it saves
 MIN_MACS = 10 ** 8
 REPEATS = 3  # timed runs per candidate after one warm-up; the minimum is kept
+CLOSE = 0.05  # two best within 5%: time just those two again
+MAX_EXTRA_ROUNDS = 4
+NOISY = 1.5  # a candidate's slowest run over its fastest above this: the record is provisional
+MAX_TRIES = 3  # measurements of one shape class before a noisy record is kept for good
 
 _lock = threading.Lock()
 _memory: dict[str, dict[str, str]] = {}  # machine key -> {shape key: backend}
@@ -112,19 +125,25 @@ def cache_file(machine: str | None = None) -> Path:
     return config.settings().cache_dir / "autotune" / f"{machine or machine_key()}.json"
 
 
-def _read_file(path: Path) -> dict[str, str]:
-    """The recorded choices of a cache file; {} if it is missing, damaged or of another version."""
+def _read_file(path: Path) -> dict[str, dict]:
+    """The recorded entries of a cache file ({shape key: {"backend", "tries" if noisy}});
+    {} if it is missing, damaged or of another version."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         return {}
     if not isinstance(data, dict) or data.get("version") != FILE_VERSION or not isinstance(data.get("choices"), dict):
         return {}
-    return {k: v["backend"] for k, v in data["choices"].items()
-            if isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("backend"), str)}
+    table = {}
+    for k, v in data["choices"].items():
+        if isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("backend"), str):
+            tries = v.get("tries", 0) if v.get("noisy") else 0
+            table[k] = {"backend": v["backend"], "tries": tries if isinstance(tries, int) else 0}
+    return table
 
 
-def _write_file(path: Path, key: str, backend: str, seconds: dict[str, float]) -> None:
+def _write_file(path: Path, key: str, backend: str, seconds: dict[str, float], noisy: bool = False,
+                tries: int = 1) -> None:
     """Add one choice to the file (re-read first, so that other processes' entries stay;
     replaced atomically). An unwritable cache directory only loses the file."""
     try:
@@ -135,7 +154,10 @@ def _write_file(path: Path, key: str, backend: str, seconds: dict[str, float]) -
                 raise ValueError("not a cache file")
         except (OSError, ValueError, UnicodeDecodeError):
             data = {"version": FILE_VERSION, "choices": {}}  # damaged or missing: start again
-        data["choices"][key] = {"backend": backend, "seconds": seconds}
+        entry = {"backend": backend, "seconds": seconds}
+        if noisy:
+            entry.update(noisy=True, tries=tries)
+        data["choices"][key] = entry
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
             json.dump(data, f, indent=1, sort_keys=True)
@@ -144,8 +166,9 @@ def _write_file(path: Path, key: str, backend: str, seconds: dict[str, float]) -
         pass
 
 
-def recorded(key: str, machine: str) -> str | None:
-    """The recorded choice for a shape key (memory, then the machine's file)."""
+def _entry(key: str, machine: str) -> dict | None:
+    """The recorded entry for a shape key (memory, then the machine's file): {"backend",
+    "tries"}, tries > 0 for a noisy record read from the file (measured again when it can be)."""
     with _lock:
         table = _memory.setdefault(machine, {})
         if machine not in _file_loaded:
@@ -155,10 +178,17 @@ def recorded(key: str, machine: str) -> str | None:
         return table.get(key)
 
 
-def _record(key: str, machine: str, backend: str, seconds: dict[str, float]) -> None:
+def recorded(key: str, machine: str) -> str | None:
+    """The recorded choice for a shape key (memory, then the machine's file)."""
+    entry = _entry(key, machine)
+    return None if entry is None else entry["backend"]
+
+
+def _record(key: str, machine: str, backend: str, seconds: dict[str, float], noisy: bool, tries: int) -> None:
+    # in memory a noisy choice is final (this process measured it; the next one may again)
     with _lock:
-        _memory.setdefault(machine, {})[key] = backend
-    _write_file(cache_file(machine), key, backend, seconds)
+        _memory.setdefault(machine, {})[key] = {"backend": backend, "tries": 0}
+    _write_file(cache_file(machine), key, backend, seconds, noisy, tries)
 
 
 def reset() -> None:
@@ -166,6 +196,24 @@ def reset() -> None:
     with _lock:
         _memory.clear()
         _file_loaded.clear()
+
+
+def forget(all_machines: bool = False) -> list[Path]:
+    """Delete the recorded choices of this machine (its cache file; with ``all_machines``
+    every file in ``<cache>/autotune``) and those held in memory, so that "auto" measures
+    again. Returns the files deleted."""
+    paths = sorted(cache_file().parent.glob("*.json")) if all_machines else [cache_file()]
+    removed = []
+    with _lock:
+        for path in paths:
+            try:
+                path.unlink()
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+        _memory.clear()
+        _file_loaded.clear()
+    return removed
 
 
 def can_measure(q: torch.Tensor) -> bool:
@@ -202,10 +250,39 @@ def _inputs(probe: Probe, gen: torch.Generator):
     return tensors
 
 
-def measure(probe: Probe, candidates: list[str], memory_limit: int | None) -> dict[str, float]:
-    """Seconds of one call (forward, + backward when training) of each candidate: the
-    minimum over ``REPEATS`` runs after one warm-up, the candidates taken in turn each round
-    so that they share the machine's background load."""
+def timed_rounds(fns: dict, repeats: int = REPEATS, close: float = CLOSE, extra: int = MAX_EXTRA_ROUNDS,
+                 clock=time.perf_counter) -> dict[str, list[float]]:
+    """All timed runs (seconds) of each zero-argument callable: one warm-up each, then
+    ``repeats`` rounds, each in a new seeded random order; then, while the two fastest
+    minima are within ``close`` (relative), up to ``extra`` rounds of just those two."""
+    import random
+
+    order = random.Random(0)
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+
+    def round_of(names):
+        names = list(names)
+        order.shuffle(names)
+        for name in names:
+            t0 = clock()
+            fns[name]()
+            times[name].append(clock() - t0)
+
+    for _ in range(repeats):
+        round_of(fns)
+    for _ in range(extra if len(fns) > 1 else 0):
+        first, second = sorted(fns, key=lambda name: min(times[name]))[:2]
+        if min(times[second]) > (1 + close) * min(times[first]):
+            break
+        round_of((first, second))
+    return times
+
+
+def measure(probe: Probe, candidates: list[str], memory_limit: int | None) -> dict[str, list[float]]:
+    """Every timed run (seconds) of one call (forward, + backward when training) of each
+    candidate, in interleaved rounds (:func:`timed_rounds`)."""
     from .backends import BACKENDS
 
     gen = torch.Generator().manual_seed(0)
@@ -221,15 +298,7 @@ def measure(probe: Probe, candidates: list[str], memory_limit: int | None) -> di
                 for t in tensors:
                     t.grad = None
 
-    times = {name: math.inf for name in candidates}
-    for name in candidates:
-        run(name)
-    for _ in range(REPEATS):
-        for name in candidates:
-            t0 = time.perf_counter()
-            run(name)
-            times[name] = min(times[name], time.perf_counter() - t0)
-    return times
+    return timed_rounds({name: (lambda name=name: run(name)) for name in candidates})
 
 
 def mode() -> str:
@@ -245,12 +314,18 @@ def choose(probe: Probe, candidates: list[str], rule: str, macs: float, memory_l
         return rule
     machine = machine_key()
     key = probe.key(memory_limit)
-    found = recorded(key, machine)
-    if found in candidates:  # a recorded backend that cannot serve this call now is ignored
-        return found
-    if how != "measure" or not measurable or macs < MIN_MACS:
-        return rule
-    seconds = measure(probe, candidates, memory_limit)
+    entry = _entry(key, machine)
+    can_time = how == "measure" and measurable and macs >= MIN_MACS
+    # a recorded backend that cannot serve this call now is ignored; a noisy record is
+    # measured again (when this call can be timed) until it has been tried MAX_TRIES times
+    if entry is not None and entry["backend"] in candidates and not (can_time and 0 < entry["tries"] < MAX_TRIES):
+        return entry["backend"]
+    if not can_time:
+        return entry["backend"] if entry is not None and entry["backend"] in candidates else rule
+    runs = measure(probe, candidates, memory_limit)
+    seconds = {name: min(runs[name]) for name in candidates}
     best = min(candidates, key=lambda name: seconds[name])
-    _record(key, machine, best, seconds)
+    noisy = any(max(runs[name]) > NOISY * min(runs[name]) for name in candidates)
+    tries = (entry["tries"] if entry is not None else 0) + 1
+    _record(key, machine, best, seconds, noisy, tries)
     return best
