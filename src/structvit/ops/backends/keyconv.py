@@ -20,8 +20,8 @@ with as few copies as possible (:func:`pattern_layout`):
   outputs per channel, input and output in channels-last memory format (the CPU kernels
   are faster there), then one copy from (B, N', h, C, D) to (B, h, D, N', C).
 - ``"channels_first"`` (dot-product patterns on a video grid, and other devices, where the
-  two above were not measured): the same convolution in the default layout, then one copy
-  from (B, h, C, D, N') to (B, h, D, N', C).
+  two above were not measured; bfloat16 video grids of 1 x 1 frames): the same convolution
+  in the default layout, then one copy from (B, h, C, D, N') to (B, h, D, N', C).
 """
 from __future__ import annotations
 
@@ -41,9 +41,13 @@ def pattern_layout(x: torch.Tensor, u: torch.Tensor, grid: Grid3, stride: Grid3)
     ``u`` (hu, cu, D, kt, kh, kw) (the choices were measured with ``bench op`` A/B)."""
     if x.device.type != "cpu":
         return "channels_first"
-    if u.shape[1] > 1:
+    if u.shape[1] == 1 and grid[0] == 1:
+        return "spatial_c"
+    # bfloat16 (and half) conv3d on the CPU computes wrong weight gradients for a channels-last
+    # input whose H = W = 1 (tested); those keep the default layout, whose input is contiguous
+    if u.shape[1] > 1 and (x.dtype in (torch.float32, torch.float64) or grid[0] == 1 or grid[1] * grid[2] > 1):
         return "channels_last"
-    return "spatial_c" if grid[0] == 1 else "channels_first"
+    return "channels_first"
 
 
 def pattern_keys(x: torch.Tensor, u: torch.Tensor, grid: Grid3, stride: Grid3 = (1, 1, 1),
