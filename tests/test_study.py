@@ -79,14 +79,14 @@ def test_default_plan_has_every_variant_seed_and_equal_budget():
 def test_plan_selection_and_steps_override():
     study = S.load_study(DEFAULT)
     runs = S.expand_plan(study, seeds=[3, 5], variants=["sa", "moving_digits/structsa_d8"], steps=7)
-    assert [(r.task, r.variant, r.seed) for r in runs] == [
-        ("moving_digits", "sa", 3), ("moving_digits", "sa", 5), ("moving_digits", "structsa_d8", 3),
-        ("moving_digits", "structsa_d8", 5), ("digits", "sa", 3), ("digits", "sa", 5)]
+    assert [(r.task, r.variant, r.seed) for r in runs] == [  # order: seed (every variant at seed 3 first)
+        ("moving_digits", "sa", 3), ("moving_digits", "structsa_d8", 3), ("digits", "sa", 3),
+        ("moving_digits", "sa", 5), ("moving_digits", "structsa_d8", 5), ("digits", "sa", 5)]
     assert all(r.spec["steps"] == 7 for r in runs)
     only = S.expand_plan(study, tasks=["digits"], seeds=[0])
     assert {r.task for r in only} == {"digits"} and len(only) == 6
     # the spec hash changes with the budget and the seed (a resumed study never mixes budgets)
-    a, b = S.expand_plan(study, variants=["digits/sa"], seeds=[0], steps=7)[0], runs[4]
+    a, b = S.expand_plan(study, variants=["digits/sa"], seeds=[0], steps=7)[0], runs[2]
     assert a.spec_hash != b.spec_hash and a.spec_hash != S.expand_plan(study, variants=["digits/sa"], seeds=[0],
                                                                          steps=8)[0].spec_hash
 
