@@ -16,12 +16,10 @@ import torch
 from .backends import BACKENDS
 from . import autotune
 from .dispatch import BACKEND_NAMES, choose_backend, fused_can_serve, unsupported
+from .grid import Grid3
 
 NORMALIZE = ("joint", "per_pattern")
 PATTERN_LAYOUTS = ("channel", "head", "shared")
-
-Grid3 = tuple[int, int, int]
-
 
 def check_memory_limit(memory_limit) -> None:
     """``memory_limit`` must be None or a positive int (bytes)."""
@@ -149,8 +147,8 @@ def struct_attention_unchecked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """:func:`struct_attention` on canonical, already validated arguments (no checks).
 
     u_k, u_v: (hu, cu, D, kt, kh, kw) (see ``structvit.ops.backends``); grid, stride:
-    3-tuples. Returns ``(out, weights)``, weights None unless ``return_weights``, and the
-    backend that ran, as ``(out, weights, backend)``.
+    3-tuples. Returns ``(out, weights, backend)``: weights None unless ``return_weights``,
+    backend the one that ran.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
