@@ -434,6 +434,21 @@ for grid, window, D, shared in cases:
             refs = torch.autograd.grad((ref * ref.detach()).sum(), ref_in)
             for g, r in zip(grads, refs):
                 torch.testing.assert_close(g.double(), r, rtol=tol, atol=tol * float(r.abs().max()))
+# keyconv's pattern-convolution kernel, built for the same target (the paper's channel-wise layout)
+from structvit.ops.backends.keyconv import pattern_layout
+for grid, window, stride in (((1, 14, 14), (1, 3, 3), (1, 2, 2)), ((3, 7, 6), (3, 3, 3), (1, 1, 1)),
+                             ((2, 5, 9), (1, 5, 5), (2, 2, 3))):
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        inputs = random_inputs(2, 2, grid, 24, 4, window, layout="channel", dtype=dtype, requires_grad=True)
+        assert pattern_layout(inputs[1], inputs[3], grid, stride) == "native"
+        ref_in = [t.detach().double().requires_grad_() for t in inputs]
+        out = struct_attention(*inputs, grid, kv_stride=stride, backend="keyconv")
+        ref = struct_attention(*ref_in, grid, kv_stride=stride, backend="naive")
+        torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * float(ref.detach().abs().max()))
+        grads = torch.autograd.grad((out * out.detach()).sum(), inputs)
+        refs = torch.autograd.grad((ref * ref.detach()).sum(), ref_in)
+        for g, r in zip(grads, refs):
+            torch.testing.assert_close(g.double(), r, rtol=tol, atol=tol * float(r.abs().max()))
 print("ok", native.build_isa())
 """
 
@@ -444,7 +459,8 @@ def test_every_isa_build_matches_naive(arch, tmp_path):
     AVX-512), with its own vector width and register tiles, gives the naive form's values and
     gradients: float64 to 1e-10, float32 to 1e-5 relative; grids whose rows are and are not
     whole vector blocks, 3x3 / 3x3x3 / 1x5x5 / 5x5x5 windows, D of 1, 2, 3 (the run-time D
-    path), 4, 8, per-head and shared patterns, both softmaxes, two threads."""
+    path), 4, 8, per-head and shared patterns, both softmaxes, two threads; and keyconv's
+    pattern-convolution kernel (channel-wise, strided, 3x3 / 3x3x3 / 1x5x5)."""
     import os
     import subprocess
     import sys

@@ -457,8 +457,11 @@ def test_pattern_keys_layouts_match_a_loop(grid, window, stride, cu):
         rows.append(acc)
     ref = torch.stack(rows, 3).flatten(2, 3)  # (B, h, D * N', C)
     ref_grads = torch.autograd.grad((ref * torch.arange(ref.numel()).reshape(ref.shape).sin()).sum(), (x, u))
-    layouts = [lay for lay in LAYOUTS if lay != "spatial_c" or (cu == 1 and grid[0] == 1)]
-    assert len(layouts) == (3 if cu == 1 and grid[0] == 1 else 2)
+    from structvit.ops.backends import native_conv
+
+    layouts = [lay for lay in LAYOUTS if (lay != "spatial_c" or (cu == 1 and grid[0] == 1))
+               and (lay != "native" or native_conv.serves(x))]
+    assert len(layouts) == (3 if cu == 1 and grid[0] == 1 else 2) + native_conv.serves(x)
     for layout in layouts:
         out = pattern_keys(x, u, grid, stride, layout=layout)
         assert out.shape == ref.shape and out.stride(-1) == 1, layout
@@ -476,6 +479,6 @@ def test_pattern_keys_layouts_match_a_loop(grid, window, stride, cu):
         assert rel < 3e-2, f"{pattern_layout(xb, ub, grid, stride)}: bfloat16 relative error {rel:.2e}"
     with pytest.raises(ValueError, match="layout must be one of"):
         pattern_keys(x, u, grid, stride, layout="nhwc")
-    if len(layouts) == 2:
+    if "spatial_c" not in layouts:
         with pytest.raises(ValueError, match="spatial_c"):
             pattern_keys(x, u, grid, stride, layout="spatial_c")

@@ -114,7 +114,7 @@ def machine_key() -> str:
             lines = []
         model = next((line for line in lines if line.startswith("model name")), "")
         flags = next((line for line in lines if line.startswith(("flags", "Features"))), "")
-        source = native.SOURCE.read_bytes() if native.SOURCE.is_file() else b""
+        source = native.source_bytes()
         parts = [platform.machine(), model, flags, torch.__version__, hashlib.sha256(source).hexdigest(),
                  *map(str, memo)]
         _machine_keys[memo] = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]

@@ -5,6 +5,9 @@ models``, ``structvit report``, the study) counts what eager mode runs:
 
 - ``structvit::fused_forward`` / ``structvit::fused_backward``, the fused CPU kernel: the
   folded form's work (see :func:`fused_forward_flops`);
+- ``structvit::pattern_conv_forward`` / ``structvit::pattern_conv_backward``, keyconv's
+  pattern convolutions on the CPU: counted as the depthwise convolutions they replace
+  (every window offset of every output, as PyTorch counts a convolution);
 - ``aten::_scaled_dot_product_flash_attention_for_cpu`` (and its backward), PyTorch's CPU
   attention kernel, which ``FlopCounterMode`` does not count by itself (its CUDA
   counterparts are counted with the same formula).
@@ -18,7 +21,7 @@ import math
 import torch
 from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
-from .backends import fused  # noqa: F401  (registers the structvit:: custom ops)
+from .backends import fused, native_conv  # noqa: F401  (registers the structvit:: custom ops)
 
 
 def fused_forward_flops(q_shape, v_shape, uk_shape) -> int:
@@ -52,6 +55,23 @@ def _fused_forward_formula(q_shape, k_shape, v_shape, uk_shape, uv_shape, *args,
 def _fused_backward_formula(grad_shape, q_shape, k_shape, v_shape, uk_shape, uv_shape, out_shape_, lse_shape, at_shape,
                             s0_shape, *args, out_shape=None, **kwargs) -> int:
     return fused_backward_flops(q_shape, v_shape, uk_shape, math.prod(at_shape) > 0, math.prod(s0_shape) > 0)
+
+
+def pattern_conv_flops(y_shape, w_shape) -> int:
+    """FLOPs of one pass of a pattern convolution with output (B, h, D * N', C) and kernel
+    weights (h, D, M, C): M multiply-adds per output element."""
+    return 2 * math.prod(y_shape) * w_shape[2]
+
+
+@register_flop_formula(torch.ops.structvit.pattern_conv_forward)
+def _pattern_conv_forward_formula(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return pattern_conv_flops(out_shape, w_shape)
+
+
+@register_flop_formula(torch.ops.structvit.pattern_conv_backward)
+def _pattern_conv_backward_formula(grad_shape, x_shape, w_shape, grid, window, stride, need_x, need_w, *args,
+                                   out_shape=None, **kwargs) -> int:
+    return pattern_conv_flops(grad_shape, w_shape) * (int(need_x) + int(need_w))
 
 
 _cpu_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

@@ -40,7 +40,16 @@ import torch
 
 from .. import config
 
-SOURCE = Path(__file__).with_name("csrc") / "folded_cpu.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCE = CSRC / "folded_cpu.cpp"  # the fused kernel
+# compiled into one library: the fused kernel and keyconv's pattern convolutions
+SOURCES = (SOURCE, CSRC / "pattern_conv_cpu.cpp")
+HEADERS = (CSRC / "parallel.h",)
+
+
+def source_bytes() -> bytes:
+    """The kernels' source text (sources and headers): part of every cache key."""
+    return b"".join(p.read_bytes() for p in (*SOURCES, *HEADERS) if p.is_file())
 # -fno-trapping-math lets the compiler vectorise floor() in the kernel's exp; nothing
 # relies on floating-point exceptions or errno.
 FLAGS = ["-O3", "-ffp-contract=fast", "-fno-trapping-math", "-fno-math-errno", "-fopenmp-simd",
@@ -125,11 +134,12 @@ def _build(cxx: str, flags: list[str], lib_path: Path) -> None:
     with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
         out = Path(tmp) / lib_path.name
         try:
-            res = subprocess.run([cxx, *flags, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+            res = subprocess.run([cxx, *flags, *map(str, SOURCES), "-o", str(out)], capture_output=True, text=True)
         except OSError as e:
             raise NativeUnavailable(f"running the compiler {cxx} failed: {e}") from None
         if res.returncode != 0:
-            raise NativeUnavailable(f"compiling {SOURCE.name} with {cxx} failed:\n{res.stderr[-3000:]}")
+            names = ", ".join(p.name for p in SOURCES)
+            raise NativeUnavailable(f"compiling {names} with {cxx} failed:\n{res.stderr[-3000:]}")
         digest = Path(tmp) / (lib_path.name + ".sha256")
         digest.write_text(_sha256(out))
         os.replace(out, lib_path)  # concurrent builders leave one complete file
@@ -164,12 +174,17 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         # (tensors..., BH, R, dims, scale, joint[, at_saved], threads)
         getattr(lib, f"structsa_folded_forward_{suffix}").argtypes = [ptr] * 5 + [i64, i64, ptr, dbl, cint, cint]
         getattr(lib, f"structsa_folded_backward_{suffix}").argtypes = [ptr] * 10 + [i64, i64, ptr, dbl] + [cint] * 3
+        # (tensors and strides..., dims, threads)
+        getattr(lib, f"structsa_pattern_conv_forward_{suffix}").argtypes = [ptr] * 5 + [cint]
+        getattr(lib, f"structsa_pattern_conv_grad_input_{suffix}").argtypes = [ptr] * 5 + [cint]
+        getattr(lib, f"structsa_pattern_conv_grad_weight_{suffix}").argtypes = [ptr] * 6 + [cint]
     return lib
 
 
 def _load_uncached(cxx: str, flags: list[str], key: str) -> ctypes.CDLL:
-    if not SOURCE.is_file():
-        raise NativeUnavailable(f"the kernel source {SOURCE} is missing from the installed package")
+    missing = [p for p in (*SOURCES, *HEADERS) if not p.is_file()]
+    if missing:
+        raise NativeUnavailable(f"the kernel sources {', '.join(map(str, missing))} are missing from the installed package")
     name = f"structsa_folded_{key}.so"
     places = [cache_dir()]
     last_error = None
@@ -217,7 +232,7 @@ def load() -> ctypes.CDLL:
                 cxx = compiler()
                 flags = FLAGS + arch_flags(config.settings().native_arch) + (
                     OPENMP_FLAGS if shares_torch_openmp() else [])
-                digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([cxx] + flags).encode() + _cpu_key().encode())
+                digest = hashlib.sha256(source_bytes() + " ".join([cxx] + flags).encode() + _cpu_key().encode())
                 _loaded[key] = _load_uncached(cxx, flags, digest.hexdigest()[:16])
             except NativeUnavailable as e:
                 _loaded[key] = e

@@ -22,6 +22,9 @@ with as few copies as possible (:func:`pattern_layout`):
 - ``"channels_first"`` (dot-product patterns on a video grid, and other devices, where the
   two above were not measured; bfloat16 video grids of 1 x 1 frames): the same convolution
   in the default layout, then one copy from (B, h, C, D, N') to (B, h, D, N', C).
+- ``"native"`` (CPU, float32 / float64, where the native library builds): one kernel
+  (:mod:`.native_conv`) that reads x in place and writes (B, h, D * N', C) directly, with
+  its own backward; it replaces the layouts above where it is faster (:func:`pattern_layout`).
 """
 from __future__ import annotations
 
@@ -31,9 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from ..grid import Grid3, depthwise_pattern_weight, grid_conv, strided_grid
+from . import native_conv
 from .common import dropout, normalise
 
-LAYOUTS = ("spatial_c", "channels_last", "channels_first")
+LAYOUTS = ("spatial_c", "channels_last", "channels_first", "native")
 
 
 def pattern_layout(x: torch.Tensor, u: torch.Tensor, grid: Grid3, stride: Grid3) -> str:
@@ -41,6 +45,8 @@ def pattern_layout(x: torch.Tensor, u: torch.Tensor, grid: Grid3, stride: Grid3)
     ``u`` (hu, cu, D, kt, kh, kw) (the choices were measured with ``bench op`` A/B)."""
     if x.device.type != "cpu":
         return "channels_first"
+    if native_conv.serves(x):
+        return "native"
     if u.shape[1] == 1 and grid[0] == 1:
         return "spatial_c"
     # bfloat16 (and half) conv3d on the CPU computes wrong weight gradients for channels-last
@@ -68,6 +74,8 @@ def pattern_keys(x: torch.Tensor, u: torch.Tensor, grid: Grid3, stride: Grid3 = 
     layout = pattern_layout(x, u, grid, stride) if layout is None else layout
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "native":
+        return native_conv.pattern_keys_native(x, u, grid, stride)
     b, h, n, c = x.shape
     d = u.shape[2]
     n_out = math.prod(strided_grid(grid, stride))
