@@ -31,11 +31,16 @@ def _qkv_view(b, h, n, c, dtype=torch.float64, seed=0):
     return qkv[1]
 
 
+@pytest.mark.parametrize("c", [8, 24, 80])
 @pytest.mark.parametrize("grid,window,stride,cu", CASES)
-def test_kernel_matches_pytorch_convolutions(grid, window, stride, cu):
+def test_kernel_matches_pytorch_convolutions(grid, window, stride, cu, c):
     """Values and both gradients equal PyTorch's grouped convolution (layout
-    "channels_first") in float64, for a strided view and a contiguous copy of x."""
-    b, h, c, d = 2, 3, 8, 4
+    "channels_first") in float64, for a strided view and a contiguous copy of x. The head
+    dims cover whole vector blocks, a partial tile of blocks and scalar tail channels at
+    4, 8 and 16 lanes."""
+    b, h, d = 2, 3, 5 if c == 24 else 4  # D = 5: a full tile of 4 patterns and a tile of 1
+    if cu > 1:
+        cu = c
     view = _qkv_view(b, h, math.prod(grid), c)
     gen = torch.Generator().manual_seed(1)
     u = torch.randn(h, cu, d, *window, generator=gen, dtype=torch.float64)

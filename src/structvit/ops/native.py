@@ -1,17 +1,19 @@
-"""Build and load the fused CPU kernel (``csrc/folded_cpu.cpp``) on first use.
+"""Build and load the CPU kernels (``csrc/``) on first use: the fused kernel
+(``folded_cpu.cpp``) and keyconv's pattern convolutions (``pattern_conv_cpu.cpp``), one
+shared library.
 
-The kernel has a plain C ABI and no PyTorch headers, so it compiles in about a second
-with the system C++ compiler and loads with :mod:`ctypes`; the ops that call it are
-``torch.library`` custom ops (see ``backends/fused.py``). The shared library is cached
+The kernels have a plain C ABI and no PyTorch headers, so they compile in a few seconds
+with the system C++ compiler and load with :mod:`ctypes`; the ops that call them are
+``torch.library`` custom ops (``backends/fused.py``, ``backends/native_conv.py``). The shared library is cached
 under the cache directory (``structvit.config``: ``STRUCTVIT_CACHE``, default
-``~/.cache/structvit``), keyed by the source, the compiler, the flags and the CPU's
+``~/.cache/structvit``), keyed by the sources, the compiler, the flags and the CPU's
 feature flags and the build target (``STRUCTVIT_NATIVE_ARCH``: ``native`` by default, i.e.
 ``-march=native``; ``haswell`` builds the AVX2 + FMA variant, ``generic`` the portable one, so
-that each can be built and tested on one machine). The kernel picks its vector width and
-register tiles from the target's ISA at compile time (AVX-512, AVX2, NEON or generic); a
-build whose ISA this CPU lacks is refused. Without a compiler, or with the
-kernel disabled, the "fused" backend is unavailable, "auto" does not pick it, and one
-warning says why.
+that each can be built and tested on one machine). The kernels pick their vector width and
+register tiles from the target's ISA at compile time (``csrc/vec.h``: AVX-512, AVX2, NEON or
+generic); a build whose ISA this CPU lacks is refused. Without a compiler, or with the
+library disabled, the "fused" backend is unavailable, "auto" does not pick it, keyconv
+uses PyTorch's convolutions, and one warning says why.
 
 A cached library is loaded only if its SHA-256 matches the one recorded when it was
 built, so a truncated or foreign file (which ``dlopen`` would map and crash on) is
@@ -44,7 +46,7 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCE = CSRC / "folded_cpu.cpp"  # the fused kernel
 # compiled into one library: the fused kernel and keyconv's pattern convolutions
 SOURCES = (SOURCE, CSRC / "pattern_conv_cpu.cpp")
-HEADERS = (CSRC / "parallel.h",)
+HEADERS = (CSRC / "parallel.h", CSRC / "vec.h")
 
 
 def source_bytes() -> bytes:

@@ -35,28 +35,6 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-// Vector width and register count of the target ISA, fixed at compile time (native.py
-// builds one library per target): a block is one float vector register, so that the
-// register tiles below (D accumulators, offsets x patterns) fit the register file instead
-// of spilling. AVX-512: 16 lanes, 32 registers; AVX2 + FMA: 8 lanes, 16 registers; NEON:
-// 4 lanes, 32 registers; anything else (x86-64 baseline SSE2): 4 lanes, 16 registers.
-// STRUCTSA_BLK / STRUCTSA_NREG override them (experiments only).
-#ifndef STRUCTSA_BLK
-#if defined(__AVX512F__)
-#define STRUCTSA_BLK 16
-#elif defined(__AVX2__) && defined(__FMA__)
-#define STRUCTSA_BLK 8
-#else
-#define STRUCTSA_BLK 4
-#endif
-#endif
-#ifndef STRUCTSA_NREG
-#if defined(__AVX512F__) || defined(__aarch64__)
-#define STRUCTSA_NREG 32
-#else
-#define STRUCTSA_NREG 16
-#endif
-#endif
 #include <cmath>
 #include <cstdint>
 
@@ -67,6 +45,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "vec.h"
 
 namespace {
 
@@ -89,8 +68,8 @@ struct Geometry {
     std::vector<int64_t> blocks;
 };
 
-constexpr int64_t BLK = STRUCTSA_BLK;  // padded positions per register block (float lanes)
-constexpr int NREG = STRUCTSA_NREG;    // vector registers
+using structsa::BLK;
+using structsa::NREG;
 
 // Shift of each window offset o relative to the centre, in padded positions.
 std::vector<int64_t> window_shifts(const Geometry& g) {
@@ -122,22 +101,9 @@ std::vector<T> grid_mask(const Geometry& g, T on = T(1), T off = T(0)) {
 template <int DD>
 inline int64_t patterns(const Geometry& g) { return DD > 0 ? DD : g.D; }
 
-// A block of BLK padded positions as one GCC vector (one zmm for float with AVX-512, split
-// by the compiler on narrower machines), so accumulators stay in registers.
-template <typename T>
-struct Vec {
-    typedef T type __attribute__((vector_size(BLK * sizeof(T))));
-};
-
-template <typename T>
-inline typename Vec<T>::type load_vec(const T* p) {
-    typename Vec<T>::type v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-}
-
-template <typename T>
-inline void store_vec(T* p, typename Vec<T>::type v) { std::memcpy(p, &v, sizeof(v)); }
+using structsa::load_vec;
+using structsa::store_vec;
+using structsa::Vec;
 
 template <typename T>
 inline T hmax(typename Vec<T>::type v) {

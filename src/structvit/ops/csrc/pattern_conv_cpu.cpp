@@ -20,18 +20,25 @@
 // and the sum does not depend on which thread ran what).
 //
 // Every inner loop runs over the C channels of one position, contiguous in x, w, y and
-// the gradients, so that it vectorises at the target's width (-march, see native.py).
+// the gradients, in vectors of the target's width (vec.h; -march, see native.py) with
+// register tiles (DT, CT below); channels past the last whole vector go scalar.
 // PyTorch's depthwise convolutions with D outputs per channel do the same multiply-adds
 // several times slower on the CPU, and need a layout copy on each side.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
 #include "parallel.h"
+#include "vec.h"
 
 namespace {
 
+using structsa::BLK;
+using structsa::load_vec;
 using structsa::parallel_rows;
+using structsa::store_vec;
+using structsa::Vec;
 
 struct ConvGeometry {
     // dims: B, heads, C, D, T, H, W, kt, kh, kw, st, sh, sw, groups
@@ -48,16 +55,14 @@ ConvGeometry make_conv_geometry(const int64_t* d) {
     return ConvGeometry{d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], d[8], d[9], d[10], d[11], d[12], d[13]};
 }
 
-template <typename T>
-inline void fma_row(T* __restrict acc, const T* __restrict a, const T* __restrict b, int64_t C) {
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) acc[c] += a[c] * b[c];
-}
+struct Tap {
+    int64_t pos, o;  // a grid position (input for forward, output for grad input) and the window offset
+};
 
-// Calls fn(input position, offset) for every window offset of output position (t, y, x)
-// that lands on the grid.
-template <typename Fn>
-inline void for_each_tap(const ConvGeometry& g, int64_t t, int64_t y, int64_t x, Fn fn) {
+// The window offsets of output position (t, y, x) that land on the grid, with the input
+// positions they read.
+void taps_of_output(const ConvGeometry& g, int64_t t, int64_t y, int64_t x, std::vector<Tap>& taps) {
+    taps.clear();
     for (int64_t a = 0; a < g.kt; ++a) {
         const int64_t ti = t * g.st + a - g.kt / 2;
         if (ti < 0 || ti >= g.T) continue;
@@ -67,14 +72,13 @@ inline void for_each_tap(const ConvGeometry& g, int64_t t, int64_t y, int64_t x,
             for (int64_t c = 0; c < g.kw; ++c) {
                 const int64_t xi = x * g.sw + c - g.kw / 2;
                 if (xi < 0 || xi >= g.W) continue;
-                fn((ti * g.H + yi) * g.W + xi, (a * g.kh + b) * g.kw + c);
+                taps.push_back({(ti * g.H + yi) * g.W + xi, (a * g.kh + b) * g.kw + c});
             }
         }
     }
 }
 
-// The output position a window offset o of axis length n, window m and stride s reaches
-// input position i from, or -1.
+// The output position along one axis whose window reaches input i at offset o, or -1.
 inline int64_t source(int64_t i, int64_t o, int64_t m, int64_t s, int64_t n_out) {
     const int64_t num = i + m / 2 - o;
     if (num < 0 || num % s) return -1;
@@ -82,86 +86,222 @@ inline int64_t source(int64_t i, int64_t o, int64_t m, int64_t s, int64_t n_out)
     return j < n_out ? j : -1;
 }
 
+// The (output position, offset) pairs that read input position (t, y, x).
+void taps_of_input(const ConvGeometry& g, int64_t t, int64_t y, int64_t x, std::vector<Tap>& taps) {
+    taps.clear();
+    for (int64_t a = 0; a < g.kt; ++a) {
+        const int64_t to = source(t, a, g.kt, g.st, g.To());
+        if (to < 0) continue;
+        for (int64_t b = 0; b < g.kh; ++b) {
+            const int64_t yo = source(y, b, g.kh, g.sh, g.Ho());
+            if (yo < 0) continue;
+            for (int64_t c = 0; c < g.kw; ++c) {
+                const int64_t xo = source(x, c, g.kw, g.sw, g.Wo());
+                if (xo < 0) continue;
+                taps.push_back({(to * g.Ho() + yo) * g.Wo() + xo, (a * g.kh + b) * g.kw + c});
+            }
+        }
+    }
+}
+
+// The taps of every output position (forward) or input position (input gradient), built
+// once per call and shared by all (batch, head) rows: taps of position p are
+// taps[start[p] .. start[p + 1]).
+struct TapTable {
+    std::vector<int64_t> start;
+    std::vector<Tap> taps;
+};
+
+template <typename Fn>
+TapTable tap_table(int64_t T, int64_t H, int64_t W, Fn taps_of) {
+    TapTable table;
+    table.start.reserve(T * H * W + 1);
+    table.start.push_back(0);
+    std::vector<Tap> one;
+    for (int64_t t = 0; t < T; ++t)
+        for (int64_t y = 0; y < H; ++y)
+            for (int64_t x = 0; x < W; ++x) {
+                taps_of(t, y, x, one);
+                table.taps.insert(table.taps.end(), one.begin(), one.end());
+                table.start.push_back(int64_t(table.taps.size()));
+            }
+    return table;
+}
+
+// Register tiles: the forward keeps DT patterns of one channel block in registers (the
+// input vector is loaded once for all of them); the gradients CT channel blocks of one
+// row. Each accumulator is its own FMA dependency chain, so that the FMA latency is hidden.
+constexpr int64_t DT = 4, CT = 4;
+
+// ND patterns of one channel block of output row yj: the input vector of each offset is
+// loaded once for all of them.
+template <int ND, typename T>
+inline void forward_block(const T* xb, int64_t xstep, const T* wd, int64_t wstep, T* yj, int64_t ystep,
+                          const Tap* taps, const Tap* taps_end, int64_t ostep) {
+    using V = typename Vec<T>::type;
+    V acc[ND] = {};
+    for (const Tap* tap_it = taps; tap_it != taps_end; ++tap_it) {
+        const Tap& tap = *tap_it;
+        const V xv = load_vec(xb + tap.pos * xstep);
+        const T* wo = wd + tap.o * ostep;
+        for (int dd = 0; dd < ND; ++dd) acc[dd] += xv * load_vec(wo + dd * wstep);
+    }
+    for (int dd = 0; dd < ND; ++dd) store_vec(yj + dd * ystep, acc[dd]);
+}
+
 template <typename T>
 void conv_forward(const T* x, const int64_t* xs, const T* w, T* y, const ConvGeometry& g, int threads) {
-    const int64_t C = g.C, M = g.M(), No = g.No(), Ho = g.Ho(), Wo = g.Wo();
-    // one task per (b, h, d): its output plane (N', C) is written by one thread
-    parallel_rows(threads, g.B * g.heads * g.D, [&](int64_t begin, int64_t end, int) {
-        for (int64_t task = begin; task < end; ++task) {
-            const int64_t d = task % g.D, bh = task / g.D, h = bh % g.heads, b = bh / g.heads;
+    const int64_t C = g.C, M = g.M(), No = g.No(), Ho = g.Ho(), Wo = g.Wo(), Cv = C / BLK * BLK;
+    // one row per (b, h, output position): it writes y[b, h, :, j', :]
+    const TapTable table = tap_table(g.To(), Ho, Wo, [&](int64_t t, int64_t y, int64_t x, std::vector<Tap>& taps) {
+        taps_of_output(g, t, y, x, taps);
+    });
+    parallel_rows(threads, g.B * g.heads * No, [&](int64_t begin, int64_t end, int) {
+        for (int64_t row = begin; row < end; ++row) {
+            const int64_t j = row % No, bh = row / No, h = bh % g.heads, b = bh / g.heads;
+            const Tap *taps = table.taps.data() + table.start[j], *taps_end = table.taps.data() + table.start[j + 1];
             const T* xb = x + b * xs[0] + h * xs[1];
-            const T* wd = w + (h * g.D + d) * M * C;
-            T* yd = y + task * No * C;
-            std::memset(yd, 0, sizeof(T) * No * C);
-            for (int64_t to = 0; to < g.To(); ++to)
-                for (int64_t yo = 0; yo < Ho; ++yo)
-                    for (int64_t xo = 0; xo < Wo; ++xo) {
-                        T* row = yd + ((to * Ho + yo) * Wo + xo) * C;
-                        for_each_tap(g, to, yo, xo, [&](int64_t j, int64_t o) {
-                            fma_row(row, xb + j * xs[2], wd + o * C, C);
-                        });
+            const T* wh = w + h * g.D * M * C;
+            T* yj = y + (bh * g.D * No + j) * C;  // pattern d at yj + d * No * C
+            for (int64_t d0 = 0; d0 < g.D; d0 += DT) {
+                for (int64_t c0 = 0; c0 < Cv; c0 += BLK) {
+                    const T* wd = wh + d0 * M * C + c0;
+                    T* yd = yj + d0 * No * C + c0;
+                    switch (std::min(DT, g.D - d0)) {
+                        case 1: forward_block<1>(xb + c0, xs[2], wd, M * C, yd, No * C, taps, taps_end, C); break;
+                        case 2: forward_block<2>(xb + c0, xs[2], wd, M * C, yd, No * C, taps, taps_end, C); break;
+                        case 3: forward_block<3>(xb + c0, xs[2], wd, M * C, yd, No * C, taps, taps_end, C); break;
+                        default: forward_block<4>(xb + c0, xs[2], wd, M * C, yd, No * C, taps, taps_end, C); break;
                     }
+                }
+                for (int64_t dd = 0; dd < std::min(DT, g.D - d0); ++dd)  // channels past the last whole vector
+                    for (int64_t c = Cv; c < C; ++c) {
+                        T acc = 0;
+                        for (const Tap* tap = taps; tap != taps_end; ++tap)
+                            acc += xb[tap->pos * xs[2] + c] * wh[((d0 + dd) * M + tap->o) * C + c];
+                        yj[(d0 + dd) * No * C + c] = acc;
+                    }
+            }
         }
     });
+}
+
+// NC channel blocks of the input gradient at one position: the gradients of every output
+// row that read it (each pattern d at each tap's output position) times the weights.
+template <int NC, typename T>
+inline void input_block(const T* gyb, int64_t gstep, int64_t pstep, const T* wh, int64_t C, int64_t M, int64_t D,
+                        const Tap* taps, const Tap* taps_end, T* out) {
+    using V = typename Vec<T>::type;
+    V acc[NC] = {};
+    for (const Tap* tap = taps; tap != taps_end; ++tap)
+        for (int64_t d = 0; d < D; ++d) {
+            const T* gr = gyb + d * pstep + tap->pos * gstep;
+            const T* wr = wh + (d * M + tap->o) * C;
+            for (int k = 0; k < NC; ++k) acc[k] += load_vec(gr + k * BLK) * load_vec(wr + k * BLK);
+        }
+    for (int k = 0; k < NC; ++k) store_vec(out + k * BLK, acc[k]);
 }
 
 template <typename T>
 void conv_grad_input(const T* gy, const int64_t* gs, const T* w, T* gx, const ConvGeometry& g, int threads) {
-    const int64_t C = g.C, M = g.M(), No = g.No(), Ho = g.Ho(), Wo = g.Wo(), N = g.N();
-    // one task per (b, h): it gathers into its own (N, C) plane of gx
-    parallel_rows(threads, g.B * g.heads, [&](int64_t begin, int64_t end, int) {
-        for (int64_t bh = begin; bh < end; ++bh) {
-            const int64_t h = bh % g.heads, b = bh / g.heads;
+    const int64_t C = g.C, M = g.M(), No = g.No(), N = g.N(), Cv = C / BLK * BLK, pstep = No * gs[2];
+    // one row per (b, h, input position): it gathers gx[b, h, j, :]
+    const TapTable table = tap_table(g.T, g.H, g.W, [&](int64_t t, int64_t y, int64_t x, std::vector<Tap>& taps) {
+        taps_of_input(g, t, y, x, taps);
+    });
+    parallel_rows(threads, g.B * g.heads * N, [&](int64_t begin, int64_t end, int) {
+        for (int64_t row = begin; row < end; ++row) {
+            const int64_t p = row % N, bh = row / N, h = bh % g.heads, b = bh / g.heads;
+            const Tap *taps = table.taps.data() + table.start[p], *taps_end = table.taps.data() + table.start[p + 1];
             const T* gyb = gy + b * gs[0] + h * gs[1];
             const T* wh = w + h * g.D * M * C;
-            T* gxb = gx + bh * N * C;
-            std::memset(gxb, 0, sizeof(T) * N * C);
-            for (int64_t ti = 0; ti < g.T; ++ti)
-                for (int64_t yi = 0; yi < g.H; ++yi)
-                    for (int64_t xi = 0; xi < g.W; ++xi) {
-                        T* row = gxb + ((ti * g.H + yi) * g.W + xi) * C;
-                        for (int64_t a = 0; a < g.kt; ++a) {
-                            const int64_t to = source(ti, a, g.kt, g.st, g.To());
-                            if (to < 0) continue;
-                            for (int64_t b = 0; b < g.kh; ++b) {
-                                const int64_t yo = source(yi, b, g.kh, g.sh, Ho);
-                                if (yo < 0) continue;
-                                for (int64_t c = 0; c < g.kw; ++c) {
-                                    const int64_t xo = source(xi, c, g.kw, g.sw, Wo);
-                                    if (xo < 0) continue;
-                                    const int64_t j = (to * Ho + yo) * Wo + xo, o = (a * g.kh + b) * g.kw + c;
-                                    for (int64_t d = 0; d < g.D; ++d)
-                                        fma_row(row, gyb + (d * No + j) * gs[2], wh + (d * M + o) * C, C);
-                                }
-                            }
-                        }
-                    }
+            T* out = gx + row * C;
+            for (int64_t c0 = 0; c0 < Cv; c0 += CT * BLK) {
+                switch (std::min(CT, (Cv - c0) / BLK)) {
+                    case 1: input_block<1>(gyb + c0, gs[2], pstep, wh + c0, C, M, g.D, taps, taps_end, out + c0); break;
+                    case 2: input_block<2>(gyb + c0, gs[2], pstep, wh + c0, C, M, g.D, taps, taps_end, out + c0); break;
+                    case 3: input_block<3>(gyb + c0, gs[2], pstep, wh + c0, C, M, g.D, taps, taps_end, out + c0); break;
+                    default: input_block<4>(gyb + c0, gs[2], pstep, wh + c0, C, M, g.D, taps, taps_end, out + c0); break;
+                }
+            }
+            for (int64_t c = Cv; c < C; ++c) {  // channels past the last whole vector
+                T acc = 0;
+                for (const Tap* tap = taps; tap != taps_end; ++tap)
+                    for (int64_t d = 0; d < g.D; ++d) acc += gyb[d * pstep + tap->pos * gs[2] + c] * wh[(d * M + tap->o) * C + c];
+                out[c] = acc;
+            }
         }
     });
 }
 
+// The output positions along one axis whose window offset o stays on the grid: [lo, hi).
+inline void valid_range(int64_t o, int64_t m, int64_t s, int64_t n, int64_t n_out, int64_t& lo, int64_t& hi) {
+    const int64_t shift = o - m / 2;  // input = s * j + shift
+    lo = shift >= 0 ? 0 : (-shift + s - 1) / s;
+    hi = std::min(n_out, n - shift > 0 ? (n - shift + s - 1) / s : 0);
+    if (hi < lo) hi = lo;
+}
+
+// NC channel blocks of one offset's weight gradient over one output row: the dot product
+// of the row's gradients gr with the inputs xr it read, for xo in [x0, x1).
+template <int NC, typename T>
+inline void weight_row(const T* gr, int64_t gstep, const T* xr, int64_t xstep, int64_t x0, int64_t x1, T* acc_o) {
+    using V = typename Vec<T>::type;
+    V acc[NC] = {};
+    for (int64_t xo = x0; xo < x1; ++xo)
+        for (int k = 0; k < NC; ++k) acc[k] += load_vec(gr + xo * gstep + k * BLK) * load_vec(xr + xo * xstep + k * BLK);
+    for (int k = 0; k < NC; ++k) store_vec(acc_o + k * BLK, load_vec(acc_o + k * BLK) + acc[k]);
+}
+
 template <typename T>
-void conv_grad_weight(const T* x, const int64_t* xs, const T* gy, const int64_t* gs, T* gw_groups, const ConvGeometry& g,
-                      int threads) {
-    const int64_t C = g.C, M = g.M(), No = g.No(), Ho = g.Ho(), Wo = g.Wo();
-    const int64_t per_group = (g.B + g.groups - 1) / g.groups;
-    // one task per (batch group, h, d): it sums into its own (M, C) slice of gw_groups
+void conv_grad_weight(const T* x, const int64_t* xs, const T* gy, const int64_t* gs, T* gw_groups,
+                      const ConvGeometry& g, int threads) {
+    const int64_t C = g.C, M = g.M(), No = g.No(), Ho = g.Ho(), Wo = g.Wo(), Cv = C / BLK * BLK;
+    const int64_t per_group = (g.B + g.groups - 1) / g.groups, gstep = gs[2], xstep = g.sw * xs[2];
+    // one task per (batch group, h, d): it sums into its own (M, C) slice of gw_groups. Output
+    // row by output row, all offsets of a row in turn, so that the row's gradients and the
+    // input rows they read stay in L1 while every offset uses them
     parallel_rows(threads, g.groups * g.heads * g.D, [&](int64_t begin, int64_t end, int) {
         for (int64_t task = begin; task < end; ++task) {
             const int64_t d = task % g.D, h = task / g.D % g.heads, grp = task / (g.D * g.heads);
-            T* acc = gw_groups + task * M * C;
-            std::memset(acc, 0, sizeof(T) * M * C);
+            T* acc_all = gw_groups + task * M * C;
+            std::memset(acc_all, 0, sizeof(T) * M * C);
             for (int64_t b = grp * per_group; b < std::min(g.B, (grp + 1) * per_group); ++b) {
                 const T* xb = x + b * xs[0] + h * xs[1];
-                const T* gyd = gy + b * gs[0] + h * gs[1] + d * No * gs[2];
+                const T* gyd = gy + b * gs[0] + h * gs[1] + d * No * gstep;
                 for (int64_t to = 0; to < g.To(); ++to)
-                    for (int64_t yo = 0; yo < Ho; ++yo)
-                        for (int64_t xo = 0; xo < Wo; ++xo) {
-                            const T* grow = gyd + ((to * Ho + yo) * Wo + xo) * gs[2];
-                            for_each_tap(g, to, yo, xo, [&](int64_t j, int64_t o) {
-                                fma_row(acc + o * C, grow, xb + j * xs[2], C);
-                            });
+                    for (int64_t yo = 0; yo < Ho; ++yo) {
+                        const T* gr = gyd + (to * Ho + yo) * Wo * gstep;
+                        for (int64_t a = 0; a < g.kt; ++a) {
+                            const int64_t ti = to * g.st + a - g.kt / 2;
+                            if (ti < 0 || ti >= g.T) continue;
+                            for (int64_t bo = 0; bo < g.kh; ++bo) {
+                                const int64_t yi = yo * g.sh + bo - g.kh / 2;
+                                if (yi < 0 || yi >= g.H) continue;
+                                for (int64_t co = 0; co < g.kw; ++co) {
+                                    int64_t x0, x1;
+                                    valid_range(co, g.kw, g.sw, g.W, Wo, x0, x1);
+                                    // input of output column xo: column xo * sw + co - kw / 2
+                                    const T* xr = xb + ((ti * g.H + yi) * g.W + co - g.kw / 2) * xs[2];
+                                    T* acc_o = acc_all + ((a * g.kh + bo) * g.kw + co) * C;
+                                    for (int64_t c0 = 0; c0 < Cv; c0 += CT * BLK) {
+                                        const T *gc = gr + c0, *xc = xr + c0;
+                                        switch (std::min(CT, (Cv - c0) / BLK)) {
+                                            case 1: weight_row<1>(gc, gstep, xc, xstep, x0, x1, acc_o + c0); break;
+                                            case 2: weight_row<2>(gc, gstep, xc, xstep, x0, x1, acc_o + c0); break;
+                                            case 3: weight_row<3>(gc, gstep, xc, xstep, x0, x1, acc_o + c0); break;
+                                            default: weight_row<4>(gc, gstep, xc, xstep, x0, x1, acc_o + c0); break;
+                                        }
+                                    }
+                                    for (int64_t c = Cv; c < C; ++c) {  // channels past the last whole vector
+                                        T sum = 0;
+                                        for (int64_t xo = x0; xo < x1; ++xo) sum += gr[xo * gstep + c] * xr[xo * xstep + c];
+                                        acc_o[c] += sum;
+                                    }
+                                }
+                            }
                         }
+                    }
             }
         }
     });
