@@ -32,6 +32,7 @@ def test_disable_native_values(raw, expected, monkeypatch, restore_settings):
 
 
 @pytest.mark.parametrize("name,raw", [("STRUCTVIT_DISABLE_NATIVE", "maybe"), ("STRUCTVIT_NATIVE_OPENMP", "2"),
+                                      ("STRUCTVIT_NATIVE_CONV", "sometimes"),
                                       ("STRUCTVIT_BUFFER_CACHE_MB", "-1"), ("STRUCTVIT_BUFFER_CACHE_MB", "lots"),
                                       ("STRUCTVIT_BUFFER_CACHE_MB", "nan")])
 def test_bad_environment_values_name_the_variable(name, raw, monkeypatch, restore_settings):

@@ -121,11 +121,27 @@ def test_keyconv_runs_the_kernel_and_matches_naive():
 
 
 def test_fallbacks_where_the_kernel_cannot_run(monkeypatch):
-    """bfloat16, and ONNX export, use PyTorch's convolutions; so does a disabled library."""
+    """bfloat16, ONNX export and the switch (STRUCTVIT_NATIVE_CONV=0) use PyTorch's
+    convolutions, with the same values."""
+    from structvit import config
+
     x = torch.randn(1, 2, 12, 4)
     u = torch.randn(2, 4, 2, 1, 3, 3)
     assert native_conv.serves(x) and not native_conv.serves(x.bfloat16())
     assert pattern_layout(x.bfloat16(), u.bfloat16(), (1, 3, 4), (1, 1, 1)) != "native"
+    with_kernel = pattern_keys(x, u, (1, 3, 4), (1, 2, 2))
+    saved = config.settings()
+    monkeypatch.setenv("STRUCTVIT_NATIVE_CONV", "0")
+    try:
+        config.reload_from_environment()
+        assert not native_conv.serves(x) and pattern_layout(x, u, (1, 3, 4), (1, 2, 2)) == "channels_last"
+        torch.testing.assert_close(pattern_keys(x, u, (1, 3, 4), (1, 2, 2)), with_kernel, rtol=1e-6, atol=1e-6)
+        config.set_native_conv(True)
+        assert native_conv.serves(x)
+        with pytest.raises(TypeError, match="enabled must be a bool"):
+            config.set_native_conv(1)
+    finally:
+        config._settings = saved
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
     assert not native_conv.serves(x)
 

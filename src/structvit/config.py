@@ -9,6 +9,9 @@ variable                       setter                 meaning
 =============================  =====================  ==============================================
 ``STRUCTVIT_DISABLE_NATIVE``   ``set_native``         ``1``/``true``: never build or use the fused
                                (``enabled=False``)    CPU kernel; ``0``/``false``/unset: use it
+``STRUCTVIT_NATIVE_CONV``      ``set_native_conv``    ``0``/``false``: keyconv uses PyTorch's
+                                                      convolutions instead of its own CPU kernel
+                                                      (default ``1``: the kernel, where it builds)
 ``STRUCTVIT_CACHE``            ``set_cache_dir``      where built kernels are cached
                                                       (default ``~/.cache/structvit``)
 ``STRUCTVIT_NATIVE_OPENMP``    ``set_native_openmp``  ``0``: build the kernel with std::threads
@@ -95,6 +98,7 @@ class Settings:
     cxx: str | None
     native_arch: str = "native"
     autotune: str = "measure"
+    native_conv: bool = True
 
     @property
     def buffer_cache_bytes(self) -> int:
@@ -112,6 +116,7 @@ def _from_environment() -> Settings:
         cxx=os.environ.get("CXX") or None,
         native_arch=_check_arch("STRUCTVIT_NATIVE_ARCH", os.environ.get("STRUCTVIT_NATIVE_ARCH", "native")),
         autotune=_check_autotune("STRUCTVIT_AUTOTUNE", os.environ.get("STRUCTVIT_AUTOTUNE", "measure")),
+        native_conv=_env_bool("STRUCTVIT_NATIVE_CONV", True),
     )
 
 
@@ -140,6 +145,14 @@ def set_native(enabled: bool) -> None:
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {enabled!r}")
     _replace(native=enabled)
+
+
+def set_native_conv(enabled: bool) -> None:
+    """Whether keyconv computes its pattern convolutions with its own CPU kernel (True, where
+    the native library builds) or with PyTorch's convolutions (False) (``STRUCTVIT_NATIVE_CONV``)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    _replace(native_conv=enabled)
 
 
 def set_cache_dir(path: str | os.PathLike) -> None:

@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from ... import config
 from .. import native
 from ..dispatch import native_available
 from ..grid import Grid3, strided_grid
@@ -134,10 +135,11 @@ def kernel_weight(u: torch.Tensor, heads: int, channels: int) -> torch.Tensor:
 
 
 def serves(x: torch.Tensor) -> bool:
-    """Whether the kernel can compute ``x``'s pattern convolution here: CPU, float32 or
-    float64, the native library available, and not an ONNX export (ONNX has no such
-    operator; the PyTorch layouts export)."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+    """Whether the kernel computes ``x``'s pattern convolution here: CPU, float32 or
+    float64, the native library available and not switched off
+    (``config.set_native_conv``, ``STRUCTVIT_NATIVE_CONV``), and not an ONNX export (ONNX
+    has no such operator; the PyTorch layouts export)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or not config.settings().native_conv:
         return False
     return not torch.onnx.is_in_onnx_export() and native_available()
 
