@@ -1,9 +1,12 @@
 """The `structvit` command, the op tour of the demo and the op benchmark (run small; timings never asserted)."""
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from structvit import bench, cli
+from structvit.nn import StructSA
 
 
 def test_help_lists_commands(capsys):
@@ -47,10 +50,14 @@ def test_bench_op_paper_form_fast(tmp_path, capsys):
     dot-product-only backends skipped with the reason, the machine's ISA printed and written."""
     case = bench.OP_CASES["tiny_c"]
     assert case.layout == "channel" and case.keys == 2 * 2 * 2  # ceil(4 / 2) ** 2 per frame, 2 frames
-    rows = bench.bench_op_case("tiny_c", case, ["keyconv", "fused", "auto"], device="cpu", dtype="float32",
-                               repeats=1, measure_memory=False)
-    assert [r["backend"] for r in rows] == ["SA (sdpa)", "keyconv", "fused", "auto (keyconv)"]
-    assert rows[2]["skipped"] == "cannot serve channel-wise patterns"
+    rows = bench.bench_op_case("tiny_c", case, ["keyconv", "fused", "auto", "keyconv-torch"], device="cpu",
+                               dtype="float32", repeats=1, measure_memory=False)
+    assert [r["backend"] for r in rows] == ["SA (sdpa)", "keyconv", "fused", "auto (keyconv)",
+                                            "keyconv (PyTorch convolutions)"]
+    assert rows[2]["skipped"] == "cannot serve channel-wise patterns" and rows[4]["seconds"] > 0
+    from structvit import config
+
+    assert config.settings().native_conv  # the keyconv-torch row switched the kernel off only for its calls
     assert rows[0]["time_ratio"] == 1.0 and rows[1]["seconds"] > 0 and rows[1]["peak"] is None
     out = tmp_path / "perf.md"
     assert bench.main(["op", "--cases", "tiny_c", "--backends", "keyconv", "--repeats", "1", "--no-memory",
@@ -69,6 +76,24 @@ def test_bench_op_paper_form_fast(tmp_path, capsys):
 def test_bench_rejects_unknown_case():
     with pytest.raises(SystemExit):
         bench.main(["op", "--cases", "huge"])
+
+
+def test_bench_model_training_table_and_floor(capsys, one_thread):
+    """The training table: both steps, the SDPA share of the all-SA step and the floor it sets."""
+    assert bench.main(["model", "--what", "train", "--models", "structvit_tiny", "--repeats", "1",
+                       "--image-batch", "2"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| structvit_tiny |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    share, floor = float(cells[5].rstrip("%")) / 100, float(cells[6].rstrip("x"))
+    assert 0 < share < 1 and floor >= 1
+    model = bench._model("structvit_tiny")
+    layers = [m for m in model.modules() if isinstance(m, StructSA)]
+    want = sum(m.num_patterns / math.prod(m.kv_stride) for m in layers) / len(layers)
+    assert bench.key_factor(model, None) == pytest.approx(want)
+    assert floor == pytest.approx(1 + share * (want - 1), abs=0.008)  # from the rounded share
+    s42 = bench._model("structvit_s_4_2", struct_blocks="all")
+    assert bench.key_factor(s42, None) == pytest.approx(1.0)  # D = 4 keys at stride 2: N' = N / 4
 
 
 def test_bench_model_inference_table(capsys):

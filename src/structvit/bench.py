@@ -10,6 +10,7 @@ allocator's peak, also as a ratio to SA.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import math
 import os
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import config
 from .ops import resolve_backend, struct_attention
 
 
@@ -123,14 +125,15 @@ def machine_line(device: torch.device) -> str:
 
 
 def kernel_build_line() -> str:
-    """The fused kernel's build: its vector ISA and lanes, the build target setting, and how
-    "auto" chooses (STRUCTVIT_NATIVE_ARCH, STRUCTVIT_AUTOTUNE)."""
-    from . import config
+    """The CPU kernels' build: its vector ISA and lanes, the build target setting, how
+    "auto" chooses and whether keyconv uses its kernel (STRUCTVIT_NATIVE_ARCH,
+    STRUCTVIT_AUTOTUNE, STRUCTVIT_NATIVE_CONV)."""
     from .ops import native
 
     s = config.settings()
     build = native.build_isa() or f"unavailable ({native.unavailable_reason()})"
-    return f"fused kernel build {build}, STRUCTVIT_NATIVE_ARCH={s.native_arch}, STRUCTVIT_AUTOTUNE={s.autotune}"
+    return (f"CPU kernels' build {build}, STRUCTVIT_NATIVE_ARCH={s.native_arch}, STRUCTVIT_AUTOTUNE={s.autotune}, "
+            f"STRUCTVIT_NATIVE_CONV={int(s.native_conv)}")
 
 
 def _read_status(field: str) -> int | None:
@@ -197,10 +200,24 @@ def op_fn(case: OpCase, backend: str, memory_limit: int | None = None):
     "auto-mem" is "auto" told to keep its working memory under ``memory_limit`` bytes)."""
     if backend == "sa":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
+    if backend == "keyconv-torch":
+        return functools.partial(_keyconv_with_torch_convolutions, case)
     limit = memory_limit if backend == "auto-mem" else None
     backend = "auto" if backend == "auto-mem" else backend
     return lambda q, k, v, u_k, u_v: struct_attention(q, k, v, u_k, u_v, case.grid, kv_stride=case.kv_stride,
                                                       normalize=case.normalize, backend=backend, memory_limit=limit)
+
+
+def _keyconv_with_torch_convolutions(case: OpCase, q, k, v, u_k, u_v):
+    """keyconv with PyTorch's convolutions instead of its own kernel (``set_native_conv(False)``
+    for the call; the backward runs on what the forward recorded)."""
+    saved = config.settings().native_conv
+    config.set_native_conv(False)
+    try:
+        return struct_attention(q, k, v, u_k, u_v, case.grid, kv_stride=case.kv_stride, normalize=case.normalize,
+                                backend="keyconv")
+    finally:
+        config.set_native_conv(saved)
 
 
 def peak_memory_in_subprocess(case_key: str, normalize: str, backend: str, device: str, dtype: str,
@@ -274,10 +291,10 @@ def bench_op_case(case_key: str, case: OpCase, backends: list[str], *, device: s
                       for lim in (None, memory_limit))
     labels, fns, skipped = {}, {}, {}
     for backend in ["sa"] + backends:
-        label = {"sa": "SA (sdpa)", "auto": f"auto ({auto})",
+        label = {"sa": "SA (sdpa)", "auto": f"auto ({auto})", "keyconv-torch": "keyconv (PyTorch convolutions)",
                  "auto-mem": f"auto, memory_limit {memory_limit / 2**20:g} MiB ({auto_mem})"}.get(backend, backend)
         labels[backend] = label
-        if backend not in ("sa", "auto", "auto-mem"):
+        if backend not in ("sa", "auto", "auto-mem", "keyconv-torch"):
             try:
                 resolve_backend(q, u_k, case.grid, u_v=u_v, kv_stride=case.kv_stride, backend=backend)
             except ValueError as err:  # correlation / fused: dot-product layouts at stride 1 only
@@ -332,7 +349,7 @@ def format_op_table(case: OpCase, rows: list[dict]) -> str:
             lines.append(f"| {r['backend']} | skipped ({r['skipped']}) | | | |")
             continue
         mr = "n/a" if r["mem_ratio"] is None else f"{r['mem_ratio']:.1f}x"
-        lines.append(f"| {r['backend']} | {r['seconds'] * 1e3:.1f} ms | {r['time_ratio']:.1f}x | {_fmt_mem(r['peak'])} | {mr} |")
+        lines.append(f"| {r['backend']} | {r['seconds'] * 1e3:.1f} ms | {r['time_ratio']:.2f}x | {_fmt_mem(r['peak'])} | {mr} |")
     auto = [r for r in rows if "fastest_ratio" in r]
     if auto:
         lines += [""] + [f"{r['backend']}: {r['fastest_ratio']:.2f}x the fastest explicit backend "
@@ -442,6 +459,46 @@ def backends_used(model) -> str:
     return ", ".join(f"{name} x{count}" for name, count in sorted(used.items())) or "-"
 
 
+# the paper's StructViT-S at both strides, image and video, against UniFormer-S (all SA)
+TRAIN_MODELS = ("structvit_s_4_1", "structvit_s_4_2", "structvit_s_4_1_video", "structvit_s_4_2_video")
+
+
+def sdpa_share(step, device: torch.device) -> float:
+    """The fraction of one call of ``step`` (a warmed-up training step) spent in
+    ``scaled_dot_product_attention``'s forward and backward kernels (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        total = time.perf_counter() - t0
+    attention = sum(e.cpu_time_total for e in prof.key_averages()
+                    if e.key.startswith("aten::_scaled_dot_product") or e.key.startswith("aten::_efficient_attention")
+                    or e.key.startswith("aten::_flash_attention")) / 1e6
+    # the profiler's totals are exclusive of each other for these top-level kernels; the
+    # wrapper ops (aten::scaled_dot_product_attention) are not counted a second time
+    return min(1.0, attention / total)
+
+
+def key_factor(model, shape) -> float:
+    """D * N' / N, how many more keys StructSA's SDPA sees than plain attention, averaged
+    over the model's StructSA layers (the registered models give all of them the same D
+    and stride; the stride-2 models: about D / 4)."""
+    from .nn import StructSA
+
+    layers = [m for m in model.modules() if isinstance(m, StructSA)]
+    if not layers:
+        return 1.0
+    factors = []
+    for m in layers:
+        keep = math.prod(1 / s for s in m.kv_stride)  # N' / N up to the rounding of ceil(n / s)
+        factors.append(m.num_patterns * keep)
+    return sum(factors) / len(factors)
+
+
 def run_model(args) -> int:
     """Each StructSA model is timed against the same model with all-SA blocks, the two
     interleaved step by step (``interleaved_medians``): measured one after the other,
@@ -458,21 +515,26 @@ def run_model(args) -> int:
           f"backend={args.backend}, median of {args.repeats} interleaved rounds\n")
     if "train" in args.what:
         print("### Training step (fwd + bwd + AdamW), StructSA in every attention block vs all-SA (0, 0)\n")
-        print("| model | input | SA step | StructSA step | x SA | StructSA backends (auto) |")
-        print("|---|---|---|---|---|---|")
-        for name, batch in (("structvit_s_4_1", args.image_batch), ("structvit_s_4_2", args.image_batch),
-                            ("structvit_s_4_1_video", args.video_batch)):
-            if args.models and name not in args.models:
-                continue
+        print("The floor: the all-SA step with its SDPA time (forward + backward, profiled) multiplied by the "
+              "keys' factor D * N' / N, the least StructSA's attention can cost (SDPA over D * N' keys).\n")
+        print("| model | input | SA step | StructSA step | x SA | SDPA share of the SA step | floor | x floor "
+              "| StructSA backends (auto) |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for name in args.models or TRAIN_MODELS:
             models = {blocks: _model(name, struct_blocks=blocks, backend=args.backend) for blocks in ((0, 0), "all")}
+            batch = args.video_batch if getattr(models["all"], "video", False) else args.image_batch
             shape = default_input_shape(models["all"], batch)
-            times = interleaved_medians({b: train_step_fn(m, shape, device) for b, m in models.items()},
-                                        args.repeats, device)
+            steps = {b: train_step_fn(m, shape, device) for b, m in models.items()}
+            times = interleaved_medians(steps, args.repeats, device)
+            share = sdpa_share(steps[(0, 0)], device)
+            factor = key_factor(models["all"], shape)
+            floor = 1 + share * (factor - 1)
             used = backends_used(models["all"])
-            del models
+            del models, steps
             shape_s = "x".join(map(str, shape[1:]))
-            print(f"| {name} | {batch}x{shape_s} | {times[(0, 0)]:.2f} s | {times['all']:.2f} s | "
-                  f"{times['all'] / times[(0, 0)]:.2f}x | {used} |", flush=True)
+            ratio = times["all"] / times[(0, 0)]
+            print(f"| {name} | {batch}x{shape_s} | {times[(0, 0)]:.2f} s | {times['all']:.2f} s | {ratio:.2f}x | "
+                  f"{share:.1%} | {floor:.2f}x | {ratio / floor:.2f} | {used} |", flush=True)
         print()
     if "infer" in args.what:
         print("### Inference throughput (eval, no grad), each model vs the same model with all-SA\n")
@@ -527,8 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--cases", nargs="+", default=PAPER_CASES, choices=sorted(OP_CASES),
                     help="default: the paper's channel-wise cases (image/video, D=4/8, stride 1/2)")
     op.add_argument("--backends", nargs="+", default=["naive", "correlation", "keyconv", "fused", "auto", "auto-mem"],
-                    choices=["naive", "correlation", "keyconv", "fused", "auto", "auto-mem"],
-                    help="auto-mem: auto with --memory-limit")
+                    choices=["naive", "correlation", "keyconv", "keyconv-torch", "fused", "auto", "auto-mem"],
+                    help="auto-mem: auto with --memory-limit; keyconv-torch: keyconv with PyTorch's convolutions "
+                         "instead of its kernel (STRUCTVIT_NATIVE_CONV=0)")
     op.add_argument("--memory-limit", type=float, default=8.0,
                     help="working-memory limit in MiB given to auto for the auto-mem row (default 8)")
     op.add_argument("--normalize", default="joint", choices=["joint", "per_pattern"])
