@@ -58,6 +58,11 @@ def test_bench_op_paper_form_fast(tmp_path, capsys):
     from structvit import config
 
     assert config.settings().native_conv  # the keyconv-torch row switched the kernel off only for its calls
+    profiled = bench.bench_op_case("tiny_c", case, ["keyconv"], device="cpu", dtype="float32", repeats=1,
+                                   measure_memory=False, profile_top=3)
+    names = [name for name, _ in profiled[1]["profile"]]
+    assert len(names) <= 4 and all(t >= 0 for _, t in profiled[1]["profile"])
+    assert "Where the time goes" in bench.format_op_table(case, profiled)
     assert rows[0]["time_ratio"] == 1.0 and rows[1]["seconds"] > 0 and rows[1]["peak"] is None
     out = tmp_path / "perf.md"
     assert bench.main(["op", "--cases", "tiny_c", "--backends", "keyconv", "--repeats", "1", "--no-memory",

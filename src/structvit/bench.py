@@ -279,11 +279,24 @@ def interleaved_medians(fns: dict, repeats: int, device: torch.device, warmup: i
     return {name: reduce(t) for name, t in times.items()}
 
 
+def profile_breakdown(fn, top: int) -> list[tuple[str, float]]:
+    """Where one call of ``fn`` spends its time: the ``top`` operators by self CPU time
+    (torch profiler), in seconds, and the rest summed as "other"."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    events = sorted(((e.key, e.self_cpu_time_total / 1e6) for e in prof.key_averages()), key=lambda kv: -kv[1])
+    rest = sum(t for _, t in events[top:])
+    return events[:top] + ([("other", rest)] if rest > 0 else [])
+
+
 def bench_op_case(case_key: str, case: OpCase, backends: list[str], *, device: str, dtype: str, repeats: int,
                   naive_limit: int = 2 << 30, memory_limit: int = 8 << 20, measure_memory: bool = True,
-                  stat: str = "median") -> list[dict]:
+                  stat: str = "median", profile_top: int = 0) -> list[dict]:
     """Rows of {backend, seconds, peak bytes, ratios} for one shape, SA first (peak None
-    without ``measure_memory``: each measurement is a fresh process, seconds each)."""
+    without ``measure_memory``: each measurement is a fresh process, seconds each; with
+    ``profile_top`` each row also gets its ``profile_breakdown``)."""
     dev = torch.device(device)
     (q, k, v), (u_k, u_v) = make_op_inputs(case, dev, DTYPES[dtype])
     m = math.prod(case.window)
@@ -323,6 +336,8 @@ def bench_op_case(case_key: str, case: OpCase, backends: list[str], *, device: s
         peak = (peak_memory_in_subprocess(case_key, case.normalize, backend, device, dtype, memory_limit)
                 if measure_memory else None)
         rows.append({"backend": label, "seconds": seconds[backend], "peak": peak, "auto": backend.startswith("auto")})
+        if profile_top and device == "cpu":
+            rows[-1]["profile"] = profile_breakdown(fns[backend], profile_top)
     sa = rows[0]
     # the fastest explicit backend of the run, for the auto rows' "x fastest"
     fastest = min((r["seconds"] for r in rows[1:] if "seconds" in r and not r["auto"]), default=None)
@@ -354,6 +369,13 @@ def format_op_table(case: OpCase, rows: list[dict]) -> str:
     if auto:
         lines += [""] + [f"{r['backend']}: {r['fastest_ratio']:.2f}x the fastest explicit backend "
                          f"({'within' if r['fastest_ratio'] <= 1.1 else 'NOT within'} 10%)" for r in auto]
+    profiled = [r for r in rows if r.get("profile")]
+    if profiled:
+        sa_seconds = rows[0]["seconds"]
+        lines += ["", "Where the time goes (one fwd+bwd under the torch profiler, self CPU time, in units of the "
+                  "SA row's time):", "", "| backend | operator | x SA |", "|---|---|---|"]
+        for r in profiled:
+            lines += [f"| {r['backend']} | {name} | {t / sa_seconds:.2f} |" for name, t in r["profile"]]
     return "\n".join(lines)
 
 
@@ -373,7 +395,7 @@ def run_op(args) -> int:
             case = OpCase(**{**case.__dict__, "normalize": args.normalize})
         rows = bench_op_case(name, case, args.backends, device=args.device, dtype=args.dtype, repeats=args.repeats,
                              memory_limit=int(args.memory_limit * 2**20), measure_memory=not args.no_memory,
-                             stat=args.stat)
+                             stat=args.stat, profile_top=args.profile)
         tables.append(format_op_table(case, rows))
         print(tables[-1], "\n", flush=True)
     if args.write:
@@ -592,6 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
                     choices=["naive", "correlation", "keyconv", "keyconv-torch", "fused", "auto", "auto-mem"],
                     help="auto-mem: auto with --memory-limit; keyconv-torch: keyconv with PyTorch's convolutions "
                          "instead of its kernel (STRUCTVIT_NATIVE_CONV=0)")
+    op.add_argument("--profile", type=int, default=0, metavar="TOP",
+                    help="also profile one fwd+bwd of every row and list its TOP operators by self CPU time")
     op.add_argument("--memory-limit", type=float, default=8.0,
                     help="working-memory limit in MiB given to auto for the auto-mem row (default 8)")
     op.add_argument("--normalize", default="joint", choices=["joint", "per_pattern"])
