@@ -248,3 +248,39 @@ def test_structvit_passes_memory_limit_to_its_structsa_layers():
     model = timm.create_model("structvit_tiny", struct_blocks=(1, 1), memory_limit=8 << 20)
     limits = [m.memory_limit for m in model.modules() if isinstance(m, StructSA)]
     assert limits == [8 << 20, 8 << 20]
+
+
+@pytest.mark.parametrize("grid,window", [((5, 6), (1, 1)), ((3, 4, 4), (1, 1, 1)), ((3, 4, 4), (1, 1))])
+@pytest.mark.parametrize("normalize", ["joint", "per_pattern"])
+@pytest.mark.parametrize("patterns", LAYOUTS)
+def test_random_init_of_a_one_tap_window_starts_as_sa(grid, window, normalize, patterns):
+    # A 1x1 (1x1x1) pattern is only a per-channel gain. Zero-mean random gains gave the layer a
+    # value gain mean_d u_v ~ 0.4 rms, and a 1x1 StructSA that did not train (README, the
+    # paper's ablations, Table 1b); the default init now starts it as SA.
+    torch.manual_seed(0)
+    sa = SelfAttention(32, 4).double()
+    st = StructSA(32, 4, window=window, num_patterns=4, normalize=normalize, patterns=patterns).double()
+    st.load_state_dict(sa.state_dict(), strict=False)
+    st.reset_patterns()  # the default ("random"), drawn in float64
+    x = torch.randn(2, math.prod(grid), 32, dtype=torch.float64)
+    torch.testing.assert_close(st(x, grid), sa(x, grid), rtol=0, atol=1e-12)
+    st(x, grid).pow(2).sum().backward()
+    g = st.u_k.grad.movedim(st.pattern_dim, 0)  # the D patterns still get different gradients
+    assert (g[1:] - g[:1]).abs().max() > 1e-6 * g.abs().max()
+
+
+def test_random_one_tap_convsa_is_sa():
+    torch.manual_seed(0)
+    sa = SelfAttention(32, 4)
+    st = ConvSA(32, 4, window=(1, 1))
+    st.load_state_dict(sa.state_dict(), strict=False)
+    x = torch.randn(2, 30, 32)
+    torch.testing.assert_close(st(x, (5, 6)), sa(x, (5, 6)), rtol=1e-5, atol=1e-6)
+
+
+def test_random_init_changes_only_one_tap_windows():
+    torch.manual_seed(0)
+    m = StructSA(64, 4, window=(3, 3), window_v=(1, 1), num_patterns=4)  # element-wise aggregation
+    assert m.u_k.mean().abs() < 0.05 and 0.6 / 3 < m.u_k.std() < 1.2 / 3  # N(0, 1/M) as before
+    torch.testing.assert_close(m.u_v.mean(dim=m.pattern_dim), torch.ones(4, 16, 1, 1))
+    assert 0 < (m.u_v - 1).abs().max() < 0.1  # SA's gain plus the zero-sum e_d of init="sa"

@@ -129,6 +129,16 @@ def _record_backend(module, backend: str) -> None:
         module.last_backend = backend
 
 
+def _zero_sum_noise(u: torch.Tensor, pattern_dim: int, std: float) -> torch.Tensor:
+    """Truncated-normal perturbations shaped like ``u`` that sum to zero over the patterns
+    (none for a single pattern: it has no zero-sum perturbation but itself)."""
+    e = torch.empty_like(u)
+    nn.init.trunc_normal_(e, std=std, a=-2 * std, b=2 * std)
+    if u.shape[pattern_dim] > 1:
+        return e - e.mean(dim=pattern_dim, keepdim=True)
+    return e.zero_()
+
+
 class StructSA(SelfAttention):
     """Structural self-attention (Kim et al., CVPR 2024) as a drop-in attention layer.
 
@@ -153,7 +163,10 @@ class StructSA(SelfAttention):
             StructViT-X-D-2 models use 2, spatially).
         normalize: "joint" (default) or "per_pattern"; see ``struct_attention``.
         init: "random" -- truncated normal with std M ** -0.5 (M = window positions), so
-            the scores start with the variance of SA's (our reading); "sa" -- the
+            the scores start with the variance of SA's (our reading), except that a
+            one-position window (1x1, 1x1x1) has no structure to draw: its patterns are
+            per-channel gains and start as in "sa" (SA's gain, zero-sum e_d on ``u_v``), so a
+            1x1 StructSA starts as SA; "sa" -- the
             SA-equivalent initialisation: every detector a centre delta, every aggregator a
             centre delta (divided by D for "per_pattern") plus e_d with sum_d e_d = 0 (per
             channel for channel-wise patterns), so the output equals SA with the same
@@ -210,26 +223,32 @@ class StructSA(SelfAttention):
     def reset_patterns(self, init: str = "random", noise_std: float = 0.02) -> None:
         """Re-initialise ``u_k`` and ``u_v``; ``init`` as in the constructor.
 
-        ``noise_std`` is the std of the zero-sum perturbations e_d of ``init="sa"``.
+        ``noise_std`` is the std of the zero-sum perturbations e_d of ``init="sa"`` (and of a
+        one-tap ``u_v`` under ``init="random"``).
         """
         check_choice("init", init, INITS)
+        value_centre = 1.0 if self.normalize == "joint" else 1.0 / self.num_patterns
         if init == "random":
-            for u in (self.u_k, self.u_v):
-                std = math.prod(u.shape[-len(self.window):]) ** -0.5
-                nn.init.trunc_normal_(u, std=std, a=-2 * std, b=2 * std)
+            for u, centre in ((self.u_k, 1.0), (self.u_v, value_centre)):
+                m = math.prod(u.shape[-len(self.window):])
+                if m > 1:
+                    std = m ** -0.5
+                    nn.init.trunc_normal_(u, std=std, a=-2 * std, b=2 * std)
+                else:
+                    # A one-tap pattern is only a per-channel gain, and the softmax mixes the D
+                    # copies of a token, so the layer starts with the gain mean_d u. Zero-mean
+                    # draws made that ~0.4 rms (std 1 over D = 4), which kept the attention
+                    # uniform for the whole budget of the paper study (README, the paper's
+                    # ablations, Table 1b). Start at SA's gain instead, as init="sa" does.
+                    u.fill_(centre)
+            if math.prod(self.window_v) == 1:
+                self.u_v.add_(_zero_sum_noise(self.u_v, self.pattern_dim, noise_std))
             return
         for u, window in ((self.u_k, self.window), (self.u_v, self.window_v)):
             delta = torch.zeros(window, dtype=u.dtype, device=u.device)
             delta[tuple(s // 2 for s in window)] = 1.0
             u.copy_(delta.expand_as(u))
-        e = torch.empty_like(self.u_v)
-        nn.init.trunc_normal_(e, std=noise_std, a=-2 * noise_std, b=2 * noise_std)
-        if self.num_patterns > 1:
-            e -= e.mean(dim=self.pattern_dim, keepdim=True)
-        else:
-            e.zero_()  # a single pattern has no zero-sum perturbation but itself
-        centre = 1.0 if self.normalize == "joint" else 1.0 / self.num_patterns
-        self.u_v.mul_(centre).add_(e)
+        self.u_v.mul_(value_centre).add_(_zero_sum_noise(self.u_v, self.pattern_dim, noise_std))
 
     # canonical_patterns / stride_for delegate to functions of the attributes, which ``_attend``
     # also calls: under TorchScript it runs on the scripted module, which has no Python methods.
