@@ -12,13 +12,16 @@ section and docs/performance.md, produced by ``python -m structvit.bench op``):
   softmax and their backward); set so that the correlation form loses to the
   key-convolution form at the benchmark shapes, as measured, although it has fewer
   multiply-adds.
-- ``FUSED_KERNEL_WEIGHT`` (per ISA of the kernel's build) and ``KEYCONV_WEIGHT`` (1.2): the
+- ``FUSED_KERNEL_WEIGHT`` (per ISA of the kernel's build) and ``KEYCONV_WEIGHT`` (1.05): the
   fused kernel costs about ``1 + FUSED_KERNEL_WEIGHT[isa] * M * D / C`` times plain
-  attention (fwd+bwd) and keyconv about ``KEYCONV_WEIGHT * D`` times; fitted to ``bench op``
-  rows (image, video, video155 cases, 1 and 2 threads) of the AVX-512, AVX2 (``haswell``) and
-  generic builds on one Zen 4 machine. Other CPUs differ, which is why "auto" measures
-  (:mod:`.autotune`): the cost model decides only where nothing is measured (small calls,
-  tracing, ``STRUCTVIT_AUTOTUNE=off``, nothing recorded in ``deterministic`` mode).
+  attention (fwd+bwd) and keyconv about ``KEYCONV_WEIGHT * D`` times; the mean of the fits to
+  the per-head ``bench op`` rows (image, video, video155, image7, video555; 1 and 2 threads)
+  of the AVX-512 and AVX2 (``haswell``) builds on one Zen 4 machine (README,
+  docs/performance*.md); the portable build's 4.0 is from earlier runs of that build (SSE2,
+  4 lanes), and NEON, never measured, gets the same. Other CPUs differ, which is why "auto"
+  measures (:mod:`.autotune`): the cost model decides only where nothing is measured
+  (small calls, tracing, ``STRUCTVIT_AUTOTUNE=off``, nothing recorded in ``deterministic``
+  mode).
 - ``FUSED_CHUNK_ELEMENTS`` (2^20) and ``FUSED_BUFFERS`` (4): the fused kernel works on
   chunks of (batch*head, query row) pairs of about this many correlation-map elements,
   at most four such buffers alive per chunk (backward: S0, dAt, At, dS0). Chunks split
@@ -48,8 +51,8 @@ BACKEND_NAMES = ("auto", "naive", "correlation", "keyconv", "fused")
 
 DEFAULT_MEMORY_LIMIT = 1 << 30
 MEMORY_BOUND_WEIGHT = 100
-FUSED_KERNEL_WEIGHT = {"avx512": 1.6, "avx2": 1.9, "neon": 4.0, "generic": 4.0}
-KEYCONV_WEIGHT = 1.2
+FUSED_KERNEL_WEIGHT = {"avx512": 0.85, "avx2": 1.35, "neon": 4.0, "generic": 4.0}
+KEYCONV_WEIGHT = 1.05
 FUSED_CHUNK_ELEMENTS = 1 << 20
 FUSED_BUFFERS = 4
 
