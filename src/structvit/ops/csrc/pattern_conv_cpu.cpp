@@ -13,9 +13,9 @@
 // Layouts (elements): x has unit stride in C and strides (sb, sh, sn) over (B, heads, N)
 // (q, k, v are usually views of one qkv projection); w is (heads, D, M, C) contiguous,
 // offset-major (M = kt kh kw); y is (B, heads, D, N', C) contiguous; gy is y's shape with
-// unit stride in C and strides (gb, gh, gn) over (B, heads, D N') (SDPA's backward returns
-// (B, D N', heads, C) memory, read as it is); gx is
-// (B, heads, N, C) contiguous; the weight gradient is written per batch group as
+// unit stride in C and strides (gb, gh, gn) over (B, heads, D N') (the caller passes it
+// contiguous: reading SDPA's (B, D N', heads, C) gradient in place measured slower than
+// one copy); gx is (B, heads, N, C) contiguous; the weight gradient is written per batch group as
 // (G, heads, D, M, C), summed over G by the caller (so no two threads write one element,
 // and the sum does not depend on which thread ran what).
 //
