@@ -3,8 +3,8 @@
 # core dependencies (no extras) next to PyTorch, and from a directory outside the repo (so the
 # source tree cannot be imported) check that
 #   - `import structvit` and timm.create_model("structvit_tiny") work and a forward pass runs,
-#   - the op runs with backend="auto" and, where a C++ compiler is found, "fused" (compiled
-#     from the wheel's csrc/folded_cpu.cpp) matches "naive",
+#   - the op runs with backend="auto" and, where a C++ compiler is found, "fused" and keyconv's
+#     pattern-convolution kernel (compiled from the wheel's csrc/) match "naive",
 #   - no optional dependency (lightning, matplotlib, av, sklearn, jsonargparse, ...) was imported,
 #   - `structvit fit --help` without the training extra names the extra to install (exit 2).
 #
@@ -35,10 +35,11 @@ WHEEL=$(ls "$WORK"/dist/structvit-*.whl)
 "$PY" - "$WHEEL" <<'EOF'
 import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
-missing = [n for n in ("structvit/ops/csrc/folded_cpu.cpp", "structvit/__init__.py", "structvit/cli.py") if n not in names]
+csrc = [f"structvit/ops/csrc/{f}" for f in ("folded_cpu.cpp", "pattern_conv_cpu.cpp", "parallel.h", "vec.h")]
+missing = [n for n in (*csrc, "structvit/__init__.py", "structvit/cli.py") if n not in names]
 assert not missing, f"the wheel lacks {missing} (see [tool.setuptools.package-data] in pyproject.toml)"
 assert not any(n.startswith("configs/") or n.startswith("tests/") for n in names), "the wheel ships repo files"
-print(f"clean_install: {sys.argv[1].rsplit('/', 1)[-1]}: {len(names)} files, csrc/folded_cpu.cpp included")
+print(f"clean_install: {sys.argv[1].rsplit('/', 1)[-1]}: {len(names)} files, the kernel sources (csrc/) included")
 EOF
 
 echo "clean_install: fresh venv, $TORCH_SPEC, then the wheel (core dependencies only)"
@@ -77,7 +78,13 @@ assert torch.allclose(out, ref, atol=1e-5), f"auto ({chosen}) differs from naive
 if any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
     fused = struct_attention(q, k, v, u_k, u_v, grid, backend="fused")
     assert torch.allclose(fused, ref, atol=1e-5), "fused differs from naive"
-    fused_note = "fused (built from the wheel's source) matches naive"
+    from structvit.ops.backends.keyconv import pattern_layout
+    uc_k, uc_v = torch.randn(heads, c, d, 3, 3), torch.randn(heads, c, d, 3, 3)  # the paper's channel-wise form
+    assert pattern_layout(k, uc_k.unsqueeze(3), (1, 4, 4), (1, 2, 2)) == "native"
+    ref_c = struct_attention(q, k, v, uc_k, uc_v, grid, kv_stride=2, backend="naive")
+    out_c = struct_attention(q, k, v, uc_k, uc_v, grid, kv_stride=2, backend="keyconv")
+    assert torch.allclose(out_c, ref_c, atol=1e-5), "keyconv's kernel differs from naive"
+    fused_note = "fused and keyconv's kernel (built from the wheel's source) match naive"
 else:
     fused_note = "no C++ compiler: fused not checked"
 
