@@ -101,6 +101,15 @@ def test_bench_model_training_table_and_floor(capsys, one_thread):
     assert bench.key_factor(s42, None) == pytest.approx(1.0)  # D = 4 keys at stride 2: N' = N / 4
 
 
+def test_bench_model_pairs_every_family_with_its_sa_version():
+    """StructViT models are paired with struct_blocks=(0, 0) (UniFormer), the DeiT-style ones
+    with attention="sa" (DeiT): `bench model` runs on every registered name."""
+    for name in ("structvit_tiny", "structvit_deit_tiny"):
+        pair = bench._pair(name, "auto")
+        assert any(isinstance(m, StructSA) for m in pair["all"].modules())
+        assert not any(isinstance(m, StructSA) for m in pair["sa"].modules()), name
+
+
 def test_bench_model_inference_table(capsys):
     assert bench.main(["model", "--what", "infer", "--models", "structvit_tiny", "--repeats", "1",
                        "--image-batch", "1"]) == 0

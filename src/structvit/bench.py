@@ -444,6 +444,21 @@ def _model(name: str, **kwargs):
     return timm.create_model(name, **kwargs)
 
 
+def _sa_kwargs(model) -> dict:
+    """The keyword arguments that give ``model``'s family SA in every attention block
+    (UniFormer for the StructViT family, DeiT for the DeiT-style one)."""
+    return {"struct_blocks": (0, 0)} if hasattr(model, "struct_blocks") else {"attention": "sa"}
+
+
+def _pair(name: str, backend: str) -> dict:
+    """The registered model with StructSA in every attention block, and the same model with
+    SA in every block: {"all": model, "sa": model}."""
+    struct = _model(name, backend=backend)
+    if hasattr(struct, "struct_blocks") and tuple(struct.struct_blocks) != tuple(struct.depths[2:]):
+        struct = _model(name, backend=backend, struct_blocks="all")  # a registered partial variant
+    return {"all": struct, "sa": _model(name, **_sa_kwargs(struct))}
+
+
 def train_step_fn(model, shape, device: torch.device):
     """One forward + backward + AdamW step of ``model`` on random data of ``shape``."""
     model.to(device).train()
@@ -536,26 +551,26 @@ def run_model(args) -> int:
           f"{'' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}, torch {torch.__version__}, "
           f"backend={args.backend}, median of {args.repeats} interleaved rounds\n")
     if "train" in args.what:
-        print("### Training step (fwd + bwd + AdamW), StructSA in every attention block vs all-SA (0, 0)\n")
+        print("### Training step (fwd + bwd + AdamW), StructSA in every attention block vs SA in every block\n")
         print("The floor: the all-SA step with its SDPA time (forward + backward, profiled) multiplied by the "
               "keys' factor D * N' / N, the least StructSA's attention can cost (SDPA over D * N' keys).\n")
         print("| model | input | SA step | StructSA step | x SA | SDPA share of the SA step | floor | x floor "
               "| StructSA backends (auto) |")
         print("|---|---|---|---|---|---|---|---|---|")
         for name in args.models or TRAIN_MODELS:
-            models = {blocks: _model(name, struct_blocks=blocks, backend=args.backend) for blocks in ((0, 0), "all")}
+            models = _pair(name, args.backend)
             batch = args.video_batch if getattr(models["all"], "video", False) else args.image_batch
             shape = default_input_shape(models["all"], batch)
             steps = {b: train_step_fn(m, shape, device) for b, m in models.items()}
             times = interleaved_medians(steps, args.repeats, device)
-            share = sdpa_share(steps[(0, 0)], device)
+            share = sdpa_share(steps["sa"], device)
             factor = key_factor(models["all"], shape)
             floor = 1 + share * (factor - 1)
             used = backends_used(models["all"])
             del models, steps
             shape_s = "x".join(map(str, shape[1:]))
-            ratio = times["all"] / times[(0, 0)]
-            print(f"| {name} | {batch}x{shape_s} | {times[(0, 0)]:.2f} s | {times['all']:.2f} s | {ratio:.2f}x | "
+            ratio = times["all"] / times["sa"]
+            print(f"| {name} | {batch}x{shape_s} | {times['sa']:.2f} s | {times['all']:.2f} s | {ratio:.2f}x | "
                   f"{share:.1%} | {floor:.2f}x | {ratio / floor:.2f} | {used} |", flush=True)
         print()
     if "infer" in args.what:
@@ -567,10 +582,10 @@ def run_model(args) -> int:
             batch = args.video_batch if getattr(model, "video", False) else args.image_batch
             shape = default_input_shape(model, batch)
             fns = {"struct": inference_fn(model, shape, device),
-                   "sa": inference_fn(_model(name, struct_blocks=(0, 0)), shape, device)}
+                   "sa": inference_fn(_model(name, **_sa_kwargs(model)), shape, device)}
             times = interleaved_medians(fns, args.repeats, device)
             t, t_sa = times["struct"], times["sa"]
-            blocks = getattr(model, "struct_blocks", "?")
+            blocks = getattr(model, "struct_blocks", "all")  # the DeiT-style models: every block
             used = backends_used(model)
             del model, fns
             shape_s = "x".join(map(str, shape[1:]))
