@@ -575,8 +575,9 @@ def run_model(args) -> int:
         print()
     if "infer" in args.what:
         print("### Inference throughput (eval, no grad), each model vs the same model with all-SA\n")
-        print("| model | input | StructSA blocks | samples/s | all-SA samples/s | x SA time | StructSA backends (auto) |")
-        print("|---|---|---|---|---|---|---|")
+        print("| model | input | StructSA blocks | samples/s | all-SA samples/s | x SA time | SDPA share of the SA pass "
+              "| floor | x floor | StructSA backends (auto) |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for name in args.models or MODEL_NAMES:
             model = _model(name, backend=args.backend)
             batch = args.video_batch if getattr(model, "video", False) else args.image_batch
@@ -585,12 +586,14 @@ def run_model(args) -> int:
                    "sa": inference_fn(_model(name, **_sa_kwargs(model)), shape, device)}
             times = interleaved_medians(fns, args.repeats, device)
             t, t_sa = times["struct"], times["sa"]
+            share = sdpa_share(fns["sa"], device)
+            floor = 1 + share * (key_factor(model, shape) - 1)
             blocks = getattr(model, "struct_blocks", "all")  # the DeiT-style models: every block
             used = backends_used(model)
             del model, fns
             shape_s = "x".join(map(str, shape[1:]))
             print(f"| {name} | {batch}x{shape_s} | {blocks} | {batch / t:.2f} | {batch / t_sa:.2f} | {t / t_sa:.2f}x | "
-                  f"{used} |", flush=True)
+                  f"{share:.1%} | {floor:.2f}x | {t / t_sa / floor:.2f} | {used} |", flush=True)
     return 0
 
 
