@@ -17,8 +17,8 @@ section and docs/performance.md, produced by ``python -m structvit.bench op``):
   attention (fwd+bwd) and keyconv about ``KEYCONV_WEIGHT * D`` times; the mean of the fits to
   the per-head ``bench op`` rows (image, video, video155, image7, video555; 1 and 2 threads)
   of the AVX-512 and AVX2 (``haswell``) builds on one Zen 4 machine (README,
-  docs/performance*.md); the portable build's 4.0 is from earlier runs of that build (SSE2,
-  4 lanes), and NEON, never measured, gets the same. Other CPUs differ, which is why "auto"
+  docs/performance*.md); the portable build's (SSE2, 4 lanes) from its image and video rows
+  on 2 threads (docs/performance-generic.md); NEON, never measured, gets a little more. Other CPUs differ, which is why "auto"
   measures (:mod:`.autotune`): the cost model decides only where nothing is measured
   (small calls, tracing, ``STRUCTVIT_AUTOTUNE=off``, nothing recorded in ``deterministic``
   mode).
@@ -51,7 +51,7 @@ BACKEND_NAMES = ("auto", "naive", "correlation", "keyconv", "fused")
 
 DEFAULT_MEMORY_LIMIT = 1 << 30
 MEMORY_BOUND_WEIGHT = 100
-FUSED_KERNEL_WEIGHT = {"avx512": 0.85, "avx2": 1.35, "neon": 4.0, "generic": 4.0}
+FUSED_KERNEL_WEIGHT = {"avx512": 0.85, "avx2": 1.35, "neon": 4.0, "generic": 3.2}
 KEYCONV_WEIGHT = 1.05
 FUSED_CHUNK_ELEMENTS = 1 << 20
 FUSED_BUFFERS = 4
