@@ -95,10 +95,10 @@ def test_bench_model_training_table_and_floor(capsys, one_thread):
     model = bench._model("structvit_tiny")
     layers = [m for m in model.modules() if isinstance(m, StructSA)]
     want = sum(m.num_patterns / math.prod(m.kv_stride) for m in layers) / len(layers)
-    assert bench.key_factor(model, None) == pytest.approx(want)
+    assert bench.key_factor(model) == pytest.approx(want)
     assert floor == pytest.approx(1 + share * (want - 1), abs=0.008)  # from the rounded share
     s42 = bench._model("structvit_s_4_2", struct_blocks="all")
-    assert bench.key_factor(s42, None) == pytest.approx(1.0)  # D = 4 keys at stride 2: N' = N / 4
+    assert bench.key_factor(s42) == pytest.approx(1.0)  # D = 4 keys at stride 2: N' = N / 4
 
 
 def test_bench_model_pairs_every_family_with_its_sa_version():

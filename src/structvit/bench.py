@@ -500,27 +500,34 @@ def backends_used(model) -> str:
 TRAIN_MODELS = ("structvit_s_4_1", "structvit_s_4_2", "structvit_s_4_1_video", "structvit_s_4_2_video")
 
 
-def sdpa_share(step, device: torch.device) -> float:
-    """The fraction of one call of ``step`` (a warmed-up training step) spent in
-    ``scaled_dot_product_attention``'s forward and backward kernels (torch profiler)."""
+def sdpa_share(fn, device: torch.device) -> float:
+    """The fraction of one call of ``fn`` (a warmed-up training step or inference pass) spent
+    in ``scaled_dot_product_attention``'s forward and backward kernels (torch profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
     _sync(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
-        step()
+        fn()
         _sync(device)
         total = time.perf_counter() - t0
-    attention = sum(e.cpu_time_total for e in prof.key_averages()
-                    if e.key.startswith("aten::_scaled_dot_product") or e.key.startswith("aten::_efficient_attention")
-                    or e.key.startswith("aten::_flash_attention")) / 1e6
-    # the profiler's totals are exclusive of each other for these top-level kernels; the
-    # wrapper ops (aten::scaled_dot_product_attention) are not counted a second time
+    # aten::_scaled_dot_product_{flash_attention_for_cpu,efficient_attention,...}[_backward]: the
+    # kernels SDPA dispatches to, each counted once with what it calls (the public wrapper
+    # aten::scaled_dot_product_attention has no leading underscore and is not counted again)
+    attention = sum(e.cpu_time_total for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product")) / 1e6
     return min(1.0, attention / total)
 
 
-def key_factor(model, shape) -> float:
+def attention_floor(sa_fn, model, device: torch.device) -> tuple[float, float]:
+    """(SDPA share of ``sa_fn``, the all-SA version's call, and the floor it sets for
+    ``model``): the ratio ``model`` would reach if its StructSA cost exactly SDPA over
+    D * N' keys, 1 + share * (D * N' / N - 1)."""
+    share = sdpa_share(sa_fn, device)
+    return share, 1 + share * (key_factor(model) - 1)
+
+
+def key_factor(model) -> float:
     """D * N' / N, how many more keys StructSA's SDPA sees than plain attention, averaged
     over the model's StructSA layers (the registered models give all of them the same D
     and stride; the stride-2 models: about D / 4)."""
@@ -563,9 +570,7 @@ def run_model(args) -> int:
             shape = default_input_shape(models["all"], batch)
             steps = {b: train_step_fn(m, shape, device) for b, m in models.items()}
             times = interleaved_medians(steps, args.repeats, device)
-            share = sdpa_share(steps["sa"], device)
-            factor = key_factor(models["all"], shape)
-            floor = 1 + share * (factor - 1)
+            share, floor = attention_floor(steps["sa"], models["all"], device)
             used = backends_used(models["all"])
             del models, steps
             shape_s = "x".join(map(str, shape[1:]))
@@ -586,8 +591,7 @@ def run_model(args) -> int:
                    "sa": inference_fn(_model(name, **_sa_kwargs(model)), shape, device)}
             times = interleaved_medians(fns, args.repeats, device)
             t, t_sa = times["struct"], times["sa"]
-            share = sdpa_share(fns["sa"], device)
-            floor = 1 + share * (key_factor(model, shape) - 1)
+            share, floor = attention_floor(fns["sa"], model, device)
             blocks = getattr(model, "struct_blocks", "all")  # the DeiT-style models: every block
             used = backends_used(model)
             del model, fns

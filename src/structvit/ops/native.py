@@ -108,6 +108,11 @@ def _cpu_key() -> str:
     return platform.machine() + flags
 
 
+def pointer(t: torch.Tensor) -> ctypes.c_void_p:
+    """``t``'s data as a C pointer for the kernels' ctypes calls (the caller keeps ``t`` alive)."""
+    return ctypes.c_void_p(t.data_ptr())
+
+
 def cache_dir() -> Path:
     return config.settings().cache_dir
 

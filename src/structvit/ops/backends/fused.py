@@ -16,19 +16,15 @@ FLOP formulas (:mod:`..flops`), so eager mode, ``torch.compile(fullgraph=True)``
 """
 from __future__ import annotations
 
-import ctypes
 
 import torch
 
 from .. import native
+from ..native import pointer as _ptr
 from ..buffers import CPU_BUFFERS
 from ..grid import Grid3
 from ..dispatch import fused_plan
 from .common import dot_product_patterns
-
-
-def _ptr(t: torch.Tensor):
-    return ctypes.c_void_p(t.data_ptr())
 
 
 def _chunks(bh: int, heads: int, n: int, chunk_elements: int) -> list[tuple[int, int, int, int]]:

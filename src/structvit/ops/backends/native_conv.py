@@ -15,19 +15,15 @@ where that is unavailable keyconv uses PyTorch's convolutions instead.
 """
 from __future__ import annotations
 
-import ctypes
 import math
 
 import torch
 
 from ... import config
 from .. import native
+from ..native import pointer as _ptr
 from ..dispatch import native_available
 from ..grid import Grid3, strided_grid
-
-
-def _ptr(t: torch.Tensor):
-    return ctypes.c_void_p(t.data_ptr())
 
 
 def _dims(x: torch.Tensor, w: torch.Tensor, grid, window, stride, groups: int = 1) -> torch.Tensor:
@@ -147,6 +143,5 @@ def serves(x: torch.Tensor) -> bool:
 def pattern_keys_native(x: torch.Tensor, u: torch.Tensor, grid: Grid3, stride: Grid3 = (1, 1, 1)) -> torch.Tensor:
     """:func:`.keyconv.pattern_keys` with the kernel: x (B, h, N, C), u (hu, cu, D, kt, kh, kw)
     -> (B, h, D * N', C)."""
-    b, h, n, c = x.shape
-    w = kernel_weight(u.to(x.dtype), h, c)
+    w = kernel_weight(u.to(x.dtype), x.shape[1], x.shape[3])
     return pattern_conv_forward(x, w, list(grid), list(u.shape[3:]), list(stride))

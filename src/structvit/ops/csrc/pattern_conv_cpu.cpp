@@ -112,8 +112,9 @@ struct TapTable {
     std::vector<Tap> taps;
 };
 
+// taps_of: taps_of_output over the output grid, or taps_of_input over the input grid.
 template <typename Fn>
-TapTable tap_table(int64_t T, int64_t H, int64_t W, Fn taps_of) {
+TapTable tap_table(const ConvGeometry& g, int64_t T, int64_t H, int64_t W, Fn taps_of) {
     TapTable table;
     table.start.reserve(T * H * W + 1);
     table.start.push_back(0);
@@ -121,7 +122,7 @@ TapTable tap_table(int64_t T, int64_t H, int64_t W, Fn taps_of) {
     for (int64_t t = 0; t < T; ++t)
         for (int64_t y = 0; y < H; ++y)
             for (int64_t x = 0; x < W; ++x) {
-                taps_of(t, y, x, one);
+                taps_of(g, t, y, x, one);
                 table.taps.insert(table.taps.end(), one.begin(), one.end());
                 table.start.push_back(int64_t(table.taps.size()));
             }
@@ -153,9 +154,7 @@ template <typename T>
 void conv_forward(const T* x, const int64_t* xs, const T* w, T* y, const ConvGeometry& g, int threads) {
     const int64_t C = g.C, M = g.M(), No = g.No(), Ho = g.Ho(), Wo = g.Wo(), Cv = C / BLK * BLK;
     // one row per (b, h, output position): it writes y[b, h, :, j', :]
-    const TapTable table = tap_table(g.To(), Ho, Wo, [&](int64_t t, int64_t y, int64_t x, std::vector<Tap>& taps) {
-        taps_of_output(g, t, y, x, taps);
-    });
+    const TapTable table = tap_table(g, g.To(), Ho, Wo, taps_of_output);
     parallel_rows(threads, g.B * g.heads * No, [&](int64_t begin, int64_t end, int) {
         for (int64_t row = begin; row < end; ++row) {
             const int64_t j = row % No, bh = row / No, h = bh % g.heads, b = bh / g.heads;
@@ -206,9 +205,7 @@ template <typename T>
 void conv_grad_input(const T* gy, const int64_t* gs, const T* w, T* gx, const ConvGeometry& g, int threads) {
     const int64_t C = g.C, M = g.M(), No = g.No(), N = g.N(), Cv = C / BLK * BLK, pstep = No * gs[2];
     // one row per (b, h, input position): it gathers gx[b, h, j, :]
-    const TapTable table = tap_table(g.T, g.H, g.W, [&](int64_t t, int64_t y, int64_t x, std::vector<Tap>& taps) {
-        taps_of_input(g, t, y, x, taps);
-    });
+    const TapTable table = tap_table(g, g.T, g.H, g.W, taps_of_input);
     parallel_rows(threads, g.B * g.heads * N, [&](int64_t begin, int64_t end, int) {
         for (int64_t row = begin; row < end; ++row) {
             const int64_t p = row % N, bh = row / N, h = bh % g.heads, b = bh / g.heads;
