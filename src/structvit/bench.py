@@ -650,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     op.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements (one process each)")
     op.add_argument("--write", default=None, metavar="PATH",
-                    help="also write the tables to PATH (e.g. docs/performance.md) with command, machine, ISA, date")
+                    help="also write the tables to PATH (e.g. docs/results/performance.md) with command, machine, ISA, date")
     op.set_defaults(func=run_op)
     model = sub.add_parser("model", help="training-step time vs all-SA, and inference throughput of registered models")
     model.add_argument("--what", nargs="+", default=["train", "infer"], choices=["train", "infer"])
