@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from reference import random_inputs, reference_struct_attention
 from structvit.nn import StructSA
-from structvit.ops import native, struct_attention
+from structvit.ops import cpuinfo, native, struct_attention
 from structvit.ops.flops import fused_backward_flops, fused_forward_flops
 
 NORMALIZE = ["joint", "per_pattern"]
@@ -402,7 +402,7 @@ def _isa_builds() -> list[str]:
     the CPU has them (x86-64 only)."""
     import platform
 
-    flags = native.cpu_flags()
+    flags = cpuinfo.cpu_flags()
     builds = ["generic"]
     if platform.machine() in ("x86_64", "AMD64"):
         if {"avx2", "fma"} <= flags:

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from ..ops import BACKEND_NAMES, NORMALIZE, PATTERN_LAYOUTS, canonical_grid, struct_attention_unchecked
 from ..ops.dispatch import unsupported
-from ..ops.functional import check_choice, check_memory_limit
+from ..ops.checks import check_choice, check_positive_int, check_stride, check_window
+from ..ops.functional import check_memory_limit
 
 INITS = ("random", "sa")
 
@@ -83,22 +84,11 @@ class SelfAttention(nn.Module):
 
 
 def _odd_sizes(window, name: str) -> tuple[int, ...]:
-    if isinstance(window, int) and not isinstance(window, bool):
-        window = (window, window)
-    if not isinstance(window, Sequence) or len(window) not in (2, 3) or not all(
-            isinstance(s, int) and not isinstance(s, bool) and s > 0 and s % 2 == 1 for s in window):
-        raise ValueError(f"{name} must be 2 or 3 odd positive ints, e.g. (3, 3) or (3, 3, 3), got {window!r}")
-    return tuple(window)
+    return check_window(name, window)
 
 
 def _stride_sizes(kv_stride, rank: int) -> tuple[int, ...]:
-    if isinstance(kv_stride, int) and not isinstance(kv_stride, bool):
-        kv_stride = (kv_stride,) * rank
-    if not isinstance(kv_stride, Sequence) or len(kv_stride) != rank or not all(
-            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in kv_stride):
-        raise ValueError(f"kv_stride must be a positive int or {rank} positive ints (the window's rank), "
-                         f"got {kv_stride!r}")
-    return tuple(kv_stride)
+    return check_stride("kv_stride", kv_stride, rank)
 
 
 def _canonical(u: torch.Tensor, patterns: str, window_rank: int, grid_rank: int, dtype: torch.dtype) -> torch.Tensor:
@@ -192,8 +182,7 @@ class StructSA(SelfAttention):
         if len(self.window_v) != len(self.window):
             raise ValueError(f"window_v must have the rank of window {self.window}, got {self.window_v}")
         self.kv_stride = _stride_sizes(kv_stride, len(self.window))
-        if not isinstance(num_patterns, int) or isinstance(num_patterns, bool) or num_patterns < 1:
-            raise ValueError(f"num_patterns must be a positive int, got {num_patterns!r}")
+        check_positive_int("num_patterns", num_patterns)
         check_choice("patterns", patterns, PATTERN_LAYOUTS)
         check_choice("normalize", normalize, NORMALIZE)
         check_choice("backend", backend, BACKEND_NAMES)

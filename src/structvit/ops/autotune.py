@@ -39,7 +39,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import tempfile
 import threading
 import time
@@ -48,6 +47,7 @@ from pathlib import Path
 import torch
 
 from .. import config
+from . import cpuinfo, timing
 
 FILE_VERSION = 1
 # below this many forward multiply-adds (the cheapest candidate's) the cost model decides:
@@ -107,15 +107,8 @@ def machine_key() -> str:
     if memo not in _machine_keys:
         from . import native
 
-        try:
-            with open("/proc/cpuinfo") as f:
-                lines = f.read().splitlines()
-        except OSError:
-            lines = []
-        model = next((line for line in lines if line.startswith("model name")), "")
-        flags = next((line for line in lines if line.startswith(("flags", "Features"))), "")
         source = native.source_bytes()
-        parts = [platform.machine(), model, flags, torch.__version__, hashlib.sha256(source).hexdigest(),
+        parts = [cpuinfo.machine_fingerprint(), torch.__version__, hashlib.sha256(source).hexdigest(),
                  *map(str, memo)]
         _machine_keys[memo] = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
     return _machine_keys[memo]
@@ -252,32 +245,10 @@ def _inputs(probe: Probe, gen: torch.Generator):
 
 def timed_rounds(fns: dict, repeats: int = REPEATS, close: float = CLOSE, extra: int = MAX_EXTRA_ROUNDS,
                  clock=time.perf_counter) -> dict[str, list[float]]:
-    """All timed runs (seconds) of each zero-argument callable: one warm-up each, then
-    ``repeats`` rounds, each in a new seeded random order; then, while the two fastest
-    minima are within ``close`` (relative), up to ``extra`` rounds of just those two."""
-    import random
-
-    order = random.Random(0)
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-
-    def round_of(names):
-        names = list(names)
-        order.shuffle(names)
-        for name in names:
-            t0 = clock()
-            fns[name]()
-            times[name].append(clock() - t0)
-
-    for _ in range(repeats):
-        round_of(fns)
-    for _ in range(extra if len(fns) > 1 else 0):
-        first, second = sorted(fns, key=lambda name: min(times[name]))[:2]
-        if min(times[second]) > (1 + close) * min(times[first]):
-            break
-        round_of((first, second))
-    return times
+    """All timed runs (seconds) of each zero-argument callable (:func:`.timing.timed_rounds`
+    with the autotuner's defaults): one warm-up each, ``repeats`` rounds, then up to
+    ``extra`` rounds of the two fastest while they are within ``close``."""
+    return timing.timed_rounds(fns, repeats, close=close, extra=extra, clock=clock)
 
 
 def measure(probe: Probe, candidates: list[str], memory_limit: int | None) -> dict[str, list[float]]:

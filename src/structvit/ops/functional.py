@@ -16,6 +16,8 @@ import torch
 from .backends import BACKENDS
 from . import autotune
 from .dispatch import BACKEND_NAMES, choose_backend, fused_can_serve, unsupported
+from . import checks
+from .checks import check_choice
 from .grid import Grid3
 
 NORMALIZE = ("joint", "per_pattern")
@@ -23,14 +25,7 @@ PATTERN_LAYOUTS = ("channel", "head", "shared")
 
 def check_memory_limit(memory_limit) -> None:
     """``memory_limit`` must be None or a positive int (bytes)."""
-    if memory_limit is not None and (not isinstance(memory_limit, int) or isinstance(memory_limit, bool)
-                                     or memory_limit <= 0):
-        raise ValueError(f"memory_limit must be a positive int (bytes) or None, got {memory_limit!r}")
-
-
-def check_choice(name: str, value, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    checks.check_optional_positive_int("memory_limit", memory_limit, "bytes")
 
 
 def _check_tensor(name: str, x) -> None:
@@ -41,27 +36,13 @@ def _check_tensor(name: str, x) -> None:
 
 
 def canonical_grid(grid, n: int | None = None, name: str = "grid") -> Grid3:
-    """Validate a (H, W) or (T, H, W) grid and return it as (T, H, W)."""
-    if isinstance(grid, torch.Size):
-        grid = tuple(grid)
-    if not isinstance(grid, Sequence) or len(grid) not in (2, 3):
-        raise ValueError(f"{name} must be (H, W) or (T, H, W), got {grid!r}")
-    if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in grid):
-        raise ValueError(f"{name} sizes must be positive ints, got {tuple(grid)!r}")
-    if n is not None and math.prod(grid) != n:
-        raise ValueError(f"{name}={tuple(grid)} has {math.prod(grid)} positions but the inputs have N={n} tokens")
-    return (1,) * (3 - len(grid)) + tuple(grid)
+    """Validate a (H, W) or (T, H, W) grid (of ``n`` positions, when given) and return it as (T, H, W)."""
+    return checks.check_grid(name, grid, n)
 
 
 def canonical_stride(kv_stride, rank: int) -> Grid3:
     """Validate ``kv_stride`` (an int, or one int per grid axis) and return it as (st, sh, sw)."""
-    if isinstance(kv_stride, int) and not isinstance(kv_stride, bool):
-        kv_stride = (kv_stride,) * rank
-    if (not isinstance(kv_stride, Sequence) or len(kv_stride) != rank
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in kv_stride)):
-        raise ValueError(f"kv_stride must be a positive int or {rank} positive ints (one per grid axis), "
-                         f"got {kv_stride!r}")
-    return (1,) * (3 - rank) + tuple(kv_stride)
+    return (1,) * (3 - rank) + checks.check_stride("kv_stride", kv_stride, rank)
 
 
 def pattern_layout(u: torch.Tensor, rank: int) -> str:
@@ -253,6 +234,10 @@ def struct_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u_k: tor
         raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
     if v.shape[:3] != q.shape[:3]:
         raise ValueError(f"v must have shape (B, heads, N, Cv) = {tuple(q.shape[:3])} + (Cv,), got {tuple(v.shape)}")
+    for name, x in (("q", q), ("v", v)):
+        if x.shape[-1] < 1 or x.shape[1] < 1:
+            raise ValueError(f"{name} must have at least one head and a head dim of at least 1, "
+                             f"got shape {tuple(x.shape)} (B, heads, N, C)")
     rank = len(grid) if isinstance(grid, Sequence) else 0
     grid3 = canonical_grid(grid, q.shape[2])
     stride = canonical_stride(kv_stride, rank)
@@ -265,8 +250,7 @@ def struct_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u_k: tor
             raise ValueError(f"{name} must be on the device of q ({q.device}), got {x.device}")
     check_choice("normalize", normalize, NORMALIZE)
     check_choice("backend", backend, BACKEND_NAMES)
-    if scale is not None and (not isinstance(scale, Real) or isinstance(scale, bool) or not scale > 0):
-        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    checks.check_positive_number("scale", scale)
     if not (isinstance(dropout_p, Real) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     check_memory_limit(memory_limit)

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from .. import config
+from . import cpuinfo
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCE = CSRC / "folded_cpu.cpp"  # the fused kernel
@@ -99,15 +100,6 @@ def shares_torch_openmp() -> bool:
     return "OpenMP" in torch.__config__.parallel_info() and len(_loaded_gomp()) == 1
 
 
-def _cpu_key() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return platform.machine() + flags
-
-
 def pointer(t: torch.Tensor) -> ctypes.c_void_p:
     """``t``'s data as a C pointer for the kernels' ctypes calls (the caller keeps ``t`` alive)."""
     return ctypes.c_void_p(t.data_ptr())
@@ -161,16 +153,6 @@ def _verified(lib_path: Path) -> bool:
         return False
 
 
-def cpu_flags() -> set[str]:
-    """This CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return set()
-    return set(line.partition(":")[2].split())
-
-
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, ptr, cint, dbl = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
     lib.structsa_isa.restype = ctypes.c_char_p
@@ -207,7 +189,7 @@ def _load_uncached(cxx: str, flags: list[str], key: str) -> ctypes.CDLL:
             last_error = e
             continue
         isa = lib.structsa_isa().decode()
-        have = cpu_flags()
+        have = cpuinfo.cpu_flags()
         missing = [f for f in ISA_CPU_FLAGS.get(isa, ()) if have and f not in have]
         if missing:
             raise NativeUnavailable(f"the kernel was built for {isa} (STRUCTVIT_NATIVE_ARCH="
@@ -239,7 +221,7 @@ def load() -> ctypes.CDLL:
                 cxx = compiler()
                 flags = FLAGS + arch_flags(config.settings().native_arch) + (
                     OPENMP_FLAGS if shares_torch_openmp() else [])
-                digest = hashlib.sha256(source_bytes() + " ".join([cxx] + flags).encode() + _cpu_key().encode())
+                digest = hashlib.sha256(source_bytes() + " ".join([cxx] + flags).encode() + cpuinfo.machine_fingerprint().encode())
                 _loaded[key] = _load_uncached(cxx, flags, digest.hexdigest()[:16])
             except NativeUnavailable as e:
                 _loaded[key] = e
