@@ -18,21 +18,14 @@ from .builtin import (
     moving_digits_dataset,
 )
 from .datamodule import IMAGE_DATASETS, VIDEO_DATASETS, ImageDataModule, VideoDataModule, build_datamodule
-from .datasets import (
-    READERS,
-    Annotations,
-    ImageFolderDataset,
-    VideoDataset,
-    VideoRecord,
-    read_annotations,
-    read_diving48,
-    read_finegym,
-    read_kinetics400,
-    read_path_label_list,
-    read_ssv1,
-    read_ssv2,
-    ssv2_template_to_label,
-)
+from .base import Annotations, VideoRecord
+from .diving48 import read_diving48
+from .finegym import read_finegym
+from .imagenet import ImageFolderDataset
+from .kinetics import read_kinetics400
+from .path_list import read_path_label_list
+from .readers import READERS, read_annotations
+from .something import read_ssv1, read_ssv2, ssv2_template_to_label
 from .sampling import FrameSampler, dense_indices, segment_indices
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, VideoTransform, build_image_transform
 from .video import (
@@ -44,6 +37,7 @@ from .video import (
     read_video_frames,
     write_video,
 )
+from .video_dataset import VideoDataset
 
 __all__ = [
     "MOVING_DIGITS_CLASSES", "TIME_PAIRS", "DigitsDataset", "digits_split", "load_digit_images",

@@ -347,14 +347,15 @@ class _ConstCount:
 def moving_digits_dataset(split: str = "train", *, sampler=None, transform=None, train: bool | None = None,
                           seed: int = 0, num_frames: int = 8, size: int = 32, clips_per_image: int = 1,
                           num_distractors: int = 3, clutter: float = 0.25, noise: float = 0.05):
-    """Moving digits as a :class:`~structvit.data.datasets.VideoDataset` (same interface and
+    """Moving digits as a :class:`~structvit.data.video_dataset.VideoDataset` (same interface and
     sample format as the real benchmarks: ``(clip (C, T, H, W), label)``).
 
     Defaults: all ``num_frames`` frames in order (dense sampling, stride 1), no spatial
     augmentation (``VideoTransform(size, train=False)``: only normalisation)."""
-    from .datasets import VideoDataset, VideoRecord
+    from .base import VideoRecord
     from .sampling import FrameSampler
     from .transforms import VideoTransform
+    from .video_dataset import VideoDataset
 
     clips, labels, src = moving_digits_arrays(
         split, seed=seed, num_frames=num_frames, size=size, clips_per_image=clips_per_image,

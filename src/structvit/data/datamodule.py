@@ -13,7 +13,7 @@ CPU or many GPUs.
   ``V = num_clips * num_crops`` views to average when ``V > 1``.
 
 Evaluation loaders leave unreadable samples out of their batches
-(:func:`~structvit.data.datasets.skip_collate`) and count them (:meth:`num_skipped`)
+(:func:`~structvit.data.video_dataset.skip_collate`) and count them (:meth:`num_skipped`)
 instead of replacing them by a neighbour that would be scored twice; the prediction
 loader's batches are ``[x, y, index, skipped]``, ``index`` the dataset positions (for the
 file ids of ``predictions.csv``).
@@ -29,17 +29,11 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from .builtin import MOVING_DIGITS_CLASSES, DigitsDataset, moving_digits_dataset
-from .datasets import (
-    READERS,
-    EvalItems,
-    ImageFolderDataset,
-    VideoDataset,
-    canonical_name,
-    read_annotations,
-    skip_collate,
-)
+from .imagenet import ImageFolderDataset
+from .readers import READERS, canonical_name, read_annotations
 from .sampling import SAMPLING_MODES, FrameSampler
 from .transforms import CROP_MODES, IMAGENET_MEAN, IMAGENET_STD, VideoTransform, build_image_transform
+from .video_dataset import EvalItems, VideoDataset, skip_collate
 
 __all__ = ["ImageDataModule", "VideoDataModule", "VIDEO_DEFAULTS", "IMAGE_DATASETS", "VIDEO_DATASETS",
            "build_datamodule"]

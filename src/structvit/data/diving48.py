@@ -1,0 +1,66 @@
+"""Diving-48 (V2) in its official layout.
+
+``Diving48_V2_{train,test}.json`` (``vid_name, label, start_frame, end_frame``; ``val``
+means ``test``), optional ``Diving48_vocab.json``; videos ``{root}/rgb/{vid_name}.mp4`` or
+frame folders ``{root}/frames/{vid_name}/``.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from .base import Annotations, VideoRecord, _first, _media, normalize_split
+
+__all__ = ["read_diving48"]
+
+
+def read_diving48(root, split: str = "train", *, media: str = "auto", check_files: bool = True) -> Annotations:
+    split = normalize_split(split)
+    if media not in ("auto", "video", "frames"):
+        raise ValueError(f"media must be 'auto', 'video' or 'frames', got {media!r}")
+    root = os.fspath(root)
+    adirs = [os.path.join(root, "annotations"), root]
+    name = "train" if split == "train" else "test"
+    ann = _first([os.path.join(d, f"Diving48_V2_{name}.json") for d in adirs], f"Diving48_V2_{name}.json", root)
+    vocab_path = next((p for p in (os.path.join(d, "Diving48_vocab.json") for d in adirs) if os.path.isfile(p)), None)
+    if vocab_path:
+        with open(vocab_path, encoding="utf-8") as f:
+            vocab = json.load(f)
+        classes = [" ".join(v) if isinstance(v, list) else str(v) for v in vocab]
+    else:
+        classes = [str(i) for i in range(48)]
+    vdirs = [p for p in (os.path.join(root, "rgb"), os.path.join(root, "videos"), root) if os.path.isdir(p)]
+    fdirs = [p for p in (os.path.join(root, "frames"), os.path.join(root, "rawframes"),
+                         os.path.join(root, "rgb_frames")) if os.path.isdir(p)]
+    with open(ann, encoding="utf-8") as f:
+        entries = json.load(f)
+    problems, records = [], []
+    for i, e in enumerate(entries):
+        where = f"{ann} entry {i} (vid_name {e.get('vid_name')!r})"
+        try:
+            vid, label = str(e["vid_name"]), int(e["label"])
+            start = int(e.get("start_frame", 0) or 0)
+            end = e.get("end_frame")
+            end = None if end is None else int(end)
+        except (KeyError, TypeError, ValueError) as err:
+            problems.append(f"{where}: malformed entry ({err})")
+            continue
+        if not 0 <= label < len(classes):
+            problems.append(f"{where}: unknown label {label} (expected 0..{len(classes) - 1})")
+            continue
+        if end is not None and end <= start:
+            problems.append(f"{where}: end_frame {end} <= start_frame {start}")
+            continue
+        path, frames = (None, False)
+        if media != "frames":
+            path, frames = _media(vdirs, vid, allow_frames=False)
+        if path is None and media != "video":
+            path, frames = _media(fdirs, vid, prefer="frames")
+        if path is None:
+            if check_files:
+                problems.append(f"{where}: missing file {os.path.join(vdirs[0] if vdirs else root, vid)}.mp4")
+                continue
+            path = os.path.join(vdirs[0] if vdirs else root, vid + ".mp4")
+        records.append(VideoRecord(path, label, start, end, frames=frames, name=vid))
+    return Annotations(records, classes, problems)
+
