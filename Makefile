@@ -3,7 +3,7 @@
 #   make test   -- create .venv, install everything, lint (ruff), run the test suite
 #
 # `make install` installs the package editable with the `dev` extra: every optional
-# dependency (train, video, viz) plus the test and lint tools.
+# dependency (train, video, viz) plus the test, lint and docs tools.
 #
 # The PyTorch build is machine-specific, so it is chosen here and not in pyproject.toml.
 # Override it for your machine, e.g. `make test TORCH_SPEC="torch torchvision"`.
@@ -12,7 +12,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install bench clean clean-install
+.PHONY: demo test install bench docs clean clean-install
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ clean-install: install
 
 bench: install
 	$(PY) -m structvit.bench op
+
+# The documentation site into build/site (warnings are errors, as in CI).
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .hypothesis
