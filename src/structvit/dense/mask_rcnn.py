@@ -1,0 +1,101 @@
+"""Mask R-CNN over a StructViT backbone (the paper's Appendix C detector, Table 8).
+
+torchvision's :class:`~torchvision.models.detection.MaskRCNN` with the feature pyramid of
+``maskrcnn_resnet50_fpn``: four stage maps (strides 4, 8, 16, 32) into a 256-channel FPN
+with a max-pooled fifth level (``LastLevelMaxPool``, stride 64), anchors 32-512 (one size
+per level, ratios 0.5/1/2), 7x7 box and 14x14 mask RoIAlign over levels ``'0'``-``'3'``.
+Images are resized inside the model (shorter side ``min_size`` = 800, longer side at most
+``max_size`` = 1333, keeping the ratio) and normalised with the backbone's
+``pretrained_cfg`` mean and std.
+
+    model = build_mask_rcnn("structvit_s_4_1_h14", num_classes=81)   # COCO: 80 + background
+    losses = model(images, targets)          # training: dict of the five losses
+    detections = model(images)               # eval: boxes, labels, scores, masks per image
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import timm
+import torch
+from torch import nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+__all__ = ["FPN_CHANNELS", "build_backbone", "build_mask_rcnn", "count_parameters"]
+
+#: channels of every FPN level (torchvision's and mmdet's Mask R-CNN)
+FPN_CHANNELS = 256
+
+
+class _FeaturesFPN(nn.Module):
+    """A timm ``features_only`` backbone (four maps, strides 4-32) followed by an FPN.
+
+    ``forward(images (B, 3, H, W))`` returns ``OrderedDict`` ``'0'``-``'3'`` (strides 4-32) and
+    ``'pool'`` (stride 64), each (B, 256, H / stride, W / stride), as torchvision's detectors
+    expect; ``out_channels`` is 256.
+    """
+
+    def __init__(self, body: nn.Module, out_channels: int = FPN_CHANNELS):
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(list(body.feature_info.channels()), out_channels,
+                                         extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels
+
+    def forward(self, images: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        maps = self.body(images)
+        return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(maps)))
+
+
+def build_backbone(name: str, *, out_channels: int = FPN_CHANNELS, **backbone_kwargs) -> nn.Module:
+    """The registered backbone ``name`` as a four-level feature extractor plus FPN (``.out_channels``)."""
+    try:
+        from .backbone import build_fpn_backbone  # the dense-prediction backbone (stage norms, windows)
+    except ImportError:
+        build_fpn_backbone = None
+    if build_fpn_backbone is not None:
+        return build_fpn_backbone(name, out_channels=out_channels, **backbone_kwargs)
+    if name not in timm.list_models():
+        raise ValueError(f"model must be a registered backbone name (see `structvit models`), got {name!r}")
+    body = timm.create_model(name, features_only=True, out_indices=(0, 1, 2, 3), **backbone_kwargs)
+    return _FeaturesFPN(body, out_channels)
+
+
+def build_mask_rcnn(model: str = "structvit_tiny", num_classes: int = 81, *, min_size: int = 800,
+                    max_size: int = 1333, backbone_kwargs: dict | None = None, **detector_kwargs) -> MaskRCNN:
+    """torchvision's Mask R-CNN over the FPN of backbone ``model``.
+
+    Args:
+        model: a registered backbone name (e.g. ``structvit_s_4_1_h14``, ``structvit_tiny``).
+        num_classes: object classes plus one for the background (COCO: 81).
+        min_size, max_size: the resize done inside the model (shorter / longer side bound).
+        backbone_kwargs: passed to the backbone's constructor (e.g. ``drop_path_rate``).
+        detector_kwargs: passed to :class:`~torchvision.models.detection.MaskRCNN`
+            (e.g. ``box_detections_per_img``).
+    """
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2 (object classes + background), got {num_classes!r}")
+    for arg, value in (("min_size", min_size), ("max_size", max_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 32:
+            raise ValueError(f"{arg} must be an int >= 32, got {value!r}")
+    if max_size < min_size:
+        raise ValueError(f"max_size must be >= min_size ({min_size}), got {max_size}")
+    backbone = build_backbone(model, **dict(backbone_kwargs or {}))
+    cfg = _pretrained_cfg(backbone)
+    return MaskRCNN(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size,
+                    image_mean=list(cfg["mean"]), image_std=list(cfg["std"]), **detector_kwargs)
+
+
+def _pretrained_cfg(backbone: nn.Module) -> dict:
+    for m in backbone.modules():
+        cfg = getattr(m, "pretrained_cfg", None)
+        if cfg and "mean" in cfg:
+            return cfg
+    raise ValueError("the backbone carries no pretrained_cfg with the image mean and std")
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Parameters of ``module`` (each shared tensor once)."""
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
