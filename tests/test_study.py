@@ -197,7 +197,7 @@ def test_tables_and_plot_from_finished_runs(tmp_path):
     with open(res["csv"]) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and {r["variant"] for r in rows} == {"sa", "convsa", "structsa_d4"}
-    assert S._curve(tmp_path / "vid" / "sa" / "seed1") == ([2, 4, 6], pytest.approx([0.14, 0.42, 0.7]))
+    assert S.learning_curve(tmp_path / "vid" / "sa" / "seed1") == ([2, 4, 6], pytest.approx([0.14, 0.42, 0.7]))
     assert res["png"].is_file() and res["png"].stat().st_size > 10_000
     assert res["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(S.StudyError, match="no finished runs"):
@@ -345,7 +345,7 @@ def test_tie_value_patterns_shares_aggregators_over_channels():
 def test_welch_test():
     a, b = [0.50, 0.55, 0.60, 0.52], [0.40, 0.45, 0.41]
     t, p = S.welch(a, b)
-    (ma, sa), (mb, sb) = S._mean_std(a), S._mean_std(b)
+    (ma, sa), (mb, sb) = S.mean_std(a), S.mean_std(b)
     va, vb = sa ** 2 / len(a), sb ** 2 / len(b)
     assert t == pytest.approx((ma - mb) / math.sqrt(va + vb))
     dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
@@ -444,6 +444,41 @@ def test_paper_tables_welch_and_plot_from_finished_runs(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 and {r["variant"] for r in rows} == {"sa", "convsa", "d2", "chcorr"}
     assert res["png"].name == "paper.png" and res["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+
+def test_results_page_written_from_the_csv_alone(tmp_path, capsys):
+    """``--write`` publishes runs as a CSV and a page made from it; ``--report`` rewrites the same
+    page from the CSV with no run folders; the page's numbers are the CSV's."""
+    config = _paper_tiny(tmp_path)
+    study = S.load_study(config)
+    accs = {"sa": [0.50, 0.52, 0.48], "d2": [0.70, 0.75, 0.72]}
+    rows = [_fake_result("rel", v, seed, acc) for v, values in accs.items() for seed, acc in enumerate(values)]
+    docs = tmp_path / "docs"
+    command = f"structvit study paper --report --config {config} --results-dir {docs} --results-name study_tiny"
+    written = S.publish(rows, study, docs, "study_tiny", command=command)
+    assert written["results_csv"] == docs / "study_tiny_results.csv"
+    back = S.read_results_csv(written["results_csv"])  # sorted by task, variant, seed
+    assert [(r["variant"], r["seed"], r["acc1"]) for r in back] == sorted((r["variant"], r["seed"], r["acc1"]) for r in rows)
+    page = written["md"].read_text()
+    delta = f"+22.3, p={S.welch(accs['d2'], accs['sa'])[1]:.2g}"
+    assert f"Regenerate this page: `{command}`" in page and f"| 72.3 ± 2.5 (n=3) | {delta} |" in page
+    assert "| channel-wise correlation | 81.0 | not run |" in page and "![tinypaper](study_tiny.png)" in page
+    assert written["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and written["summary_csv"].is_file()
+    written["md"].unlink()
+    assert S.main(["paper", "--config", str(config), "--report", "--results-dir", str(docs),
+                   "--results-name", "study_tiny"]) == 0
+    regenerated = (docs / "study_tiny.md").read_text()
+    assert regenerated == page
+    assert "wrote" in capsys.readouterr().out
+    # a results file that is not one, or rows of a variant the study file lacks, are named
+    (docs / "bad_results.csv").write_text("task,variant\nrel,sa\n")
+    with pytest.raises(S.StudyError, match="missing column"):
+        S.regenerate(study, docs, "bad")
+    with pytest.raises(S.StudyError, match="rel/m7 .* is not a variant"):
+        S.write_results_page([_fake_result("rel", "m7", 0, 0.5)], study, docs, "x")
+    with pytest.raises(S.StudyError, match="not found"):
+        S.regenerate(study, docs, "absent")
 
 
 def _fake_train_top(run, folder, threads=1):

@@ -1,0 +1,6 @@
+"""``python -m structvit.study``: the ``structvit study`` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
