@@ -255,8 +255,8 @@ def test_structvit_passes_memory_limit_to_its_structsa_layers():
 @pytest.mark.parametrize("patterns", LAYOUTS)
 def test_random_init_of_a_one_tap_window_starts_as_sa(grid, window, normalize, patterns):
     # A 1x1 (1x1x1) pattern is only a per-channel gain. Zero-mean random gains gave the layer a
-    # value gain mean_d u_v ~ 0.4 rms, and a 1x1 StructSA that did not train (README, the
-    # paper's ablations, Table 1b); the default init now starts it as SA.
+    # value gain mean_d u_v ~ 0.4 rms, and a 1x1 StructSA that did not train (docs/usage/studies.md,
+    # Table 1b); the default init now starts it as SA.
     torch.manual_seed(0)
     sa = SelfAttention(32, 4).double()
     st = StructSA(32, 4, window=window, num_patterns=4, normalize=normalize, patterns=patterns).double()

@@ -203,7 +203,7 @@ def test_tiny_export_saves_and_equals_eager(name, tmp_path, one_thread):
 
 
 def test_scripted_model_cannot_be_saved(tmp_path, one_thread):
-    """What the README says: TorchScript calls the op's Python dispatch, so torch.jit.save refuses."""
+    """What docs/usage/models.md says: TorchScript calls the op's Python dispatch, so torch.jit.save refuses."""
     scripted = _script(timm.create_model("structvit_tiny").eval())
     with pytest.raises(Exception, match="Python"):
         torch.jit.save(scripted, tmp_path / "model.pt")

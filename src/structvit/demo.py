@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-# The settings of the demo (the README quotes the accuracy they reach). ``max_seconds`` caps
+# The settings of the demo (its report prints the accuracy they reach). ``max_seconds`` caps
 # each training run so that the whole demo stays within 5 minutes on a slow 2-core machine;
 # the report says how many steps were done.
 DIGITS = dict(model="structvit_tiny",

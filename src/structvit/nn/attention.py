@@ -227,8 +227,8 @@ class StructSA(SelfAttention):
                     # A one-tap pattern is only a per-channel gain, and the softmax mixes the D
                     # copies of a token, so the layer starts with the gain mean_d u. Zero-mean
                     # draws made that ~0.4 rms (std 1 over D = 4), which kept the attention
-                    # uniform for the whole budget of the paper study (README, the paper's
-                    # ablations, Table 1b). Start at SA's gain instead, as init="sa" does.
+                    # uniform for the whole budget of the paper study (docs/usage/studies.md,
+                    # Table 1b). Start at SA's gain instead, as init="sa" does.
                     u.fill_(centre)
             if math.prod(self.window_v) == 1:
                 self.u_v.add_(_zero_sum_noise(self.u_v, self.pattern_dim, noise_std))

@@ -1,8 +1,8 @@
 """Which backend runs a StructSA call: capabilities, memory planning and the cost model.
 
 Everything "auto" decides lives here, together with every constant it uses. Where the
-constants come from (the measurements behind them are in the README's performance
-section and docs/results/performance.md, produced by ``python -m structvit.bench op``):
+constants come from (the measurements behind them are in docs/results/performance*.md,
+produced by ``python -m structvit.bench op``):
 
 - ``DEFAULT_MEMORY_LIMIT`` (1 GiB): attention-sized working memory a call may hold
   beyond its inputs, outputs and their gradients unless ``memory_limit`` says otherwise;
@@ -16,8 +16,8 @@ section and docs/results/performance.md, produced by ``python -m structvit.bench
   fused kernel costs about ``1 + FUSED_KERNEL_WEIGHT[isa] * M * D / C`` times plain
   attention (fwd+bwd) and keyconv about ``KEYCONV_WEIGHT * D`` times; the mean of the fits to
   the per-head ``bench op`` rows (image, video, video155, image7, video555; 1 and 2 threads)
-  of the AVX-512 and AVX2 (``haswell``) builds on one Zen 4 machine (README,
-  docs/results/performance*.md); the portable build's (SSE2, 4 lanes) from its image and video rows
+  of the AVX-512 and AVX2 (``haswell``) builds on one Zen 4 machine
+  (docs/results/performance*.md); the portable build's (SSE2, 4 lanes) from its image and video rows
   on 2 threads (docs/results/performance-generic.md); NEON, never measured, gets a little more. Other CPUs differ, which is why "auto"
   measures (:mod:`.autotune`): the cost model decides only where nothing is measured
   (small calls, tracing, ``STRUCTVIT_AUTOTUNE=off``, nothing recorded in ``deterministic``
