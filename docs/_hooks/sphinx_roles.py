@@ -3,7 +3,8 @@
 The docstrings name other objects Sphinx-style (:class:`X`, :func:`~a.b.f`); mkdocstrings
 renders the backticked part as code and leaves the role's name in front of it. This hook
 drops the role name and, for a ``~`` target, keeps only the last dotted component, as
-Sphinx displays it.
+Sphinx displays it. A paragraph that ends in reST's literal-block marker ``::`` (the
+indented block after it already renders as code) ends in one colon, as Sphinx shows it.
 """
 from __future__ import annotations
 
@@ -20,4 +21,4 @@ def _plain(match: re.Match) -> str:
 
 
 def on_page_content(html: str, **kwargs) -> str:
-    return _ROLE.sub(_plain, html)
+    return _ROLE.sub(_plain, html).replace("::</p>", ":</p>")
