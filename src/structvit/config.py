@@ -12,6 +12,11 @@ variable                       setter                 meaning
 ``STRUCTVIT_NATIVE_CONV``      ``set_native_conv``    ``0``/``false``: keyconv uses PyTorch's
                                                       convolutions instead of its own CPU kernel
                                                       (default ``1``: the kernel, where it builds)
+``STRUCTVIT_TRITON``           ``set_triton``         ``0``/``false``: on CUDA, keyconv's pattern
+                                                      convolutions and the backbone's depthwise
+                                                      convolutions use PyTorch's kernels instead of
+                                                      the Triton ones (default ``1``: Triton, where
+                                                      it is installed)
 ``STRUCTVIT_CACHE``            ``set_cache_dir``      where built kernels are cached
                                                       (default ``~/.cache/structvit``)
 ``STRUCTVIT_NATIVE_OPENMP``    ``set_native_openmp``  ``0``: build the kernel with std::threads
@@ -99,6 +104,7 @@ class Settings:
     native_arch: str = "native"
     autotune: str = "measure"
     native_conv: bool = True
+    triton: bool = True
 
     @property
     def buffer_cache_bytes(self) -> int:
@@ -117,6 +123,7 @@ def _from_environment() -> Settings:
         native_arch=_check_arch("STRUCTVIT_NATIVE_ARCH", os.environ.get("STRUCTVIT_NATIVE_ARCH", "native")),
         autotune=_check_autotune("STRUCTVIT_AUTOTUNE", os.environ.get("STRUCTVIT_AUTOTUNE", "measure")),
         native_conv=_env_bool("STRUCTVIT_NATIVE_CONV", True),
+        triton=_env_bool("STRUCTVIT_TRITON", True),
     )
 
 
@@ -153,6 +160,15 @@ def set_native_conv(enabled: bool) -> None:
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {enabled!r}")
     _replace(native_conv=enabled)
+
+
+def set_triton(enabled: bool) -> None:
+    """Whether CUDA tensors use the Triton kernels (True, where Triton is installed) or PyTorch's
+    convolutions (False) for keyconv's pattern convolutions and the backbone's depthwise
+    convolutions (``STRUCTVIT_TRITON``)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    _replace(triton=enabled)
 
 
 def set_cache_dir(path: str | os.PathLike) -> None:

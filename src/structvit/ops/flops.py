@@ -8,6 +8,10 @@ models``, ``structvit report``, the study) counts what eager mode runs:
 - ``structvit::pattern_conv_forward`` / ``structvit::pattern_conv_backward``, keyconv's
   pattern convolutions on the CPU: counted as the depthwise convolutions they replace
   (every window offset of every output, as PyTorch counts a convolution);
+- ``structvit::triton_pattern_conv_forward`` / ``_backward``, the same on CUDA (Triton), with
+  the same formulas; registered by :func:`register_pattern_conv_formulas` when
+  :mod:`.triton.pattern_conv` is imported (only where keyconv uses it: importing Triton
+  costs time);
 - ``aten::_scaled_dot_product_flash_attention_for_cpu`` (and its backward), PyTorch's CPU
   attention kernel, which ``FlopCounterMode`` does not count by itself (its CUDA
   counterparts are counted with the same formula).
@@ -63,15 +67,23 @@ def pattern_conv_flops(y_shape, w_shape) -> int:
     return 2 * math.prod(y_shape) * w_shape[2]
 
 
-@register_flop_formula(torch.ops.structvit.pattern_conv_forward)
 def _pattern_conv_forward_formula(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
     return pattern_conv_flops(out_shape, w_shape)
 
 
-@register_flop_formula(torch.ops.structvit.pattern_conv_backward)
 def _pattern_conv_backward_formula(grad_shape, x_shape, w_shape, grid, window, stride, need_x, need_w, *args,
                                    out_shape=None, **kwargs) -> int:
     return pattern_conv_flops(grad_shape, w_shape) * (int(need_x) + int(need_w))
+
+
+def register_pattern_conv_formulas(forward_op, backward_op) -> None:
+    """Count a pattern-convolution op pair (the signatures of ``structvit::pattern_conv_forward``
+    and ``_backward``) with :func:`pattern_conv_flops`."""
+    register_flop_formula(forward_op)(_pattern_conv_forward_formula)
+    register_flop_formula(backward_op)(_pattern_conv_backward_formula)
+
+
+register_pattern_conv_formulas(torch.ops.structvit.pattern_conv_forward, torch.ops.structvit.pattern_conv_backward)
 
 
 _cpu_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

@@ -25,6 +25,9 @@ with as few copies as possible (:func:`pattern_layout`):
 - ``"native"`` (CPU, float32 / float64, where the native library builds): one kernel
   (:mod:`.native_conv`) that reads x in place and writes (B, h, D * N', C) directly, with
   its own backward; it replaces the layouts above where it is faster (:func:`pattern_layout`).
+- ``"triton"`` (CUDA, where Triton is installed): the same contract as ``"native"`` as Triton
+  kernels (:mod:`..triton.pattern_conv`), any dtype; ``STRUCTVIT_TRITON=0``
+  (``config.set_triton(False)``) goes back to PyTorch's convolutions (``"channels_first"``).
 """
 from __future__ import annotations
 
@@ -33,18 +36,28 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ... import config
 from ..grid import Grid3, depthwise_pattern_weight, grid_conv, strided_grid
+from ..triton import available as triton_available
 from . import native_conv
 from .common import dropout, normalise
 
-LAYOUTS = ("spatial_c", "channels_last", "channels_first", "native")
+LAYOUTS = ("spatial_c", "channels_last", "channels_first", "native", "triton")
+
+
+def triton_serves(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels compute ``x``'s pattern convolution: a CUDA tensor, Triton
+    installed, not switched off (``config.set_triton``, ``STRUCTVIT_TRITON``), and not an ONNX
+    export (ONNX has no such operator; the PyTorch layouts export)."""
+    return (x.device.type == "cuda" and config.settings().triton and triton_available()
+            and not torch.onnx.is_in_onnx_export())
 
 
 def pattern_layout(x: torch.Tensor, u: torch.Tensor, grid: Grid3, stride: Grid3) -> str:
     """The convolution layout :func:`pattern_keys` uses for ``x`` (B, h, N, C) and patterns
     ``u`` (hu, cu, D, kt, kh, kw) (the choices were measured with ``bench op`` A/B)."""
     if x.device.type != "cpu":
-        return "channels_first"
+        return "triton" if triton_serves(x) else "channels_first"
     if native_conv.serves(x):
         return "native"
     if u.shape[1] == 1 and grid[0] == 1:
@@ -76,6 +89,10 @@ def pattern_keys(x: torch.Tensor, u: torch.Tensor, grid: Grid3, stride: Grid3 = 
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if layout == "native":
         return native_conv.pattern_keys_native(x, u, grid, stride)
+    if layout == "triton":
+        from ..triton.pattern_conv import pattern_keys_triton  # imports Triton: only when used
+
+        return pattern_keys_triton(x, u, grid, stride)
     b, h, n, c = x.shape
     d = u.shape[2]
     n_out = math.prod(strided_grid(grid, stride))
