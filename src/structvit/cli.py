@@ -44,8 +44,9 @@ EXTRAS = {
     "PIL": "train",
     "av": "video",
     "matplotlib": "viz",
+    "pycocotools": "detection",
 }
-EXTRA_NAMES = {"train": "training", "video": "video", "viz": "visualisation"}
+EXTRA_NAMES = {"train": "training", "video": "video", "viz": "visualisation", "detection": "detection"}
 
 
 def missing_extra(error: ModuleNotFoundError) -> str | None:

@@ -144,9 +144,10 @@ class Throughput(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        total = self._marks[-1][1] + int(x.shape[0]) * trainer.world_size if self._marks else 0
+        size = len(x) if isinstance(x, (tuple, list)) else int(x.shape[0])  # detection: a list of images
+        total = self._marks[-1][1] + size * trainer.world_size if self._marks else 0
         self._marks.append((time.perf_counter(), total))
         (t0, n0), (t1, n1) = self._marks[0], self._marks[-1]
         if len(self._marks) > 1 and t1 > t0:
             pl_module.log("train/samples_per_sec", (n1 - n0) / (t1 - t0), on_step=True, on_epoch=False,
-                          prog_bar=True, batch_size=int(x.shape[0]))
+                          prog_bar=True, batch_size=size)

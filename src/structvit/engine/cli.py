@@ -101,7 +101,8 @@ class StructViTCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("trainer_defaults", {"callbacks": [DeterministicData(), Throughput()],
                                                "default_root_dir": "runs/default", "log_every_n_steps": 10})
-        super().__init__(ClassificationModule, L.LightningDataModule, subclass_mode_data=True,
+        # any LightningModule by class_path (detection, segmentation); a config without one is classification
+        super().__init__(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                          parser_class=_Parser, auto_configure_optimizers=False, args=args, run=run, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -117,7 +118,8 @@ class StructViTCLI(LightningCLI):
                              "best_checkpoint.auto_insert_metric_name": False})
         parser.set_defaults({"data": {"class_path": "structvit.data.ImageDataModule",
                                       "init_args": {"dataset": "digits"}}})
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.set_defaults({"model": {"class_path": f"{ClassificationModule.__module__}.ClassificationModule"}})
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
     def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)

@@ -1,0 +1,132 @@
+"""Mask R-CNN over StructViT (structvit.dense.mask_rcnn), its Lightning module and COCO
+evaluation (structvit.engine.detection), and the detection configs through the CLI."""
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("pycocotools")
+pytest.importorskip("torchvision")
+
+from structvit.data.coco import CocoDataModule, CocoDetection  # noqa: E402
+from structvit.data.scenes import export_scenes  # noqa: E402
+from structvit.dense.mask_rcnn import build_mask_rcnn  # noqa: E402
+from structvit.engine.detection import DetectionModule, StepSchedule, coco_evaluate, coco_results  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a detector small enough for CPU tests: few proposals and RoIs, 64-pixel images
+SMALL = dict(rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50, rpn_pre_nms_top_n_test=100,
+             rpn_post_nms_top_n_test=50, box_batch_size_per_image=32, box_detections_per_img=10)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scenes_coco")
+    export_scenes(str(root), format="coco", counts={"train": 4, "val": 3}, size=64)
+    return str(root)
+
+
+def test_detector_has_torchvision_maskrcnn_fpn_layout():
+    model = build_mask_rcnn("structvit_tiny", 11, min_size=64, max_size=96, **SMALL).eval()
+    feats = model.backbone(torch.zeros(1, 3, 64, 96))
+    assert list(feats) == ["0", "1", "2", "3", "pool"]
+    assert [tuple(f.shape[-2:]) for f in feats.values()] == [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]
+    assert all(f.shape[1] == 256 for f in feats.values()) and model.backbone.out_channels == 256
+    assert model.rpn.anchor_generator.sizes == ((32,), (64,), (128,), (256,), (512,))
+    assert model.roi_heads.box_roi_pool.featmap_names == ["0", "1", "2", "3"]
+    assert model.roi_heads.box_roi_pool.output_size == (7, 7) and model.roi_heads.mask_roi_pool.output_size == (14, 14)
+    assert model.roi_heads.box_predictor.cls_score.out_features == 11
+    assert model.transform.min_size == (64,) and model.transform.max_size == 96
+    cfg = model.backbone.body.pretrained_cfg
+    assert model.transform.image_mean == list(cfg["mean"]) and model.transform.image_std == list(cfg["std"])
+    defaults = build_mask_rcnn("structvit_tiny", 81)
+    assert defaults.transform.min_size == (800,) and defaults.transform.max_size == 1333
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(model="no_such_model"), "registered backbone"),
+    (dict(num_classes=1), "num_classes must be an int >= 2"),
+    (dict(min_size=800, max_size=600), "max_size must be >= min_size"),
+])
+def test_bad_detector_arguments(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        build_mask_rcnn(**{"model": "structvit_tiny", "num_classes": 3, **kwargs})
+
+
+def test_step_schedule_is_mmdet_1x():
+    s = StepSchedule(steps_per_epoch=100, lr_steps=(8, 11), lr_gamma=0.1, warmup_iters=500, warmup_ratio=0.001)
+    assert s(0) == pytest.approx(0.001) and s(250) == pytest.approx(0.5005) and s(500) == 1.0
+    assert s(799) == 1.0 and s(800) == pytest.approx(0.1) and s(1099) == pytest.approx(0.1)
+    assert s(1100) == pytest.approx(0.01) and s(1199) == pytest.approx(0.01)
+
+
+def test_coco_evaluation_of_ground_truth_and_of_wrong_labels(scenes):
+    ds = CocoDetection(scenes, "val2017")
+    ids, dets, wrong = [], [], []
+    for i in range(len(ds)):
+        _, t = ds[i]
+        n = len(t["labels"])
+        det = {"boxes": t["boxes"], "labels": t["labels"], "scores": torch.linspace(1, 0.5, n),
+               "masks": t["masks"][:, None].float()}
+        dets.append(det)
+        wrong.append({**det, "labels": t["labels"] % 10 + 1})  # every label wrong
+        ids.append(t["image_id"])
+    boxes, masks = coco_results(dets, ids, ds.label_to_category)
+    assert len(boxes) == len(masks) == sum(len(d["labels"]) for d in dets)
+    assert boxes[0]["bbox"][2:] == [float(dets[0]["boxes"][0, 2] - dets[0]["boxes"][0, 0]),
+                                    float(dets[0]["boxes"][0, 3] - dets[0]["boxes"][0, 1])]
+    for iou_type, results in (("bbox", boxes), ("segm", masks)):
+        perfect = coco_evaluate(ds.coco, results, iou_type, ids)
+        assert perfect["ap"] == pytest.approx(100.0) and perfect["ap50"] == pytest.approx(100.0)
+    bad_boxes, _ = coco_results(wrong, ids, ds.label_to_category)
+    assert coco_evaluate(ds.coco, bad_boxes, "bbox", ids)["ap"] == 0.0
+    assert coco_evaluate(ds.coco, [], "bbox", ids)["ap50"] == 0.0
+
+
+def test_module_trains_and_rejects_a_class_count_of_another_dataset(scenes):
+    torch.manual_seed(0)
+    module = DetectionModule("structvit_tiny", num_classes=10, min_size=64, max_size=64, detector_kwargs=SMALL)
+    dm = CocoDataModule(scenes, batch_size=2, num_workers=0)
+    dm.setup("fit")
+    images, targets = next(iter(dm.train_dataloader()))
+    losses = module.model(images, [{k: t[k] for k in ("boxes", "labels", "masks")} for t in targets])
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+    loss = sum(losses.values())
+    loss.backward()
+    assert torch.isfinite(loss)
+    # the loss reaches the backbone
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.model.backbone.body.parameters())
+    wrong = DetectionModule("structvit_tiny", num_classes=80, min_size=64, max_size=64, detector_kwargs=SMALL)
+
+    class _Trainer:
+        datamodule = dm
+
+    wrong._trainer = _Trainer()
+    with pytest.raises(ValueError, match="num_classes is 80 but the dataset has 10 categories"):
+        wrong.setup("fit")
+
+
+def test_no_weight_decay_on_norms_biases_and_position_tables():
+    module = DetectionModule("structvit_tiny", num_classes=3, min_size=64, max_size=64, detector_kwargs=SMALL)
+    from structvit.engine.optim import param_groups
+
+    decayed, plain = param_groups(module.model, 0.05)
+    assert plain["weight_decay"] == 0.0 and decayed["weight_decay"] == 0.05
+    assert any("pos_embed" in n for n in plain["names"]) and not any("pos_embed" in n for n in decayed["names"])
+    assert all("norm" not in n.rsplit(".", 2)[-2] for n in decayed["names"])
+
+
+def test_config_fit_two_steps_then_validate(scenes, tmp_path):
+    """configs/coco_maskrcnn_*.yaml with `--data.root DIR --model.model structvit_tiny`: fit 2 steps, validate."""
+    import json
+
+    from structvit.engine.cli import main
+
+    run = str(tmp_path / "run")
+    common = ["--config", os.path.join(ROOT, "configs", "coco_maskrcnn_structvit_s_4_1_h14.yaml"),
+              "--data.root", scenes, "--model.model", "structvit_tiny", "--model.min_size", "64",
+              "--model.max_size", "64", "--model.detector_kwargs", json.dumps(SMALL), "--data.num_workers", "0",
+              "--trainer.default_root_dir", run, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    assert main(["fit", *common, "--trainer.max_steps", "2", "--trainer.num_sanity_val_steps", "0"]) == 0
+    assert os.path.isfile(os.path.join(run, "checkpoints", "last.ckpt"))
+    assert main(["validate", *common, "--ckpt_path", "last"]) == 0
