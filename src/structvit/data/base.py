@@ -14,6 +14,8 @@ import multiprocessing
 import os
 from dataclasses import dataclass, field
 
+from .files import OutsideRootError, inside_root, text_lines
+
 __all__ = ["VideoRecord", "Annotations", "normalize_split", "VIDEO_EXTENSIONS", "UNLABELLED", "BENCHMARK_CLASSES"]
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
@@ -34,6 +36,8 @@ class VideoRecord:
     end_frame: int | None = None  # exclusive; None = to the end
     frames: bool = False
     name: str = ""
+    #: the folder the sample must stay inside (links followed), checked again when it is read
+    root: str | None = None
 
 
 @dataclass
@@ -80,30 +84,59 @@ def _first_dir(paths) -> str | None:
 def _media(base_dirs, name: str, *, exts=VIDEO_EXTENSIONS, allow_frames=True, prefer="auto"):
     """Find ``name`` as a video file or a frame folder under ``base_dirs``.
 
-    Returns ``(path, is_frames)`` or ``(None, False)``."""
+    Returns ``(path, is_frames, base)`` (``base``: the folder it was found in) or
+    ``(None, False, None)``.  A name that leads out of a base folder (``..``, an absolute
+    path, a link) raises :class:`~.files.OutsideRootError` before anything there is looked at."""
+    for d in base_dirs:
+        inside_root(os.path.join(d, name), d)
     if prefer in ("auto", "video"):
         for d in base_dirs:
             for e in exts:
                 p = os.path.join(d, name + e)
                 if os.path.isfile(p):
-                    return p, False
+                    return inside_root(p, d), False, d
     if allow_frames and prefer in ("auto", "frames"):
         for d in base_dirs:
             p = os.path.join(d, name)
             if os.path.isdir(p):
-                return p, True
-    return None, False
+                return inside_root(p, d), True, d
+    return None, False, None
 
+
+def _unchecked_media(base: str, name: str, ext: str = "", frames: bool = False) -> dict:
+    """The record fields of a sample not looked for on disk (``check_files=False``): its
+    path under ``base``, refused (:class:`~.files.OutsideRootError`) if it leaves it."""
+    return dict(path=inside_root(os.path.join(base, name + ext), base), frames=frames, root=base)
+
+
+def _locate(where: str, problems: list, name: str, root: str, lookups, *, check_files: bool, missing: str,
+            missing_frames: bool = False) -> dict | None:
+    """The record fields (``path``, ``frames``, ``root``) of the sample ``name``, or None
+    after adding its problem (missing, or leaving the root) to ``problems``.
+
+    ``lookups`` is a sequence of ``(base_dirs, media options)`` tried in turn (e.g. videos,
+    then frame folders); ``missing`` is the extension of the path reported (and used when
+    ``check_files`` is off) when nothing is found; it lies in the first base folder."""
+    try:
+        for dirs, options in lookups:
+            path, frames, base = _media(dirs, name, **options)
+            if path is not None:
+                return dict(path=path, frames=frames, root=base)
+        fallback = next((d[0] for d, _ in lookups if d), root)
+        if check_files:
+            problems.append(f"{where}: missing {'frame folder' if missing_frames else 'file'} "
+                            f"{os.path.join(fallback, name)}{missing}")
+            return None
+        return _unchecked_media(fallback, name, missing, frames=missing_frames)
+    except OutsideRootError as e:
+        problems.append(f"{where}: {e}")
+        return None
 
 
 def _annotation_lines(path: str):
     """(where, line) for every non-empty, stripped line of a text annotation file, where is
-    "PATH line K" for the problem reports."""
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            line = line.strip()
-            if line:
-                yield f"{path} line {i}", line
+    "PATH line K" for the problem reports (undecodable bytes: :class:`~.files.AnnotationError`)."""
+    return text_lines(path)
 
 
 class _Counter:

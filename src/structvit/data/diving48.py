@@ -6,10 +6,10 @@ frame folders ``{root}/frames/{vid_name}/``.
 """
 from __future__ import annotations
 
-import json
 import os
 
-from .base import Annotations, VideoRecord, _first, _media, normalize_split
+from .base import Annotations, VideoRecord, _first, _locate, normalize_split
+from .files import load_json
 
 __all__ = ["read_diving48"]
 
@@ -24,18 +24,19 @@ def read_diving48(root, split: str = "train", *, media: str = "auto", check_file
     ann = _first([os.path.join(d, f"Diving48_V2_{name}.json") for d in adirs], f"Diving48_V2_{name}.json", root)
     vocab_path = next((p for p in (os.path.join(d, "Diving48_vocab.json") for d in adirs) if os.path.isfile(p)), None)
     if vocab_path:
-        with open(vocab_path, encoding="utf-8") as f:
-            vocab = json.load(f)
+        vocab = load_json(vocab_path, list)
         classes = [" ".join(v) if isinstance(v, list) else str(v) for v in vocab]
     else:
         classes = [str(i) for i in range(48)]
     vdirs = [p for p in (os.path.join(root, "rgb"), os.path.join(root, "videos"), root) if os.path.isdir(p)]
     fdirs = [p for p in (os.path.join(root, "frames"), os.path.join(root, "rawframes"),
                          os.path.join(root, "rgb_frames")) if os.path.isdir(p)]
-    with open(ann, encoding="utf-8") as f:
-        entries = json.load(f)
+    entries = load_json(ann, list)
     problems, records = [], []
     for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            problems.append(f"{ann} entry {i}: expected a JSON object, got {type(e).__name__}")
+            continue
         where = f"{ann} entry {i} (vid_name {e.get('vid_name')!r})"
         try:
             vid, label = str(e["vid_name"]), int(e["label"])
@@ -51,16 +52,11 @@ def read_diving48(root, split: str = "train", *, media: str = "auto", check_file
         if end is not None and end <= start:
             problems.append(f"{where}: end_frame {end} <= start_frame {start}")
             continue
-        path, frames = (None, False)
-        if media != "frames":
-            path, frames = _media(vdirs, vid, allow_frames=False)
-        if path is None and media != "video":
-            path, frames = _media(fdirs, vid, prefer="frames")
-        if path is None:
-            if check_files:
-                problems.append(f"{where}: missing file {os.path.join(vdirs[0] if vdirs else root, vid)}.mp4")
-                continue
-            path = os.path.join(vdirs[0] if vdirs else root, vid + ".mp4")
-        records.append(VideoRecord(path, label, start, end, frames=frames, name=vid))
+        lookups = ([(vdirs, dict(allow_frames=False))] if media != "frames" else []) + (
+            [(fdirs, dict(prefer="frames"))] if media != "video" else [])
+        found = _locate(where, problems, vid, root, lookups, check_files=check_files,
+                        missing="" if media == "frames" else ".mp4", missing_frames=media == "frames")
+        if found is not None:
+            records.append(VideoRecord(label=label, start_frame=start, end_frame=end, name=vid, **found))
     return Annotations(records, classes, problems)
 

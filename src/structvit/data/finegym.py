@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 
-from .base import Annotations, VideoRecord, _annotation_lines, _first, _media, normalize_split
+from .base import Annotations, VideoRecord, _annotation_lines, _first, _locate, normalize_split
 
 __all__ = ["read_finegym"]
 
@@ -31,11 +31,10 @@ def read_finegym(root, split: str = "train", *, variant: str = "gym99", check_fi
     cat = next((p for p in (os.path.join(d, f"{variant}_categories.txt") for d in adirs) if os.path.isfile(p)), None)
     if cat:
         names_by_label = {}
-        with open(cat, encoding="utf-8") as f:
-            for line in f:
-                m = re.match(r"\s*Clabel:\s*(\d+);.*?;\s*Glabel:\s*\d+;\s*(.*)$", line)
-                if m:
-                    names_by_label[int(m.group(1))] = m.group(2).strip()
+        for _, line in _annotation_lines(cat):
+            m = re.match(r"\s*Clabel:\s*(\d+);.*?;\s*Glabel:\s*\d+;\s*(.*)$", line)
+            if m:
+                names_by_label[int(m.group(1))] = m.group(2).strip()
         classes = [names_by_label.get(i, str(i)) for i in range(k)]
     vdirs = [p for p in (os.path.join(root, "subactions"), os.path.join(root, "clips"), os.path.join(root, "videos"),
                          root) if os.path.isdir(p)]
@@ -51,14 +50,9 @@ def read_finegym(root, split: str = "train", *, variant: str = "gym99", check_fi
         if not 0 <= label < k:
             problems.append(f"{where}: unknown label {label} (expected 0..{k - 1})")
             continue
-        path, frames = _media(vdirs, clip, prefer="video")
-        if path is None:
-            path, frames = _media(fdirs, clip, prefer="frames")
-        if path is None:
-            if check_files:
-                problems.append(f"{where}: missing file {os.path.join(vdirs[0] if vdirs else root, clip)}.mp4")
-                continue
-            path = os.path.join(vdirs[0] if vdirs else root, clip + ".mp4")
-        records.append(VideoRecord(path, label, frames=frames, name=clip))
+        found = _locate(where, problems, clip, root, [(vdirs, dict(prefer="video")), (fdirs, dict(prefer="frames"))],
+                        check_files=check_files, missing=".mp4")
+        if found is not None:
+            records.append(VideoRecord(label=label, name=clip, **found))
     return Annotations(records, classes, problems)
 

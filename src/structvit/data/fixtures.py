@@ -18,7 +18,7 @@ import torch
 from .video import write_video
 
 __all__ = ["pattern_frames", "decode_frame_index", "write_kinetics400", "write_ssv2", "write_ssv1",
-           "write_diving48", "write_finegym", "write_jpeg_frames", "FIXTURE_WRITERS"]
+           "write_diving48", "write_finegym", "write_jpeg_frames", "write_resizing_video", "FIXTURE_WRITERS"]
 
 _BITS = 8
 
@@ -59,6 +59,41 @@ def write_jpeg_frames(folder, frames, *, template: str = "{:05d}.jpg", start: in
     os.makedirs(folder, exist_ok=True)
     for i, img in enumerate(np.asarray(frames)):
         Image.fromarray(img).save(os.path.join(folder, template.format(start + i)), quality=quality)
+
+
+def write_resizing_video(path, segments, fps: int = 8, codec: str = "libx264") -> None:
+    """A video whose frame size changes mid-stream: ``segments`` is a list of ``(N, H, W, 3)``
+    uint8 arrays of different sizes, each encoded by its own encoder into the one video
+    stream of ``path`` (as a camera or an edited clip that switches resolution does)."""
+    from fractions import Fraction
+
+    import av
+
+    pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    with av.open(os.fspath(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.height, stream.width = np.asarray(segments[0]).shape[1:3]
+        stream.pix_fmt = pix_fmt
+        pts = 0
+        for k, segment in enumerate(segments):
+            segment = np.asarray(segment)
+            if k == 0:
+                encoder = stream.codec_context
+            else:  # the stream's encoder has a fixed size: a new one for each size
+                encoder = av.CodecContext.create(codec, "w")
+                encoder.height, encoder.width = segment.shape[1:3]
+                encoder.pix_fmt, encoder.time_base, encoder.framerate = pix_fmt, Fraction(1, fps), Fraction(fps)
+                encoder.open()
+            for img in [*segment, None]:
+                frame = None
+                if img is not None:
+                    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+                    frame.pts, frame.time_base = pts, Fraction(1, fps)
+                    pts += 1
+                for packet in encoder.encode(frame):
+                    packet.stream = stream
+                    container.mux(packet)
 
 
 def write_kinetics400(root, *, frames: int = 40, size=(48, 64)) -> dict:

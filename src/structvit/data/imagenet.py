@@ -2,13 +2,14 @@
 and ImageNet-style class folders."""
 from __future__ import annotations
 
-import csv
 import logging
 import os
 
 import torch
 
 from .base import UNLABELLED, _annotation_lines, _Counter, _first_dir
+from .files import AnnotationError, OutsideRootError, inside_root, read_csv_rows
+from .images import load_image
 from .video import IMAGE_EXTENSIONS
 
 log = logging.getLogger("structvit.data")
@@ -31,15 +32,14 @@ def read_loc_val_solution(path) -> dict[str, str]:
     PredictionString``; the string is ``wnid x_min y_min x_max y_max`` repeated per box, all
     boxes of one image have its class)."""
     out = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not {"ImageId", "PredictionString"} <= set(reader.fieldnames or []):
-            raise ValueError(f"{path}: expected columns ImageId,PredictionString, found {reader.fieldnames}")
-        for i, row in enumerate(reader, start=2):
-            tokens = (row["PredictionString"] or "").split()
-            if not tokens:
-                raise ValueError(f"{path} line {i}: empty PredictionString for {row['ImageId']!r}")
-            out[row["ImageId"].strip()] = tokens[0]
+    header, rows = read_csv_rows(path)
+    if not {"ImageId", "PredictionString"} <= set(header):
+        raise AnnotationError(path, f"expected columns ImageId,PredictionString, found {header}", line=1)
+    for line, row in rows:
+        tokens = (row["PredictionString"] or "").split()
+        if not tokens:
+            raise AnnotationError(path, f"empty PredictionString for {row['ImageId']!r}", line=line)
+        out[(row["ImageId"] or "").strip()] = tokens[0]
     return out
 
 
@@ -85,8 +85,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, root, split: str = "train", *, transform=None, classes=None, on_unreadable: str = "replace"):
-        from torchvision.datasets.folder import default_loader
-
         if on_unreadable not in ("replace", "skip"):
             raise ValueError(f"on_unreadable must be 'replace' or 'skip', got {on_unreadable!r}")
         root = os.fspath(root)
@@ -111,17 +109,30 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                             self.samples.append((os.path.join(dp, fn), index[d]))
         elif flat:
             self._read_flat(root, split, split_dir, flat, index)
+        self.samples = self._inside(self.samples, split_dir)
         if self.problems:
             log.warning("%d image folder problem(s):\n  %s", len(self.problems), "\n  ".join(self.problems[:50]))
         if not self.samples:
             raise ValueError(f"no images found in {split_dir}")
         self.targets = [s[1] for s in self.samples]
         self.transform = transform
-        self.loader = default_loader
+        self.loader = load_image
+        self._base = split_dir
         self.on_unreadable = on_unreadable
         self._bad = _Counter()
         self.bad_files: list[str] = []
         self.max_retries = 10
+
+    def _inside(self, samples, base) -> list:
+        """The samples that resolve (links followed) inside the split folder; the others
+        are reported in :attr:`problems`."""
+        kept = []
+        for path, label in samples:
+            try:
+                kept.append((inside_root(path, base), label))
+            except OutsideRootError as e:
+                self.problems.append(str(e))
+        return kept
 
     def _read_flat(self, root, split, split_dir, names, index) -> None:
         """Labels of a flat split from the official files (see the class docstring)."""
@@ -183,8 +194,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         root = os.fspath(root)
         p = ImageFolderDataset._class_list_file(root)
         if p is not None:
-            with open(p, encoding="utf-8") as f:
-                return [ln.split()[0] for ln in f if ln.strip()]
+            return [line.split()[0] for _, line in _annotation_lines(p)]
         train = _first_dir([os.path.join(root, base, "train") for base in _IMAGENET_SPLIT_BASES])
         if train is None:
             raise FileNotFoundError(f"no class list file (LOC_synset_mapping.txt, classes.txt) and no train "
@@ -197,11 +207,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         p = ImageFolderDataset._class_list_file(os.fspath(root))
         out = {}
         if p is not None:
-            with open(p, encoding="utf-8") as f:
-                for ln in f:
-                    parts = ln.strip().split(maxsplit=1)
-                    if len(parts) == 2:
-                        out[parts[0]] = parts[1]
+            for _, line in _annotation_lines(p):
+                parts = line.split(maxsplit=1)
+                if len(parts) == 2:
+                    out[parts[0]] = parts[1]
         return out
 
     @property
@@ -226,7 +235,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         for _attempt in range(self.max_retries + 1):
             path, target = self.samples[i]
             try:
-                img = self.loader(path)
+                img = self.loader(inside_root(path, self._base))
             except Exception as e:
                 self._bad.add()
                 self.bad_files.append(path)

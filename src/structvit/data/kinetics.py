@@ -9,7 +9,6 @@ label names of the train CSV.  Alternatively ``annotation_file=`` a "path label"
 """
 from __future__ import annotations
 
-import csv
 import os
 
 from .base import (
@@ -19,8 +18,10 @@ from .base import (
     VideoRecord,
     _first,
     _first_dir,
+    _unchecked_media,
     normalize_split,
 )
+from .files import AnnotationError, OutsideRootError, inside_root, read_csv_rows, text_lines
 from .path_list import read_path_label_list
 
 __all__ = ["read_kinetics400"]
@@ -34,17 +35,16 @@ def _kinetics_csv_candidates(root, split):
 
 def _read_kinetics_csv(path) -> tuple[list[dict], bool]:
     """The rows of a Kinetics CSV and whether it has a ``label`` column (the test CSV may not)."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        cols = set(reader.fieldnames or [])
-        need = {"youtube_id", "time_start", "time_end"}
-        if not need <= cols:
-            raise ValueError(f"{path}: expected columns label (optional for test), {', '.join(sorted(need))}; "
-                             f"found {', '.join(sorted(cols))}")
-        rows = []
-        for i, row in enumerate(reader, start=2):
-            row["_line"] = i
-            rows.append(row)
+    header, lines = read_csv_rows(path)
+    cols = set(header)
+    need = {"youtube_id", "time_start", "time_end"}
+    if not need <= cols:
+        raise AnnotationError(path, f"expected columns label (optional for test), {', '.join(sorted(need))}; "
+                              f"found {', '.join(sorted(cols))}", line=1)
+    rows = []
+    for line, row in lines:
+        row["_line"] = line
+        rows.append(row)
     return rows, "label" in cols
 
 
@@ -63,7 +63,7 @@ def read_kinetics400(root, split: str = "train", *, annotation_file=None, video_
     if not has_labels and split != "test":
         raise ValueError(f"{ann}: no label column; only a test CSV may come without labels")
     if classes_file:
-        classes = [ln.strip() for ln in open(classes_file, encoding="utf-8") if ln.strip()]
+        classes = [line for _, line in text_lines(classes_file)]
     else:
         train_csv = next((p for p in _kinetics_csv_candidates(root, "train") if os.path.isfile(p)), None)
         src_rows = rows if train_csv is None or os.path.abspath(train_csv) == os.path.abspath(ann) else \
@@ -100,11 +100,15 @@ def read_kinetics400(root, split: str = "train", *, annotation_file=None, video_
             problems.append(f"{where}: bad time_start/time_end {row.get('time_start')!r}/{row.get('time_end')!r}")
             continue
         path = files.get(name)
-        if path is None:
-            if check_files:
-                problems.append(f"{where}: missing file {os.path.join(vdir or root, name)}.mp4")
-                continue
-            path = os.path.join(vdir or root, name + ".mp4")
-        records.append(VideoRecord(path, index[label] if has_labels else UNLABELLED, name=name))
+        if path is None and check_files:
+            problems.append(f"{where}: missing file {os.path.join(vdir or root, name)}.mp4")
+            continue
+        try:
+            found = dict(path=inside_root(path, vdir), frames=False, root=vdir) if path is not None else \
+                _unchecked_media(vdir or root, name, ".mp4")
+        except OutsideRootError as e:
+            problems.append(f"{where}: {e}")
+            continue
+        records.append(VideoRecord(label=index[label] if has_labels else UNLABELLED, name=name, **found))
     return Annotations(records, classes, problems)
 

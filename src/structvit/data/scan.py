@@ -47,11 +47,14 @@ def _class_problems(name, root, classes, labels_by_split, expected) -> list[str]
 
 def _check_record(rec, quick: bool) -> list[str]:
     """The problems of one video record: decodes every frame (``quick``: first, middle, last)."""
+    from .files import inside_root
     from .video import list_frame_files, probe_video, read_frame_folder, read_video_all, read_video_frames
 
     problems = []
+    if rec.root is not None:
+        inside_root(rec.path, rec.root)
     if rec.frames:
-        files = list_frame_files(rec.path)
+        files = list_frame_files(rec.path, root=rec.root)
         n = len(files)
         read_frame_folder(rec.path, sorted({0, n // 2, n - 1}) if quick else range(n), files=files)
     else:
@@ -96,6 +99,8 @@ def check_video_benchmark(name: str, root, splits=("train", "val"), *, quick: bo
                 problems += _check_record(rec, quick)
             except DataFileError as e:
                 problems.append(str(e))
+            except Exception as e:  # anything else: named, and the scan goes on
+                problems.append(f"{rec.path}: cannot be read ({type(e).__name__}: {e})")
     return problems + _class_problems(name, root, classes, labels_by_split, expected)
 
 
@@ -104,8 +109,8 @@ def check_image_folder(name: str, root, splits=("train", "val"), *, quick: bool 
                        progress_every: float = 5.0) -> list[str]:
     """Every problem of ImageNet (``name="imagenet"``: 1000 classes expected) or of any
     folder of classes (``"imagefolder"``); ``quick`` decodes every 50th image."""
-    from PIL import Image
-
+    from .files import DataFileError, inside_root
+    from .images import load_image
     from .imagenet import ImageFolderDataset
 
     expected = num_classes if num_classes is not None else BENCHMARK_CLASSES.get(name)
@@ -127,9 +132,10 @@ def check_image_folder(name: str, root, splits=("train", "val"), *, quick: bool 
             if quick and i % 50:
                 continue
             try:
-                with Image.open(path) as im:
-                    im.convert("RGB")
-            except Exception as e:
+                load_image(inside_root(path, ds._base))
+            except DataFileError as e:
+                problems.append(str(e))
+            except Exception as e:  # anything else: named, and the scan goes on
                 problems.append(f"{path}: unreadable image ({type(e).__name__}: {e})")
     return problems + _class_problems(name, root, classes, labels_by_split, expected)
 

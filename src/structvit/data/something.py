@@ -12,10 +12,10 @@
 """
 from __future__ import annotations
 
-import json
 import os
 
-from .base import UNLABELLED, Annotations, VideoRecord, _annotation_lines, _media, normalize_split
+from .base import UNLABELLED, Annotations, VideoRecord, _annotation_lines, _locate, normalize_split
+from .files import AnnotationError, load_json
 
 __all__ = ["read_ssv2", "read_ssv1", "ssv2_template_to_label"]
 
@@ -23,7 +23,6 @@ __all__ = ["read_ssv2", "read_ssv1", "ssv2_template_to_label"]
 def ssv2_template_to_label(template: str) -> str:
     """``"Putting [something] on [something]"`` -> ``"Putting something on something"``."""
     return template.replace("[", "").replace("]", "")
-
 
 
 def _ssv_annotation_files(root: str, split: str, version: str, ext: str) -> tuple[str, str]:
@@ -50,8 +49,12 @@ def _ssv_annotation_files(root: str, split: str, version: str, ext: str) -> tupl
 def read_ssv2(root, split: str = "train", *, check_files: bool = True) -> Annotations:
     root = os.fspath(root)
     labels_path, ann = _ssv_annotation_files(root, split, "v2", "json")
-    with open(labels_path, encoding="utf-8") as f:
-        label_map = {k: int(v) for k, v in json.load(f).items()}
+    try:
+        label_map = {str(k): int(v) for k, v in load_json(labels_path, dict).items()}
+    except (TypeError, ValueError) as e:
+        if isinstance(e, AnnotationError):
+            raise
+        raise AnnotationError(labels_path, f"expected {{template: index}} ({e})") from None
     classes = [None] * len(label_map)
     problems = []
     for k, v in label_map.items():
@@ -60,11 +63,13 @@ def read_ssv2(root, split: str = "train", *, check_files: bool = True) -> Annota
         classes[v] = k
     vdirs = [p for p in (os.path.join(root, "20bn-something-something-v2"), os.path.join(root, "videos"), root)
              if os.path.isdir(p)]
-    with open(ann, encoding="utf-8") as f:
-        entries = json.load(f)
+    entries = load_json(ann, list)
     answers = _ssv2_test_answers(ann, label_map, problems) if normalize_split(split) == "test" else None
     records = []
     for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            problems.append(f"{ann} entry {i}: expected a JSON object, got {type(e).__name__}")
+            continue
         where = f"{ann} entry {i} (id {e.get('id')!r})"
         if "id" not in e:
             problems.append(f"{where}: no id")
@@ -83,13 +88,10 @@ def read_ssv2(root, split: str = "train", *, check_files: bool = True) -> Annota
             problems.append(f"{where}: unknown label {lab!r}")
             continue
         vid = str(e["id"])
-        path, frames = _media(vdirs, vid, exts=(".webm", ".mp4"))
-        if path is None:
-            if check_files:
-                problems.append(f"{where}: missing file {os.path.join(vdirs[0] if vdirs else root, vid)}.webm")
-                continue
-            path = os.path.join(vdirs[0] if vdirs else root, vid + ".webm")
-        records.append(VideoRecord(path, UNLABELLED if lab is None else label_map[lab], frames=frames, name=vid))
+        found = _locate(where, problems, vid, root, [(vdirs, dict(exts=(".webm", ".mp4")))],
+                        check_files=check_files, missing=".webm")
+        if found is not None:
+            records.append(VideoRecord(label=UNLABELLED if lab is None else label_map[lab], name=vid, **found))
     return Annotations(records, classes, problems)
 
 
@@ -114,8 +116,7 @@ def _ssv2_test_answers(ann: str, label_map: dict, problems: list) -> dict:
 def read_ssv1(root, split: str = "train", *, check_files: bool = True) -> Annotations:
     root = os.fspath(root)
     labels_path, ann = _ssv_annotation_files(root, split, "v1", "csv")
-    with open(labels_path, encoding="utf-8") as f:
-        classes = [ln.strip() for ln in f if ln.strip()]
+    classes = [line for _, line in _annotation_lines(labels_path)]
     index = {c: i for i, c in enumerate(classes)}
     if len(index) != len(classes):
         raise ValueError(f"{labels_path}: duplicate class names")
@@ -131,12 +132,9 @@ def read_ssv1(root, split: str = "train", *, check_files: bool = True) -> Annota
         if lab not in index:
             problems.append(f"{where}: unknown label {lab!r}")
             continue
-        path, frames = _media(fdirs, vid, prefer="frames")
-        if path is None:
-            if check_files:
-                problems.append(f"{where}: missing frame folder {os.path.join(fdirs[0] if fdirs else root, vid)}")
-                continue
-            path, frames = os.path.join(fdirs[0] if fdirs else root, vid), True
-        records.append(VideoRecord(path, index[lab], frames=frames, name=vid))
+        found = _locate(where, problems, vid, root, [(fdirs, dict(prefer="frames"))], check_files=check_files,
+                        missing="", missing_frames=True)
+        if found is not None:
+            records.append(VideoRecord(label=index[lab], name=vid, **found))
     return Annotations(records, classes, problems)
 

@@ -3,7 +3,9 @@
 All readers return a ``uint8`` tensor of shape ``(N, H, W, 3)`` holding the requested
 frames in the requested order (indices may repeat and need not be sorted).  Problems
 with a file raise :class:`DataFileError` (a subclass of ``RuntimeError``) carrying the
-file's path, so a dataset can report, count and replace the sample.
+file's path, so a dataset can report, count and replace the sample.  A stream whose
+frame size changes mid-way (or a frame folder of mixed sizes) gives frames scaled to the
+size of the first frame read, as mmaction2's decoders do.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from .files import CorruptFileError, DataFileError, MissingFileError, inside_root
 
 __all__ = [
     "DataFileError",
@@ -30,22 +34,6 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-
-
-class DataFileError(RuntimeError):
-    """A data file could not be read; ``.path`` names it."""
-
-    def __init__(self, path, message: str):
-        self.path = str(path)
-        super().__init__(f"{self.path}: {message}")
-
-
-class MissingFileError(DataFileError):
-    pass
-
-
-class CorruptFileError(DataFileError):
-    pass
 
 
 class VideoInfo:
@@ -121,6 +109,18 @@ def _frame_index(frame, start_pts, time_base, fps) -> int:
     return int(round(float((pts - start_pts) * time_base * fps)))
 
 
+def _rgb(frame, size: list) -> np.ndarray:
+    """``frame`` as ``(H, W, 3)`` uint8 at the clip's size: ``size`` holds ``(width, height)``
+    of the video's first frame (from the stream header; else set here from the first frame
+    converted); a frame of another size (the stream changed resolution) is scaled to it, as
+    mmaction2's decoders do."""
+    if not size:
+        size.extend((frame.width, frame.height))
+    if (frame.width, frame.height) != tuple(size):
+        return frame.to_ndarray(format="rgb24", width=size[0], height=size[1], interpolation="BILINEAR")
+    return frame.to_ndarray(format="rgb24")
+
+
 def read_video_frames(
     path,
     indices: Sequence[int],
@@ -150,6 +150,7 @@ def read_video_frames(
     container = _open(path)
     got: dict[int, np.ndarray] = {}
     last_idx, last_frame = -1, None  # the latest frame seen in presentation order
+    size: list = []  # (width, height) every returned frame has
     counts = {"decoded": 0, "seeks": 0}
     try:
         stream = container.streams.video[0]
@@ -159,6 +160,8 @@ def read_video_frames(
             raise CorruptFileError(path, "unknown frame rate")
         tb = stream.time_base
         start_pts = stream.start_time or 0
+        if stream.codec_context.width and stream.codec_context.height:  # the first frame's size
+            size.extend((stream.codec_context.width, stream.codec_context.height))
 
         def decode_run(first: int, last: int, need: set, seek_to: int) -> int:
             """Decode from a seek to ``seek_to`` (a frame index); return the first index seen."""
@@ -175,7 +178,7 @@ def read_video_frames(
                     if idx > first:
                         return idx  # the seek overshot: the caller retries from earlier
                 if idx in need and idx not in got:
-                    got[idx] = frame.to_ndarray(format="rgb24")
+                    got[idx] = _rgb(frame, size)
                 if idx > last_idx:
                     last_idx, last_frame = idx, frame
                 if idx >= last:
@@ -206,26 +209,37 @@ def read_video_frames(
             if i > last_idx and i - last_idx <= tolerance and last_frame is not None:
                 # header frame counts can overstate the stream by a frame or two
                 if tail is None:
-                    tail = last_frame.to_ndarray(format="rgb24")
+                    try:
+                        tail = _rgb(last_frame, size)
+                    except Exception as e:
+                        raise CorruptFileError(path, f"converting frame {last_idx} failed ({e})") from None
                 got[i] = tail
             else:
                 raise CorruptFileError(
                     path, f"frame {i} not found (stream ended at frame {last_idx}; truncated or damaged file)")
-    return torch.from_numpy(np.stack([got[int(i)] for i in indices]))
+    try:
+        return torch.from_numpy(np.stack([got[int(i)] for i in indices]))
+    except ValueError as e:  # frames that still differ: named, never a bare numpy error
+        raise CorruptFileError(path, f"frames of different shapes ({e})") from None
 
 
 def read_video_all(path) -> torch.Tensor:
     """Decode every frame of a video (``(N, H, W, 3)`` uint8); for tests and benchmarks."""
     container = _open(path)
     try:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        cc = container.streams.video[0].codec_context
+        size: list = [cc.width, cc.height] if cc.width and cc.height else []
+        frames = [_rgb(f, size) for f in container.decode(video=0)]
     except Exception as e:
         raise CorruptFileError(path, f"decoding failed ({type(e).__name__}: {e})") from None
     finally:
         container.close()
     if not frames:
         raise CorruptFileError(path, "no frame could be decoded")
-    return torch.from_numpy(np.stack(frames))
+    try:
+        return torch.from_numpy(np.stack(frames))
+    except ValueError as e:
+        raise CorruptFileError(path, f"frames of different shapes ({e})") from None
 
 
 #: optical-flow images of mmaction2/denseflow "rawframes" folders (``flow_x_00001.jpg``,
@@ -239,14 +253,18 @@ def _natural_key(name: str):
     return [(0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", name)]
 
 
-def list_frame_files(folder) -> list[str]:
+def list_frame_files(folder, root=None) -> list[str]:
     """The RGB image files of a frame folder, in frame order (``00001.jpg``, ``00002.jpg``, ...).
 
     mmaction2's rawframes folders keep the RGB frames (``img_00001.jpg``) next to the
     optical flow (``flow_x_00001.jpg``, ``flow_y_00001.jpg``): when ``img_*`` files are
     present only they are taken, and flow images are never taken.  Numbers in names are
-    compared as numbers (``2`` before ``10``), so unpadded names keep their order."""
+    compared as numbers (``2`` before ``10``), so unpadded names keep their order.  With
+    ``root``, the folder and every frame must resolve (links followed) inside it, else
+    :class:`~.files.OutsideRootError` names the first that does not."""
     folder = os.fspath(folder)
+    if root is not None:
+        inside_root(folder, root)
     if not os.path.isdir(folder):
         raise MissingFileError(folder, "frame folder not found")
     names = [n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS) and not _FLOW_NAME.match(n)]
@@ -254,39 +272,58 @@ def list_frame_files(folder) -> list[str]:
     names = sorted(rgb or names, key=_natural_key)
     if not names:
         raise CorruptFileError(folder, "frame folder holds no RGB image files")
-    return [os.path.join(folder, n) for n in names]
+    files = [os.path.join(folder, n) for n in names]
+    if root is not None:
+        for f in files:
+            inside_root(f, root)
+    return files
 
 
-def _decode_image(path) -> np.ndarray:
-    """One frame as ``(H, W, 3)`` uint8 (PIL; torchvision's JPEG decoder is deprecated)."""
+def _decode_image(path, size: tuple) -> np.ndarray:
+    """One frame as ``(H, W, 3)`` uint8 at the clip's size ``size`` (``(width, height)``);
+    PIL, as torchvision's JPEG decoder is deprecated."""
+    from PIL import Image
+
+    from .images import load_image
+
+    image = load_image(path)
+    if image.size != size:
+        image = image.resize(size, Image.BILINEAR)
+    return np.asarray(image)
+
+
+def _image_size(path) -> tuple[int, int]:
+    """``(width, height)`` of an image file, from its header (nothing decoded)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return im.size
     except Exception as e:
         raise CorruptFileError(path, f"cannot decode image ({type(e).__name__}: {e})") from None
 
 
 def read_frame_folder(folder, indices: Sequence[int], files: list[str] | None = None) -> torch.Tensor:
-    """Read frames ``indices`` (0-based, in name order) of a JPEG frame folder."""
+    """Read frames ``indices`` (0-based, in name order) of a JPEG frame folder; a frame of
+    another size than the folder's first frame is scaled to it."""
     files = files if files is not None else list_frame_files(folder)
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     if indices.size == 0:
         raise ValueError("indices must not be empty")
     cache: dict[int, np.ndarray] = {}
+    size = _image_size(files[0]) if len(files) else None
     out = []
     for i in indices:
         i = int(i)
         if not 0 <= i < len(files):
             raise CorruptFileError(folder, f"frame {i} requested but the folder has {len(files)} frames")
         if i not in cache:
-            cache[i] = _decode_image(files[i])
+            cache[i] = _decode_image(files[i], size)
         out.append(cache[i])
-    shapes = {a.shape for a in out}
-    if len(shapes) > 1:
-        raise CorruptFileError(folder, f"frames of different sizes {sorted(shapes)}")
-    return torch.from_numpy(np.stack(out))
+    try:
+        return torch.from_numpy(np.stack(out))
+    except ValueError as e:
+        raise CorruptFileError(folder, f"frames of different shapes ({e})") from None
 
 
 _CODECS = {".mp4": ("libx264", "yuv420p"), ".webm": ("libvpx-vp9", "yuv420p"), ".mkv": ("libx264", "yuv420p"),

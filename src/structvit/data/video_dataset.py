@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .base import Annotations, VideoRecord, _Counter
+from .files import CorruptFileError, inside_root
 from .sampling import FrameSampler
 from .video import DataFileError, list_frame_files, probe_video, read_frame_folder, read_video_frames
 
@@ -27,8 +28,10 @@ __all__ = ["VideoDataset", "EvalItems", "skip_collate"]
 
 def _read_record_frames(rec: VideoRecord, sampler: FrameSampler, train: bool, rng) -> tuple[torch.Tensor, np.ndarray]:
     """Sample and decode; returns frames (K*T, H, W, 3) and the (K, T) indices (in file frames)."""
+    if rec.root is not None:  # checked again: a link may have changed since the annotations were read
+        inside_root(rec.path, rec.root)
     if rec.frames:
-        files = list_frame_files(rec.path)
+        files = list_frame_files(rec.path, root=rec.root)
         total = len(files)
     else:
         files = None
@@ -139,7 +142,12 @@ class VideoDataset(torch.utils.data.Dataset):
             idx = self.sampler(n, train=self.train, rng=rng)
             frames = self._frame_reader(rec, idx.reshape(-1))
         else:
-            frames, idx = _read_record_frames(rec, self.sampler, self.train, rng)
+            try:
+                frames, idx = _read_record_frames(rec, self.sampler, self.train, rng)
+            except DataFileError:
+                raise
+            except Exception as e:  # a decoder failing in a way of its own: still this file's fault
+                raise CorruptFileError(rec.path, f"cannot be read ({type(e).__name__}: {e})") from e
         self.last_indices = idx
         k, t = idx.shape
         clips = frames.view(k, t, *frames.shape[1:])
