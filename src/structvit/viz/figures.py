@@ -27,413 +27,26 @@ for each time step of the key grid, the input frame at its centre.
 """
 from __future__ import annotations
 
-import copy
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from ..nn.attention import SelfAttention, StructSA
-from .capture import AttentionCapture, attention_layers, capture, default_block, query_index
+from ..nn.attention import StructSA
+from .canvas import Canvas, kernel_unit, pyplot, save_figure, show_kernel, unit_text
+from .capture import AttentionCapture, attention_layers, capture, default_block
+from .query import (QueryAttention, channel_text, common_arrays, pattern_arrays, prepare_sample,
+                    query_attention, query_label, reading_text)
+from .variants import derive_variants
 
 __all__ = ["QueryAttention", "query_attention", "prepare_sample", "attention_figure", "kernels_figure",
            "compare_figure", "readings_figure", "derive_variants", "write_demo_figures"]
 
-_KIND_LABEL = {"sa": "SA", "convsa": "ConvSA", "structsa": "StructSA"}
 
-
-def _plt():
-    import matplotlib
-
-    if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo"):
-        try:
-            matplotlib.use("Agg")
-        except Exception:  # pragma: no cover - an interactive backend already in use
-            pass
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-def prepare_sample(model: nn.Module, sample: torch.Tensor) -> torch.Tensor:
-    """One sample as a batch of one on the model's device and dtype.
-
-    Accepts (C, H, W) / (1, C, H, W) for image models and (C, T, H, W) / (1, C, T, H, W)
-    for video models (``model.video``); a larger batch keeps its first element.
-    """
-    if not isinstance(sample, torch.Tensor):
-        raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
-    video = bool(getattr(model, "video", False))
-    want = 4 if video else 3
-    if sample.dim() == want:
-        sample = sample.unsqueeze(0)
-    if sample.dim() != want + 1:
-        layout = "(C, T, H, W)" if video else "(C, H, W)"
-        raise ValueError(f"sample must be {layout} or a batch of them for a {'video' if video else 'image'} model, "
-                         f"got shape {tuple(sample.shape)}")
-    p = next(model.parameters(), None)
-    if p is not None:
-        sample = sample.to(device=p.device, dtype=p.dtype)
-    return sample[:1]
-
-
-def _display_frames(x: torch.Tensor) -> np.ndarray:
-    """(1, C, [T,] H, W) normalised input -> (T, H, W, 3) in [0, 1] (min-max over the clip)."""
-    a = x[0].detach().float().cpu()
-    if a.dim() == 3:
-        a = a.unsqueeze(1)
-    a = a.permute(1, 2, 3, 0).numpy()  # (T, H, W, C)
-    if a.shape[-1] == 1:
-        a = np.repeat(a, 3, -1)
-    a = a[..., :3]
-    lo, hi = float(a.min()), float(a.max())
-    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-
-
-def _stride(size: int, cells: int) -> float:
-    """Pixels (frames) per token along one axis: the power of two s with size // s == cells."""
-    s = 1
-    while s <= size:
-        if size // s == cells:
-            return s
-        s *= 2
-    return size / cells
-
-
-@dataclass
-class _Canvas:
-    """Input frames aligned with a (T, H, W) token grid, laid out as one horizontal strip."""
-
-    frames: np.ndarray  # (T, Hc, Wc, 3), one per grid time step, cropped to the tokens' extent
-    grid: tuple[int, int, int]
-    sh: float
-    sw: float
-    frame_index: np.ndarray  # input frame shown for each grid time step
-
-    @classmethod
-    def make(cls, x: torch.Tensor, grid3) -> "_Canvas":
-        disp = _display_frames(x)
-        tin, h, w = disp.shape[:3]
-        T, gh, gw = grid3
-        st, sh, sw = _stride(tin, T), _stride(h, gh), _stride(w, gw)
-        idx = np.minimum((np.arange(T) * st).astype(int), tin - 1)
-        hc, wc = int(round(gh * sh)), int(round(gw * sw))
-        return cls(disp[idx, :hc, :wc], tuple(grid3), sh, sw, idx)
-
-    @property
-    def height(self) -> int:
-        return self.frames.shape[1]
-
-    @property
-    def width(self) -> int:
-        return self.frames.shape[2]
-
-    def strip(self, frames: Sequence[int] | None = None) -> np.ndarray:
-        sel = range(self.grid[0]) if frames is None else frames
-        return np.concatenate([self.frames[t] for t in sel], axis=1)
-
-    def cell(self, t: int, h: int, w: int, frame_slot: int | None = None) -> tuple[float, float]:
-        """Centre (x, y) of a token in strip coordinates."""
-        slot = t if frame_slot is None else frame_slot
-        return slot * self.width + (w + 0.5) * self.sw, (h + 0.5) * self.sh
-
-    def key_frames(self, kv_stride=(1, 1, 1), count: int | None = None) -> list[int]:
-        """The grid time steps of the key frames 0..count-1 at temporal stride kv_stride[0]."""
-        st = kv_stride[0]
-        count = -(-self.grid[0] // st) if count is None else count
-        return [t * st for t in range(count)]
-
-    def show(self, ax, heat: np.ndarray | None = None, frames: Sequence[int] | None = None, vmin=None, vmax=None,
-             cmap="magma", alpha=0.75, kv_stride=(1, 1, 1)):
-        """Frames (a strip) with an optional (T', H', W') key map on top; returns the heat image.
-
-        ``heat`` lies on the key grid of stride ``kv_stride`` (st, sh, sw): key (h', w') is a
-        cell of sh x sw tokens centred on token (sh h', sw w'), clipped to its frame; its
-        frames are the grid time steps ``frames`` (default: every st-th).
-        """
-        if frames is None:
-            frames = self.key_frames(kv_stride, heat.shape[0]) if heat is not None and heat.ndim == 3 else None
-        sel = list(range(self.grid[0]) if frames is None else frames)
-        ax.imshow(self.strip(sel), extent=(0, len(sel) * self.width, self.height, 0), interpolation="nearest")
-        im = None
-        if heat is not None:
-            maps = heat if heat.ndim == 3 else heat[None]
-            _, sh, sw = kv_stride
-            hk, wk = maps.shape[1:]
-            for slot, m in enumerate(maps[:len(sel)]):
-                x0 = slot * self.width - (sw - 1) / 2 * self.sw
-                y0 = -(sh - 1) / 2 * self.sh
-                im = ax.imshow(m, extent=(x0, x0 + wk * sw * self.sw, y0 + hk * sh * self.sh, y0), cmap=cmap,
-                               alpha=alpha, vmin=vmin, vmax=vmax, interpolation="nearest")
-                im.set_clip_path(_plt().Rectangle((slot * self.width, 0), self.width, self.height,
-                                                  transform=ax.transData))
-        for k in range(1, len(sel)):
-            ax.axvline(k * self.width, color="white", lw=1.5)
-        ax.set_xlim(0, len(sel) * self.width)
-        ax.set_ylim(self.height, 0)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        return im
-
-    def mark(self, ax, t, h, w, frames: Sequence[int] | None = None, color="cyan", label=None, marker="s"):
-        """Mark token (t, h, w) of the grid (a key: its position on the grid, see ``QueryAttention.key_position``)."""
-        sel = list(range(self.grid[0]) if frames is None else frames)
-        if t not in sel:
-            return
-        x, y = self.cell(t, h, w, sel.index(t))
-        ax.plot([x], [y], marker=marker, ms=9, mfc="none", mec=color, mew=2)
-        if label is not None:
-            ax.text(x + 0.5 * self.sw, y - 0.5 * self.sh, label, color=color, fontsize=8, fontweight="bold",
-                    ha="left", va="bottom")
-
-
-# --------------------------------------------------------------------------- numbers
-
-
-@dataclass
-class QueryAttention:
-    """The attention of one query of one block, with what is needed to plot it."""
-
-    capture: AttentionCapture
-    sample: torch.Tensor  # (1, C, [T,] H, W)
-    query: tuple[int, int, int]  # (t, h, w) on the block's grid
-    query_index: int
-    head: int
-    normalize: str  # the reading of ``weights``
-    weights: np.ndarray  # (heads, D, T', H', W'): A[head, d, j'] for this query, on the key grid
-    u_k: np.ndarray | None  # (heads, cu, D, kt, kh, kw) or None for SA; cu = 1 unless channel-wise
-    u_v: np.ndarray | None  # (heads, cu_v, D, kt, kh, kw) (its own window)
-    channel: int | None = None  # channel shown of channel-wise patterns and kernels; None = the mean
-
-    @property
-    def grid3(self):
-        return self.capture.grid3
-
-    @property
-    def key_grid3(self):
-        return tuple(self.weights.shape[2:])
-
-    @property
-    def kv_stride3(self):
-        return self.capture.kv_stride3
-
-    @property
-    def num_patterns(self) -> int:
-        return self.weights.shape[1]
-
-    @property
-    def channelwise(self) -> bool:
-        return self.u_v is not None and (self.u_v.shape[1] > 1 or self.u_k.shape[1] > 1)
-
-    def head_weights(self) -> np.ndarray:
-        """(D, T', H', W') for the chosen head."""
-        return self.weights[self.head]
-
-    def mass(self) -> np.ndarray:
-        """(T', H', W'): attention on each key, summed over patterns."""
-        return self.head_weights().sum(0)
-
-    def top_keys(self, k: int) -> list[tuple[int, int, int]]:
-        """The ``k`` most attended keys, as (t', h', w') on the key grid."""
-        m = self.mass().reshape(-1)
-        order = np.argsort(-m, kind="stable")[:k]
-        T, H, W = self.key_grid3
-        return [(int(i // (H * W)), int(i // W % H), int(i % W)) for i in order]
-
-    def key_position(self, key) -> tuple[int, int, int]:
-        """Grid position (t, h, w) of the centre of key ``key`` (t', h', w'): s * key per axis."""
-        return tuple(int(k * s) for k, s in zip(key, self.kv_stride3))
-
-    def _select(self, u: np.ndarray) -> np.ndarray:
-        """(cu, D, ...) of the head -> (D, ...): the chosen channel, or the mean over channels."""
-        if u.shape[0] == 1:
-            return u[0]
-        return u[self.channel] if self.channel is not None else u.mean(0)
-
-    def pattern(self, which: str) -> np.ndarray:
-        """"u_k" or "u_v" of the head as shown: (D, kt, kh, kw), channel ``channel`` or the channel mean."""
-        return self._select(getattr(self, which)[self.head])
-
-    def pattern_std(self, which: str) -> np.ndarray:
-        """(D, kt, kh, kw): std of "u_k"/"u_v" over the head's channels (0 for the dot-product layouts)."""
-        return getattr(self, which)[self.head].std(0)
-
-    def kappa_channels(self, key) -> np.ndarray:
-        """Dynamic kernels at key ``key`` (t', h', w'): sum_d A[d, key] U^V[c, d], (cu_v, kt, kh, kw)."""
-        if self.u_v is None:
-            raise TypeError("SA blocks have no dynamic kernels")
-        a = self.head_weights()[(slice(None),) + tuple(key)]  # (D,)
-        return np.einsum("d,cdthw->cthw", a, self.u_v[self.head])
-
-    def kappa(self, key) -> np.ndarray:
-        """Dynamic kernel at key ``key`` as shown: (kt, kh, kw), channel ``channel`` or the channel mean."""
-        k = self.kappa_channels(key)
-        if k.shape[0] == 1:
-            return k[0]
-        return k[self.channel] if self.channel is not None else k.mean(0)
-
-
-def _check_channel(channel, cap: AttentionCapture) -> int | None:
-    if channel is None:
-        return None
-    width = cap.module.head_dim
-    if isinstance(channel, bool) or not isinstance(channel, int) or not 0 <= channel < width:
-        raise ValueError(f"channel must be an int in [0, {width}) (block {cap.index} has head width {width}) "
-                         f"or None for the channel mean, got {channel!r}")
-    return channel
-
-
-def _check_head(head, heads: int, what: str) -> int:
-    if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < heads:
-        raise ValueError(f"head must be an int in [0, {heads}) ({what} has {heads} heads), got {head!r}")
-    return head
-
-
-def query_attention(model: nn.Module, sample: torch.Tensor, block: int | None = None, query=None, head: int = 0,
-                    normalize: str | None = None, captures: list[AttentionCapture] | None = None,
-                    channel: int | None = None) -> QueryAttention:
-    """Capture ``block``'s input on ``sample`` and recompute one query's attention.
-
-    Args:
-        model: a StructViT (or any module with StructViT attention layers).
-        sample: one input, see :func:`prepare_sample`.
-        block: attention block index (see :func:`structvit.viz.capture.attention_layers`);
-            default: the structural block with the largest token grid.
-        query: (h, w) / (t, h, w) or "h,w" / "t,h,w" on the block's token grid; default the centre.
-        head: attention head.
-        normalize: softmax reading, "joint" or "per_pattern"; default the layer's own.
-        channel: the channel whose patterns and dynamic kernels are shown (channel-wise
-            patterns); default None, the mean over the head's channels.
-    """
-    x = prepare_sample(model, sample)
-    if captures is None:
-        captures = capture(model, x, None if block is None else [block])
-    if block is None:
-        cap = default_block(captures)
-    else:
-        found = [c for c in captures if c.index == block]
-        if not found:
-            raise ValueError(f"block {block} was not captured")
-        cap = found[0]
-    qi, pos = query_index(query, cap.grid)
-    head = _check_head(head, cap.num_heads, f"block {cap.index}")
-    channel = _check_channel(channel, cap)
-    w = cap.weights(normalize)[0, :, qi]  # (heads, D, N')
-    w = w.reshape(w.shape[0], w.shape[1], *cap.key_grid3).float().cpu().numpy()
-    u_k = u_v = None
-    if cap.kind != "sa":
-        uk, uv = cap.patterns()
-        u_k, u_v = uk.float().cpu().numpy(), uv.float().cpu().numpy()
-    reading = normalize or getattr(cap.module, "normalize", "joint")
-    return QueryAttention(cap, x, pos, qi, head, reading if cap.kind != "sa" else "softmax", w, u_k, u_v, channel)
-
-
-def _common_npz(qa: QueryAttention, model_name: str | None = None) -> dict:
-    layout = getattr(qa.capture.module, "patterns", "sa")
-    return dict(query=np.array(qa.query), query_index=np.array(qa.query_index), grid=np.array(qa.grid3),
-                key_grid=np.array(qa.key_grid3), kv_stride=np.array(qa.kv_stride3),
-                block=np.array(qa.capture.index), block_name=np.array(qa.capture.name), head=np.array(qa.head),
-                kind=np.array(qa.capture.kind), normalize=np.array(qa.normalize), patterns=np.array(layout),
-                channel=np.array(-1 if qa.channel is None else qa.channel))
-
-
-def _channel_text(qa: QueryAttention) -> str:
-    if not qa.channelwise:
-        return ""
-    return f"channel {qa.channel}" if qa.channel is not None else "mean over channels"
-
-
-def _pattern_arrays(qa: QueryAttention) -> dict:
-    """The patterns and their channel statistics of the head, for the .npz files."""
-    h = qa.head
-    return dict(u_k=qa.pattern("u_k"), u_v=qa.pattern("u_v"), u_k_std=qa.pattern_std("u_k"),
-                u_v_std=qa.pattern_std("u_v"), u_k_channels=qa.u_k[h], u_v_channels=qa.u_v[h])
-
-
-def _save(fig, path, arrays: dict) -> Path:
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        path = path.with_suffix(".png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    _plt().close(fig)
-    np.savez(path.with_suffix(".npz"), **arrays)
-    return path
-
-
-def _kernel_strip(u: np.ndarray) -> np.ndarray:
-    """(kt, kh, kw) -> (kh, kt * (kw + 1) - 1) with NaN gaps between temporal slices."""
-    kt, kh, kw = u.shape
-    if kt == 1:
-        return u[0]
-    out = np.full((kh, kt * (kw + 1) - 1), np.nan)
-    for t in range(kt):
-        out[:, t * (kw + 1): t * (kw + 1) + kw] = u[t]
-    return out
-
-
-def _unit(vmax: float) -> float:
-    """Power of ten the annotations of small kernels are written in (1 if vmax >= 0.1)."""
-    if not vmax > 0 or vmax >= 0.1:
-        return 1.0
-    return 10.0 ** math.floor(math.log10(vmax))
-
-
-def _unit_text(unit: float) -> str:
-    return "" if unit == 1.0 else f" (x1e{int(round(math.log10(unit)))})"
-
-
-def _show_kernel(ax, u: np.ndarray, vmax: float, annotate: bool = True, cmap="RdBu_r", unit: float = 1.0,
-                 signed: bool = True):
-    """A (kt, kh, kw) kernel as a strip; ``signed``: colour scale [-vmax, vmax], else [0, vmax]."""
-    strip = _kernel_strip(u)
-    cm = _plt().get_cmap(cmap).with_extremes(bad="white")
-    im = ax.imshow(np.ma.masked_invalid(strip), cmap=cm, vmin=-vmax if signed else 0.0, vmax=vmax,
-                   interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    kt, kh, kw = u.shape
-    if annotate and kh * kw <= 25:
-        fs = 7 if kh * kw <= 9 else 5
-        for t in range(kt):
-            for i in range(kh):
-                for j in range(kw):
-                    val = u[t, i, j]
-                    ax.text(t * (kw + 1) + j, i, f"{val / unit:.2f}" if unit == 1.0 else f"{val / unit:.1f}", ha="center", va="center", fontsize=fs,
-                            color="white" if abs(val) > 0.6 * vmax else "black")
-    return im
-
-
-def _label(qa: QueryAttention) -> str:
-    q = qa.query if qa.grid3[0] > 1 else qa.query[1:]
-    g = qa.grid3 if qa.grid3[0] > 1 else qa.grid3[1:]
-    text = (f"block {qa.capture.index} ({qa.capture.name}, {_KIND_LABEL[qa.capture.kind]}"
-            + (f", {qa.capture.module.patterns} patterns" if qa.u_v is not None else "")
-            + f"), head {qa.head}, query {tuple(q)} on the {'x'.join(map(str, g))} token grid")
-    if qa.kv_stride3 != (1, 1, 1):
-        kg = qa.key_grid3 if qa.grid3[0] > 1 else qa.key_grid3[1:]
-        st = qa.kv_stride3 if qa.grid3[0] > 1 else qa.kv_stride3[1:]
-        text += f", keys on the {'x'.join(map(str, kg))} grid (kv_stride {tuple(st)})"
-    return text
-
-
-def _reading_text(normalize: str) -> str:
-    if normalize == "joint":
-        return ("joint softmax: one distribution over all (pattern d, key j) pairs; "
-                "maps share one colour scale, titles give each pattern's share of the total")
-    if normalize == "per_pattern":
-        return "per-pattern softmax: each map is its own distribution over keys (sums to 1), own colour scale"
-    return "softmax over keys"
-
-
-def _pattern_maps(fig, gs, qa: QueryAttention, canvas: _Canvas, maps: np.ndarray, normalize: str, ncols: int,
+def _pattern_maps(fig, gs, qa: QueryAttention, canvas: Canvas, maps: np.ndarray, normalize: str, ncols: int,
                   title_prefix: str = "") -> None:
     """D attention maps (D, T', H', W') over the key grid in a sub-grid of ``gs``, styled by their normalisation."""
     d = maps.shape[0]
@@ -485,9 +98,9 @@ def attention_figure(model: nn.Module, sample: torch.Tensor, path, *, block: int
     ``shares`` (D,), ``frames`` (the input frames shown), and
     query/grid/key_grid/kv_stride/block/head/kind/normalize/patterns/channel (-1: mean).
     """
-    plt = _plt()
+    plt = pyplot()
     qa = query_attention(model, sample, block, query, head, normalize, channel=channel)
-    canvas = _Canvas.make(qa.sample, qa.grid3)
+    canvas = Canvas.make(qa.sample, qa.grid3)
     maps = qa.head_weights()
     d = maps.shape[0]
     T = qa.key_grid3[0]
@@ -503,7 +116,7 @@ def attention_figure(model: nn.Module, sample: torch.Tensor, path, *, block: int
     heights = [1.0] + [map_rows] + ([0.75, 0.75] + ([0.75] if std_row else []) + [1.1] if structural else [])
     fig = plt.figure(figsize=(width, 2.1 * sum(heights) + 0.6))
     gs = fig.add_gridspec(len(heights), 1, height_ratios=heights, hspace=0.45)
-    arrays = _common_npz(qa)
+    arrays = common_arrays(qa)
     arrays.update(attention=maps, attention_all_heads=qa.weights, shares=maps.reshape(d, -1).sum(1),
                   frames=canvas.frames, frame_index=canvas.frame_index)
 
@@ -526,7 +139,7 @@ def attention_figure(model: nn.Module, sample: torch.Tensor, path, *, block: int
     _pattern_maps(fig, gs[1], qa, canvas, maps, qa.normalize, map_cols)
 
     if structural:
-        which = _channel_text(qa)
+        which = channel_text(qa)
         rows = [("U^K", "pattern detectors", qa.pattern("u_k"), True),
                 ("U^V", "aggregation patterns", qa.pattern("u_v"), True)]
         if std_row:
@@ -536,7 +149,7 @@ def attention_figure(model: nn.Module, sample: torch.Tensor, path, *, block: int
             vmax = float(np.abs(u).max()) or 1.0
             for i in range(d):
                 ax = fig.add_subplot(sub[0, i])
-                _show_kernel(ax, u[i], vmax, annotate=u.shape[1] == 1, cmap="RdBu_r" if signed else "viridis",
+                show_kernel(ax, u[i], vmax, annotate=u.shape[1] == 1, cmap="RdBu_r" if signed else "viridis",
                              signed=signed)
                 ax.set_title(f"{name}[{i}]", fontsize=8)
                 if i == 0:
@@ -546,13 +159,13 @@ def attention_figure(model: nn.Module, sample: torch.Tensor, path, *, block: int
         kappas = np.stack([qa.kappa(k) for k in keys])
         mass = qa.mass()
         top_mass = np.array([mass[k] for k in keys])
-        arrays.update(_pattern_arrays(qa))
+        arrays.update(pattern_arrays(qa))
         arrays.update(kappa=kappas, kappa_channels=np.stack([qa.kappa_channels(k) for k in keys]),
                       top_keys=np.array(keys), top_positions=np.array(positions), top_mass=top_mass)
         kcols = ncols if T == 1 else top_k + 2
         sub = gs[2 + len(rows)].subgridspec(1, kcols, wspace=0.15)
         kmax = float(np.abs(kappas).max()) or 1.0
-        unit = _unit(kmax)
+        unit = kernel_unit(kmax)
         frames_shown = sorted({p[0] for p in positions} | {qa.query[0]})
         span = max(1, min(kcols - top_k, 2))
         ax = fig.add_subplot(sub[0, 0:span])
@@ -575,12 +188,12 @@ def attention_figure(model: nn.Module, sample: torch.Tensor, path, *, block: int
                      + (f"\n{which}" if which else ""), fontsize=8)
         for n, (pos, kap) in enumerate(zip(positions, kappas)):
             ax = fig.add_subplot(sub[0, kcols - top_k + n])
-            _show_kernel(ax, kap, kmax, unit=unit, annotate=kt == 1)
+            show_kernel(ax, kap, kmax, unit=unit, annotate=kt == 1)
             shown = pos if qa.grid3[0] > 1 else pos[1:]
-            ax.set_title(f"kappa {n + 1} at {tuple(shown)}{_unit_text(unit)}\nmass {100 * top_mass[n]:.1f}%",
+            ax.set_title(f"kappa {n + 1} at {tuple(shown)}{unit_text(unit)}\nmass {100 * top_mass[n]:.1f}%",
                          fontsize=7)
-    fig.suptitle(f"Structural attention (Fig. 2) - {_label(qa)}\n{_reading_text(qa.normalize)}", fontsize=9)
-    return _save(fig, path, arrays)
+    fig.suptitle(f"Structural attention (Fig. 2) - {query_label(qa)}\n{reading_text(qa.normalize)}", fontsize=9)
+    return save_figure(fig, path, arrays)
 
 
 # --------------------------------------------------------------------------- Fig. 3
@@ -610,13 +223,13 @@ def kernels_figure(model: nn.Module, sample: torch.Tensor, path, *, block: int |
     ``top_mass``, ``u_v`` (D, kt, kh, kw) as shown (and the other pattern arrays of
     :func:`attention_figure`), ``frames`` and query/grid/key_grid/kv_stride/block/head/kind/normalize/channel.
     """
-    plt = _plt()
+    plt = pyplot()
     x = prepare_sample(model, sample)
     caps = capture(model, x, None if block is None else [block])
     cap = default_block(caps) if block is None else caps[0]
     _require_structural(cap, model, "a kernels plot")
     qa = query_attention(model, x, cap.index, query, head, normalize, captures=[cap], channel=channel)
-    canvas = _Canvas.make(qa.sample, qa.grid3)
+    canvas = Canvas.make(qa.sample, qa.grid3)
     T = qa.key_grid3[0]
     key_frames = canvas.key_frames(qa.kv_stride3, T)
     mass = qa.mass()
@@ -626,7 +239,7 @@ def kernels_figure(model: nn.Module, sample: torch.Tensor, path, *, block: int |
     kt = kappas.shape[1]
     top_mass = np.array([mass[k] for k in keys])
     kmax = float(np.abs(kappas).max()) or 1.0
-    unit = _unit(kmax)
+    unit = kernel_unit(kmax)
     offsets = np.arange(kt) - kt // 2
     if kt == 1:  # images: keys side by side (locations above their kernels)
         ncols = max(T, top_k)
@@ -658,82 +271,27 @@ def kernels_figure(model: nn.Module, sample: torch.Tensor, path, *, block: int |
         ax.set_title(f"key {n + 1} at {tuple(shown)}, mass {100 * top_mass[n]:.1f}%", fontsize=8)
         for s in range(kt):
             ax = fig.add_subplot(gs[2, n] if kt == 1 else gs[1 + n, 1 + s])
-            im = _show_kernel(ax, kap[s:s + 1], kmax, unit=unit)
+            im = show_kernel(ax, kap[s:s + 1], kmax, unit=unit)
             name = f"kappa {n + 1}" + (f", dt={offsets[s]:+d}" if kt > 1 else "")
-            ax.set_title(name + _unit_text(unit), fontsize=8)
+            ax.set_title(name + unit_text(unit), fontsize=8)
         if n == 0:
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
-    arrays = _common_npz(qa)
-    arrays.update(_pattern_arrays(qa))
+    arrays = common_arrays(qa)
+    arrays.update(pattern_arrays(qa))
     arrays.update(attention=mass, attention_patterns=qa.head_weights(), kappa=kappas,
                   kappa_channels=np.stack([qa.kappa_channels(k) for k in keys]), top_keys=np.array(keys),
                   top_positions=np.array(positions), top_mass=top_mass, frames=canvas.frames,
                   frame_index=canvas.frame_index)
     kind = "Video dynamic kernels (Fig. 3)" if qa.grid3[0] > 1 else "Dynamic kernels"
-    which = _channel_text(qa)
+    which = channel_text(qa)
     formula = ("kappa[j, c] = sum_d A[d, j] U^V[c, d]" if qa.channelwise else "kappa[j] = sum_d A[d, j] U^V[d]")
-    fig.suptitle(f"{kind} - {_label(qa)}\n{formula}{f' ({which})' if which else ''} over the "
+    fig.suptitle(f"{kind} - {query_label(qa)}\n{formula}{f' ({which})' if which else ''} over the "
                  f"{'x'.join(map(str, kappas.shape[1:]))} (t, h, w) window of each key; "
-                 f"{_reading_text(qa.normalize).split(':')[0]}", fontsize=9)
-    return _save(fig, path, arrays)
+                 f"{reading_text(qa.normalize).split(':')[0]}", fontsize=9)
+    return save_figure(fig, path, arrays)
 
 
 # --------------------------------------------------------------------------- Fig. 4
-
-
-@torch.no_grad()
-def derive_variants(model: nn.Module, seed: int = 0) -> dict[str, nn.Module]:
-    """SA / ConvSA / StructSA versions of one model that share all its other weights.
-
-    Every StructSA layer is replaced, in copies of ``model``, by (a) a SelfAttention with
-    the same qkv/proj weights ("SA") and (b) a ConvSA (one pattern) with the same
-    qkv/proj, layout, windows and key/value stride whose single pattern is the mean of
-    the layer's D patterns (u_k and u_v, per channel for channel-wise patterns), a D = 1
-    summary of what the layer learned ("ConvSA"). A ConvSA model keeps its
-    pattern and gets the SA copy only. Without separately trained models this is the
-    closest like-for-like comparison: same tokens into the first attention block, same
-    q and k, only the structural part differs.
-    """
-    out = {}
-    sa = copy.deepcopy(model)
-    conv = copy.deepcopy(model)
-    has_struct = has_conv = False
-    for variant, kind in ((sa, "sa"), (conv, "convsa")):
-        for name, m in list(variant.named_modules()):
-            if not isinstance(m, StructSA):
-                continue
-            has_struct |= m.num_patterns > 1
-            has_conv |= m.num_patterns == 1
-            if kind == "sa":
-                new = SelfAttention(m.dim, m.num_heads, qkv_bias=m.qkv.bias is not None)
-            elif m.num_patterns > 1:
-                new = StructSA(m.dim, m.num_heads, window=m.window, num_patterns=1, patterns=m.patterns,
-                               window_v=m.window_v, kv_stride=m.kv_stride, normalize=m.normalize,
-                               qkv_bias=m.qkv.bias is not None, backend=m.backend, memory_limit=m.memory_limit)
-                pd = m.pattern_dim
-                new.u_k.copy_(m.u_k.mean(pd, keepdim=True))
-                new.u_v.copy_(m.u_v.mean(pd, keepdim=True) * (m.num_patterns if m.normalize == "per_pattern" else 1))
-            else:
-                continue
-            new.qkv.load_state_dict(m.qkv.state_dict())
-            new.proj.load_state_dict(m.proj.state_dict())
-            new.to(device=m.qkv.weight.device, dtype=m.qkv.weight.dtype)
-            parent_name, _, attr = name.rpartition(".")
-            if not name:  # the model is the attention layer itself
-                variant = new
-            else:
-                setattr(variant.get_submodule(parent_name), attr, new)
-        if kind == "sa":
-            sa = variant
-        else:
-            conv = variant
-    out["SA (same q, k)"] = sa
-    if has_struct:
-        out["ConvSA (mean pattern)"] = conv
-        out["StructSA"] = model
-    elif has_conv:
-        out["ConvSA"] = model
-    return out
 
 
 def compare_figure(models, sample: torch.Tensor, path, *, block: int | None = None, query=None, head: int = 0) -> Path:
@@ -753,7 +311,7 @@ def compare_figure(models, sample: torch.Tensor, path, *, block: int | None = No
     a strided StructSA next to SA, ``attention_0``, ``attention_1``, ... instead),
     ``labels``, ``kinds``, ``kv_strides`` and the query.
     """
-    plt = _plt()
+    plt = pyplot()
     if isinstance(models, nn.Module):
         models = derive_variants(models)
     if not isinstance(models, Mapping) or not models:
@@ -775,7 +333,7 @@ def compare_figure(models, sample: torch.Tensor, path, *, block: int | None = No
     if len(grids) != 1:
         raise ValueError(f"block {block} has different token grids in the models: {sorted(grids)}")
     qa0 = results[0]
-    canvas = _Canvas.make(x, qa0.grid3)
+    canvas = Canvas.make(x, qa0.grid3)
     T = qa0.grid3[0]
     maps = [r.mass() for r in results]  # each on its model's key grid (a strided layer has fewer keys)
     if T == 1:
@@ -810,7 +368,7 @@ def compare_figure(models, sample: torch.Tensor, path, *, block: int | None = No
         att = {"attention": np.stack(maps)}
     else:  # key grids differ between the models: one array each
         att = {f"attention_{i}": mp for i, mp in enumerate(maps)}
-    arrays = _common_npz(qa0)
+    arrays = common_arrays(qa0)
     arrays.update(att, labels=np.array(labels), kinds=np.array([r.capture.kind for r in results]),
                   kv_strides=np.array([r.kv_stride3 for r in results]), frames=canvas.frames,
                   frame_index=canvas.frame_index)
@@ -820,7 +378,7 @@ def compare_figure(models, sample: torch.Tensor, path, *, block: int | None = No
                  f"{tuple(qa0.query if T > 1 else qa0.query[1:])}\nattention over keys, summed over patterns; "
                  f"each map on its own colour scale", fontsize=9)
     fig.tight_layout()
-    return _save(fig, path, arrays)
+    return save_figure(fig, path, arrays)
 
 
 # --------------------------------------------------------------------------- readings
@@ -836,14 +394,14 @@ def readings_figure(model: nn.Module, sample: torch.Tensor, path, *, block: int 
     shown on its own colour scale. The block's own reading is marked. Needs a StructSA or
     ConvSA block. The ``.npz`` holds ``joint`` and ``per_pattern`` (D, T', H', W'), ``shares``.
     """
-    plt = _plt()
+    plt = pyplot()
     x = prepare_sample(model, sample)
     caps = capture(model, x, None if block is None else [block])
     cap = default_block(caps) if block is None else caps[0]
     _require_structural(cap, model, "a readings plot")
     res = {r: query_attention(model, x, cap.index, query, head, r, captures=[cap]) for r in ("joint", "per_pattern")}
     qa = res["joint"]
-    canvas = _Canvas.make(x, qa.grid3)
+    canvas = Canvas.make(x, qa.grid3)
     d, T = qa.num_patterns, qa.key_grid3[0]
     ncols = d if T == 1 else max(1, min(d, 8 // T))
     rows = math.ceil(d / ncols)
@@ -854,14 +412,14 @@ def readings_figure(model: nn.Module, sample: torch.Tensor, path, *, block: int 
     own = cap.module.normalize
     for sub, reading in zip(fig.subfigures(2, 1, hspace=0.04), ("joint", "per_pattern")):
         _pattern_maps(sub, sub.add_gridspec(1, 1)[0], qa, canvas, res[reading].head_weights(), reading, ncols)
-        sub.suptitle(f"{reading}: " + _reading_text(reading).split(": ", 1)[1]
+        sub.suptitle(f"{reading}: " + reading_text(reading).split(": ", 1)[1]
                      + ("  [the block's own reading]" if reading == own else ""), fontsize=8, style="italic")
-    arrays = _common_npz(qa)
+    arrays = common_arrays(qa)
     arrays.update(joint=res["joint"].head_weights(), per_pattern=res["per_pattern"].head_weights(),
                   shares=res["joint"].head_weights().reshape(d, -1).sum(1), frames=canvas.frames)
     arrays["normalize"] = np.array(own)
-    fig.suptitle(f"Both readings of sigma_jD - {_label(qa)}", fontsize=9, **({} if T == 1 else {"y": 1.02}))
-    return _save(fig, path, arrays)
+    fig.suptitle(f"Both readings of sigma_jD - {query_label(qa)}", fontsize=9, **({} if T == 1 else {"y": 1.02}))
+    return save_figure(fig, path, arrays)
 
 
 # --------------------------------------------------------------------------- all of them
