@@ -2,8 +2,8 @@
 
 On the CPU they run under Triton's interpreter, which must be switched on
 (``TRITON_INTERPRET=1``) before Triton is first imported; timm and lightning import it, so
-in a test session it is too late. ``test_triton_interpreted`` therefore runs this file's
-``interp`` tests in a subprocess with the variable set (they skip in any other process). The
+in a test session it is too late. ``test_triton_interpreted`` therefore runs the
+``interp`` tests of every ``test_triton_*.py`` file in a subprocess with the variable set (they skip in any other process). The
 ``cuda`` tests run the compiled kernels where a GPU is present. All skip cleanly without Triton.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,8 +65,9 @@ def test_triton_interpreted():
     if INTERPRETED:
         pytest.skip("this process is the interpreted run")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton_interp_",
-                           "-rs"], env=env, capture_output=True, text=True, timeout=600)
+    files = sorted(str(p) for p in Path(__file__).parent.glob("test_triton_*.py"))  # the depthwise tests too
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, "-k",
+                           "triton_interp_", "-rs"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     summary = proc.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary and "failed" not in summary, proc.stdout[-3000:]

@@ -56,6 +56,7 @@ from timm.models import PretrainedCfg, build_model_with_cfg, generate_default_cf
 from timm.models._features import feature_take_indices
 
 from ..nn.attention import SelfAttention, StructSA
+from ..nn.dwconv import DepthwiseConv2d, DepthwiseConv3d, depthwise_conv
 
 __all__ = ["StructViT", "ConvBlock", "AttentionBlock", "PatchEmbed", "ATTENTION_KINDS", "VideoPretrainedCfg",
            "PAPER_MODELS", "default_cfgs"]
@@ -65,6 +66,8 @@ ATTENTION_KINDS = ("structsa", "convsa")
 # torch.fx leaves: the attention layers take the grid as Python ints (the op dispatches on them)
 register_notrace_module(SelfAttention)
 register_notrace_module(StructSA)
+register_notrace_module(DepthwiseConv2d)  # CUDA dispatch in Python
+register_notrace_module(DepthwiseConv3d)
 
 
 @torch.jit.ignore
@@ -139,10 +142,10 @@ class ConvBlock(nn.Module):
                  video: bool = False):
         super().__init__()
         conv, bn = _conv_cls(video), _bn_cls(video)
-        self.pos_embed = conv(dim, dim, 3, padding=1, groups=dim)
+        self.pos_embed = depthwise_conv(dim, 3, video)
         self.norm1 = bn(dim)
         self.conv1 = conv(dim, dim, 1)
-        self.attn = conv(dim, dim, 5, padding=2, groups=dim)
+        self.attn = depthwise_conv(dim, 5, video)
         self.conv2 = conv(dim, dim, 1)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = bn(dim)
@@ -164,7 +167,7 @@ class AttentionBlock(nn.Module):
     def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float = 4.0, drop: float = 0.0, drop_path: float = 0.0,
                  video: bool = False):
         super().__init__()
-        self.pos_embed = _conv_cls(video)(dim, dim, 3, padding=1, groups=dim)
+        self.pos_embed = depthwise_conv(dim, 3, video)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = attn
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()

@@ -12,6 +12,9 @@ models``, ``structvit report``, the study) counts what eager mode runs:
   the same formulas; registered by :func:`register_pattern_conv_formulas` when
   :mod:`.triton.pattern_conv` is imported (only where keyconv uses it: importing Triton
   costs time);
+- ``structvit::triton_depthwise_conv_forward`` / ``_backward``, the backbone's depthwise
+  convolutions on CUDA (Triton): counted as PyTorch counts the convolution they replace;
+  registered by :func:`register_depthwise_formulas` when :mod:`.triton.depthwise` is imported;
 - ``aten::_scaled_dot_product_flash_attention_for_cpu`` (and its backward), PyTorch's CPU
   attention kernel, which ``FlopCounterMode`` does not count by itself (its CUDA
   counterparts are counted with the same formula).
@@ -84,6 +87,26 @@ def register_pattern_conv_formulas(forward_op, backward_op) -> None:
 
 
 register_pattern_conv_formulas(torch.ops.structvit.pattern_conv_forward, torch.ops.structvit.pattern_conv_backward)
+
+
+def depthwise_flops(y_shape, w_shape) -> int:
+    """FLOPs of one pass of a depthwise convolution with output (B, C, [T,] H, W) and weight
+    (C, 1, [kt,] kh, kw): one multiply-add per window offset per output element."""
+    return 2 * math.prod(y_shape) * math.prod(w_shape[2:])
+
+
+def register_depthwise_formulas(forward_op, backward_op) -> None:
+    """Count a depthwise-convolution op pair (``forward(x, weight, bias)``,
+    ``backward(grad_y, x, weight, need_x, need_w)``) with :func:`depthwise_flops`."""
+
+    def forward_formula(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        return depthwise_flops(x_shape, w_shape)
+
+    def backward_formula(grad_shape, x_shape, w_shape, need_x, need_w, *args, out_shape=None, **kwargs) -> int:
+        return depthwise_flops(grad_shape, w_shape) * (int(need_x) + int(need_w))
+
+    register_flop_formula(forward_op)(forward_formula)
+    register_flop_formula(backward_op)(backward_formula)
 
 
 _cpu_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
