@@ -322,3 +322,33 @@ def test_unmappable_images_are_reported_by_name(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(CorruptFileError, match="bad.png"):
         load_image(tmp_path / "bad.png")
+
+
+# ----------------------------------------------------------------------------- the data check registry
+def test_a_dataset_plugs_into_data_check_with_one_entry(tmp_path, monkeypatch, capsys):
+    from structvit.data import scan
+
+    seen = {}
+
+    def check_toy(root, splits=("a", "b")):  # takes only what it needs
+        seen.update(root=root, splits=splits)
+        return [f"{root}/x.json line 1 column 2: broken"]
+
+    monkeypatch.setitem(scan.DATASET_CHECKS, "toy", check_toy)
+    assert data_main(["check", "--dataset", "toy", "--root", str(tmp_path), "--quick"]) == 1
+    assert seen == {"root": str(tmp_path), "splits": ("a", "b")}
+    assert "PROBLEM " + f"{tmp_path}/x.json line 1 column 2: broken" in capsys.readouterr().out
+    monkeypatch.setitem(scan.DATASET_CHECKS, "toy", "structvit.data.no_such_module:check")
+    assert data_main(["check", "--dataset", "toy", "--root", str(tmp_path)]) == 2
+    assert "no_such_module" in capsys.readouterr().err
+
+
+def test_a_media_folder_linked_to_another_disk_still_reads(small_layouts, tmp_path):
+    root = _copy(small_layouts, "ssv2", tmp_path)
+    elsewhere = tmp_path / "big_disk" / "videos"
+    shutil.move(root / "20bn-something-something-v2", elsewhere)
+    (root / "20bn-something-something-v2").symlink_to(elsewhere, target_is_directory=True)
+    ann = read_annotations("ssv2", root, "train")
+    assert ann.problems == [] and len(ann.records) == 3
+    ds = VideoDataset(ann, sampler=FrameSampler("segment", num_frames=4), transform=_raw, train=False)
+    assert all(ds[i] is not None for i in range(len(ds))) and ds.num_bad_samples == 0

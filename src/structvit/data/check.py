@@ -22,7 +22,7 @@ import time
 
 from .decode_bench import bench_decode
 from .export import MOVING_DIGITS_TEMPLATES, export_digits_imagefolder, export_moving_digits_ssv2
-from .scan import DATASET_CHECKS, check_dataset
+from .scan import DATASET_CHECKS, check_dataset, dataset_check
 
 __all__ = ["main", "check_dataset", "export_moving_digits_ssv2", "export_digits_imagefolder", "bench_decode",
            "MOVING_DIGITS_TEMPLATES"]
@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dataset", required=True,
                    help=", ".join(DATASET_CHECKS))
     c.add_argument("--root", required=False, help="dataset folder (official layout)")
-    c.add_argument("--split", nargs="+", default=["train", "val"], help="splits to check (default: train val)")
+    c.add_argument("--split", nargs="+", default=None,
+                   help="splits to check (default: the dataset's, train val for the classification benchmarks)")
     c.add_argument("--quick", action="store_true",
                    help="decode the first, middle and last frame of each video (every 50th image) instead of all")
     c.add_argument("--num-classes", type=int, default=None,
@@ -79,14 +80,20 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"structvit data check: --root must be an existing folder, got {args.root!r}", sys.stderr)
             return 2
         t0 = time.perf_counter()
+        try:
+            check = dataset_check(name)
+        except ValueError as e:
+            _log(f"structvit data check: {e}", sys.stderr)
+            return 2
         problems = check_dataset(name, args.root, args.split, quick=args.quick, num_classes=args.num_classes,
-                                 progress=lambda m: _log(f"  ... {m}", sys.stderr))
+                                 progress=lambda m: _log(f"  ... {m}", sys.stderr)) if check is not None else []
         for line in problems[: args.max_print]:
             _log(f"PROBLEM {line}")
         if len(problems) > args.max_print:
             _log(f"... and {len(problems) - args.max_print} more")
         status = "no problems" if not problems else f"{len(problems)} problem(s)"
-        _log(f"{name} ({', '.join(args.split)}) under {args.root}: {status} [{time.perf_counter() - t0:.1f} s]")
+        splits = ", ".join(args.split) if args.split else "default splits"
+        _log(f"{name} ({splits}) under {args.root}: {status} [{time.perf_counter() - t0:.1f} s]")
         return 1 if problems else 0
     if args.command == "export":
         if (args.name, args.format) not in (("moving_digits", "ssv2"), ("digits", "imagefolder")):

@@ -2,7 +2,9 @@
 ``structvit data check``).
 
 :data:`DATASET_CHECKS` maps each dataset name to its check: a callable
-``check(root, splits, *, quick, progress, num_classes, reader_options) -> list[str]``, the
+``check(root, splits=..., *, quick, progress, num_classes, reader_options, progress_every)
+-> list[str]`` (it may take only some of the keyword options; :func:`check_dataset` passes
+those it names), the
 string ``"package.module:function"`` of one (imported when used, so a reader module can
 register itself without an import cycle), or None for built-in data (generated, nothing on
 disk).  A new format plugs in with one entry.
@@ -10,6 +12,7 @@ disk).  A new format plugs in with one entry.
 from __future__ import annotations
 
 import importlib
+import inspect
 import time
 from typing import Callable
 
@@ -164,6 +167,8 @@ DATASET_CHECKS: dict[str, Callable[..., list[str]] | str | None] = {
     "gym288": _video_check("gym288"),
     "imagenet": _image_check("imagenet"),
     "imagefolder": _image_check("imagefolder"),
+    "coco": "structvit.data.coco:check_coco",
+    "ade20k": "structvit.data.ade20k:check_ade20k",
 }
 
 
@@ -174,11 +179,14 @@ def dataset_check(name: str) -> Callable[..., list[str]] | None:
     entry = DATASET_CHECKS[name]
     if isinstance(entry, str):
         module, _, function = entry.partition(":")
-        entry = getattr(importlib.import_module(module), function)
+        try:
+            entry = getattr(importlib.import_module(module), function)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"the check of dataset {name!r} ({DATASET_CHECKS[name]}) cannot be loaded: {e}") from None
     return entry
 
 
-def check_dataset(dataset: str, root, splits=("train", "val"), *, quick: bool = False,
+def check_dataset(dataset: str, root, splits=None, *, quick: bool = False,
                   reader_options: dict | None = None, progress=None, num_classes: int | None = None,
                   progress_every: float = 5.0) -> list[str]:
     """Every problem of ``dataset`` under ``root``, as lines naming the file (empty: all good).
@@ -187,11 +195,18 @@ def check_dataset(dataset: str, root, splits=("train", "val"), *, quick: bool = 
     compares the label sets of the splits and the class count with the benchmark's
     (``num_classes`` overrides it), then decodes every frame of every video or frame folder
     (``quick``: the first, middle and last frame).  ``progress(message)`` is called about
-    every ``progress_every`` seconds."""
+    every ``progress_every`` seconds.  ``splits`` None: the dataset's own default splits
+    (``train`` and ``val`` for the classification benchmarks).  A registered check gets the
+    options its signature names (all of them if it takes ``**kwargs``)."""
     from .readers import canonical_name
 
     check = dataset_check(canonical_name(dataset))
     if check is None:
         return []  # built in: generated, nothing on disk
-    return check(root, tuple(splits), quick=quick, progress=progress, num_classes=num_classes,
-                 reader_options=reader_options, progress_every=progress_every)
+    options = dict(quick=quick, progress=progress, num_classes=num_classes, reader_options=reader_options,
+                   progress_every=progress_every)
+    params = inspect.signature(check).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        options = {k: v for k, v in options.items() if k in params}
+    args = (root,) if splits is None else (root, tuple(splits))
+    return check(*args, **options)
