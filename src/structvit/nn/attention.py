@@ -203,6 +203,17 @@ class StructSA(SelfAttention):
         self.u_v = nn.Parameter(torch.empty(lead + (num_patterns,) + self.window_v))
         self.reset_patterns(init)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(memory_format=torch.channels_last) gives every 4-D and 5-D tensor that memory
+        # format, and a 5-D one raises ("required rank 4 tensor"). The patterns are no image maps:
+        # they are moved and cast as flat views and keep their shape and default layout.
+        def keep_pattern_layout(t):
+            if t.dim() in (4, 5):
+                return fn(t.reshape(-1)).view(t.shape)
+            return fn(t)
+
+        return super()._apply(keep_pattern_layout, recurse)
+
     @property
     def pattern_dim(self) -> int:
         """The index of D in ``u_k`` / ``u_v``."""
