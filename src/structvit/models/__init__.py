@@ -13,3 +13,8 @@ from .deit import default_cfgs as deit_default_cfgs  # noqa: E402
 
 DEIT_MODEL_NAMES = tuple(deit_default_cfgs)
 __all__ += ["StructDeiT", "DEIT_ATTENTION_KINDS", "deit_default_cfgs", "DEIT_MODEL_NAMES"]
+
+# the dense-prediction backbones (structvit_{s,b}_4_1_h{14,32}), registered on import
+from .structvit_dense import DENSE_MODELS  # noqa: E402
+
+__all__ += ["DENSE_MODELS"]

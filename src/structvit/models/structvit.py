@@ -49,6 +49,7 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, register_notrace_module, trunc_normal_
@@ -57,9 +58,10 @@ from timm.models._features import feature_take_indices
 
 from ..nn.attention import SelfAttention, StructSA
 from ..nn.dwconv import DepthwiseConv2d, DepthwiseConv3d, depthwise_conv
+from ..ops.backends.keyconv import pattern_conv
 
 __all__ = ["StructViT", "ConvBlock", "AttentionBlock", "PatchEmbed", "ATTENTION_KINDS", "VideoPretrainedCfg",
-           "PAPER_MODELS", "default_cfgs"]
+           "PAPER_MODELS", "default_cfgs", "WINDOW_CONVS", "WINDOW_PATTERNS", "window_partition", "window_merge"]
 
 ATTENTION_KINDS = ("structsa", "convsa")
 
@@ -157,31 +159,164 @@ class ConvBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+def window_partition(t: torch.Tensor, grid: List[int], window_size: int) -> torch.Tensor:
+    """(B, H*W, C) tokens on ``grid`` (H, W) -> (B * nW, ws * ws, C) windows, row-major.
+
+    The map is padded at the bottom and right with zero tokens to a multiple of ``ws``
+    (UniFormer's ``SABlock_Windows``); window ``(i, j)`` is ``b * nW + i * (Wp / ws) + j``.
+    """
+    b, c = t.shape[0], t.shape[2]
+    h, w = grid[0], grid[1]
+    ws = window_size
+    pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
+    x = F.pad(t.reshape(b, h, w, c), (0, 0, 0, pad_r, 0, pad_b))
+    nh, nw = (h + pad_b) // ws, (w + pad_r) // ws
+    x = x.reshape(b, nh, ws, nw, ws, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b * nh * nw, ws * ws, c)
+
+
+def window_merge(windows: torch.Tensor, grid: List[int], window_size: int) -> torch.Tensor:
+    """The inverse of :func:`window_partition`: (B * nW, ws * ws, C) -> (B, H*W, C), padding cropped."""
+    h, w = grid[0], grid[1]
+    ws = window_size
+    nh, nw = (h + ws - 1) // ws, (w + ws - 1) // ws
+    c = windows.shape[2]
+    b = windows.shape[0] // (nh * nw)
+    x = windows.reshape(b, nh, nw, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, nh * ws, nw * ws, c)
+    return x[:, :h, :w].reshape(b, h * w, c)
+
+
+torch.fx.wrap("window_partition")
+torch.fx.wrap("window_merge")
+
+WINDOW_CONVS = ("window", "map")
+WINDOW_PATTERNS = ("hybrid", "all")
+DENSE_STRIDE = 32  # the last stage's stride: dense backbones pad their input to a multiple of it
+
+
+def window_uses(window_pattern: str, index: int) -> bool:
+    """Whether stage-3 block ``index`` (0-based) attends in windows: "all", or "hybrid"
+    (UniFormer's h14 / h32: every 4th block, (index + 1) % 4 == 0, attends globally)."""
+    return window_pattern == "all" or (index + 1) % 4 != 0
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """(B, C, H, W) zero-padded at the bottom and right to H, W multiples of ``multiple``."""
+    h, w = x.shape[-2], x.shape[-1]
+    return F.pad(x, (0, (multiple - w % multiple) % multiple, 0, (multiple - h % multiple) % multiple))
+
+
+torch.fx.wrap("pad_to_multiple")
+
+
+@torch.jit.ignore
+def map_conv_window_attention(attn: nn.Module, t: torch.Tensor, grid: List[int], window_size: int) -> torch.Tensor:
+    """Windowed StructSA whose key/value patterns convolve the whole (padded) map first.
+
+    ``window_conv="map"``: q, k, v of the zero-padded map, K^d and V^d by the D patterns
+    over the whole padded map (a window's edge keys see the neighbouring window's tokens),
+    then attention of each window's queries over its own D * ws * ws convolved keys. Always
+    the key-convolution form (form 3), key/value stride 1 only; eager only (not under
+    TorchScript).
+
+    Args:
+        attn: a :class:`StructSA` layer.
+        t: (B, H*W, C) normalised tokens on ``grid`` (H, W).
+    Returns:
+        (B, H*W, C).
+    """
+    if attn.stride_for(2) != (1, 1, 1):
+        raise ValueError(f"window_conv='map' needs key/value stride 1, got kv_stride={attn.kv_stride}")
+    ws = window_size
+    h, w = grid
+    b, c = t.shape[0], t.shape[2]
+    hp, wp = -(-h // ws) * ws, -(-w // ws) * ws
+    x = F.pad(t.reshape(b, h, w, c), (0, 0, 0, wp - w, 0, hp - h)).reshape(b, hp * wp, c)
+    q, k, v = attn._qkv(x)  # (B, heads, Np, hd)
+    u_k, u_v = attn.canonical_patterns(2, q.dtype)
+    d = u_k.shape[2]
+    kd = pattern_conv(k, u_k, (1, hp, wp))  # (B, heads, D, Np, hd)
+    vd = pattern_conv(v, u_v, (1, hp, wp))
+    heads, hd = q.shape[1], q.shape[3]
+    nh, nw = hp // ws, wp // ws
+
+    def windows(z: torch.Tensor) -> torch.Tensor:  # (B, heads, [D,] Np, e) -> (B * nW, heads, [D,] ws * ws, e)
+        lead = z.shape[2:-2]
+        z = z.reshape(b, heads, *lead, nh, ws, nw, ws, z.shape[-1])
+        r = len(lead)
+        z = z.permute(0, 2 + r, 4 + r, 1, *range(2, 2 + r), 3 + r, 5 + r, 6 + r)
+        return z.reshape(b * nh * nw, heads, *lead, ws * ws, z.shape[-1])
+
+    qw, kw_, vw = windows(q), windows(kd), windows(vd)
+    dropout_p = attn.attn_drop if attn.training else 0.0
+    if attn.normalize == "joint":
+        y = F.scaled_dot_product_attention(qw, kw_.flatten(2, 3), vw.flatten(2, 3), dropout_p=dropout_p,
+                                           scale=attn.scale)
+    else:
+        y = F.scaled_dot_product_attention(qw.unsqueeze(2).expand(-1, -1, d, -1, -1), kw_, vw,
+                                           dropout_p=dropout_p, scale=attn.scale).sum(2)
+    # (B * nW, heads, ws * ws, hd) -> (B, heads, Np, hd), cropped to the map
+    y = y.reshape(b, nh, nw, heads, ws, ws, hd).permute(0, 3, 1, 4, 2, 5, 6).reshape(b, heads, hp, wp, hd)
+    y = y[:, :, :h, :w].reshape(b, heads, h * w, hd)
+    return attn._out(y)
+
+
 class AttentionBlock(nn.Module):
     """Stages 3-4 (UniFormer's ``SABlock``) with SA, ConvSA or StructSA as ``attn``.
 
     ``x + pos_embed(x)``; then over the tokens of the whole (T, H, W) / (H, W) grid,
     ``x + attn(norm1(x))`` and ``x + mlp(norm2(x))`` (pre-norm transformer block).
+
+    With ``window_size`` (image models; UniFormer's ``SABlock_Windows``) ``attn`` runs within
+    non-overlapping ``ws x ws`` windows of the normalised map, padded at the bottom and right
+    with zero tokens (which take part as keys, no mask) and cropped back after. A StructSA
+    window is its own grid, zeros beyond its edges (``window_conv="window"``, our reading), or
+    its patterns convolve the whole map first (``window_conv="map"``).
     """
 
+    window_size: Optional[int]
+
     def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float = 4.0, drop: float = 0.0, drop_path: float = 0.0,
-                 video: bool = False):
+                 video: bool = False, window_size: Optional[int] = None, window_conv: str = "window"):
         super().__init__()
+        if window_size is not None and (video or not isinstance(window_size, int) or isinstance(window_size, bool)
+                                        or window_size < 1):
+            raise ValueError(f"window_size must be None or a positive int (image models only), got {window_size!r}"
+                             + (" for a video model" if video else ""))
+        if window_conv not in WINDOW_CONVS:
+            raise ValueError(f"window_conv must be one of {WINDOW_CONVS}, got {window_conv!r}")
         self.pos_embed = depthwise_conv(dim, 3, video)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = attn
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        self.window_size = window_size
+        self.window_conv = window_conv
+        self.attn_has_patterns = isinstance(attn, StructSA)  # SA has no patterns: "map" is plain windows
+
+    @torch.jit.ignore
+    def _map_windowed(self, t: torch.Tensor, grid: List[int], window_size: int) -> torch.Tensor:
+        return map_conv_window_attention(self.attn, t, grid, window_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.pos_embed(x)
         shape = x.shape
         grid = token_grid(x)
         t = x.flatten(2).transpose(1, 2)  # (B, N, C)
-        t = t + self.drop_path(self.attn(self.norm1(t), grid))
+        ws = self.window_size
+        if ws is None:
+            a = self.attn(self.norm1(t), grid)
+        elif self.window_conv == "map" and self.attn_has_patterns:
+            a = self._map_windowed(self.norm1(t), grid, ws)
+        else:
+            a = window_merge(self.attn(window_partition(self.norm1(t), grid, ws), [ws, ws]), grid, ws)
+        t = t + self.drop_path(a)
         t = t + self.drop_path(self.mlp(self.norm2(t)))
         return t.transpose(1, 2).reshape(shape)
+
+    def extra_repr(self) -> str:
+        return "" if self.window_size is None else f"window_size={self.window_size}, window_conv={self.window_conv!r}"
 
 
 class PatchEmbed(nn.Module):
@@ -287,6 +422,20 @@ class StructViT(nn.Module):
         drop_path_rate: stochastic depth, growing linearly with the block index up to this.
         head_drop_rate: dropout before the classifier (the video models use 0.5).
         global_pool: "avg" (mean over the grid) or "" (no pooling; the head acts per position).
+        window_size: None (default): every attention block attends over the whole grid; an int
+            ws (image models): stage-3 blocks attend within non-overlapping ws x ws windows,
+            the map padded bottom/right with zero tokens and cropped back (UniFormer's dense
+            backbones, h14 / h32). Stage 4 stays global.
+        window_pattern: which stage-3 blocks use windows: "hybrid" (UniFormer's ``hybrid``:
+            block i attends globally when (i + 1) % 4 == 0, in windows otherwise) or "all".
+        window_conv: how a windowed StructSA sees its window: "window" (the window is the
+            grid, zeros beyond its edges; our reading) or "map" (the key/value patterns
+            convolve the whole map, then each window attends over its own convolved keys).
+        dense: the dense-prediction backbone (image models): a LayerNorm (eps 1e-6) on each
+            stage's output, ``norm1``..``norm4`` as in UniFormer's detection / segmentation
+            backbones, applied by ``forward_intermediates`` (so ``features_only=True`` gives the
+            four normalised maps), and the input padded bottom/right to a multiple of 32, the
+            maps cropped back to ceil(H / s) x ceil(W / s) for s = 4, 8, 16, 32 at any input size.
     """
 
     def __init__(self, depths: Sequence[int] = (3, 4, 8, 3), embed_dims: Sequence[int] = (64, 128, 320, 512),
@@ -296,7 +445,9 @@ class StructViT(nn.Module):
                  window_v: Sequence[int] | None = None, num_patterns: int = 4, patterns: str = "channel",
                  kv_stride=1, normalize: str = "joint", pattern_init: str = "random", backend: str = "auto",
                  memory_limit: int | None = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, head_drop_rate: float = 0.0, global_pool: str = "avg"):
+                 drop_path_rate: float = 0.0, head_drop_rate: float = 0.0, global_pool: str = "avg",
+                 window_size: int | None = None, window_pattern: str = "hybrid", window_conv: str = "window",
+                 dense: bool = False):
         super().__init__()
         depths, embed_dims = tuple(depths), tuple(embed_dims)
         if len(depths) != 4 or not all(isinstance(d, int) and d >= 0 for d in depths):
@@ -317,6 +468,16 @@ class StructViT(nn.Module):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         video = num_frames is not None
         rank = 3 if video else 2
+        if window_size is not None and (not isinstance(window_size, int) or isinstance(window_size, bool)
+                                        or window_size < 1 or video):
+            raise ValueError(f"window_size must be None or a positive int (image models only), got {window_size!r}"
+                             + (" for a video model" if video else ""))
+        if window_pattern not in WINDOW_PATTERNS:
+            raise ValueError(f"window_pattern must be one of {WINDOW_PATTERNS}, got {window_pattern!r}")
+        if window_conv not in WINDOW_CONVS:
+            raise ValueError(f"window_conv must be one of {WINDOW_CONVS}, got {window_conv!r}")
+        if not isinstance(dense, bool) or (dense and video):
+            raise ValueError(f"dense must be a bool (True for image models only), got {dense!r}")
         window = _check_window((3,) * rank if window is None else window, rank, video, "window")
         window_v = window if window_v is None else _check_window(window_v, rank, video, "window_v")
         kv_stride = _check_kv_stride(kv_stride, rank, video)
@@ -332,6 +493,9 @@ class StructViT(nn.Module):
         self.num_patterns = num_patterns if attention == "structsa" else 1
         self.patterns = patterns
         self.window, self.window_v, self.kv_stride = window, window_v, kv_stride
+        self.window_size, self.window_pattern, self.window_conv = window_size, window_pattern, window_conv
+        self.dense = dense
+        self.dense_stride = DENSE_STRIDE
         self.grad_checkpointing = False
 
         # stochastic depth decay rule, over all blocks
@@ -362,8 +526,12 @@ class StructViT(nn.Module):
                 else:
                     kinds.append("sa")
                     attn = SelfAttention(dim, heads, qkv_bias=qkv_bias, attn_drop=attn_drop_rate, proj_drop=drop_rate)
-                blocks.append(AttentionBlock(dim, attn, mlp_ratio, drop_rate, dpr[offset + i], video))
+                windowed = s == 2 and window_size is not None and window_uses(window_pattern, i)
+                blocks.append(AttentionBlock(dim, attn, mlp_ratio, drop_rate, dpr[offset + i], video,
+                                             window_size if windowed else None, window_conv))
             setattr(self, f"blocks{s + 1}", nn.ModuleList(blocks))
+            if dense:  # UniFormer's dense backbones: norm1..norm4 on the stage outputs
+                setattr(self, f"norm{s + 1}", nn.LayerNorm(dim, eps=1e-6))
             self.block_kinds.append(kinds)
             self.feature_info.append(dict(num_chs=dim, reduction=2 ** (s + 2), module=f"blocks{s + 1}"))
             in_dim = dim
@@ -437,9 +605,28 @@ class StructViT(nn.Module):
             x = blk(x)
         return x
 
+    def set_window_size(self, window_size: int | None) -> None:
+        """Switch stage 3's windowed blocks (as ``window_pattern`` places them) to ``window_size``,
+        or to global attention with None (e.g. train global at 512 x 512, test with h32 windows)."""
+        if window_size is not None and (not isinstance(window_size, int) or isinstance(window_size, bool)
+                                        or window_size < 1 or self.video):
+            raise ValueError(f"window_size must be None or a positive int (image models only), got {window_size!r}")
+        for i, blk in enumerate(self.blocks3):
+            blk.window_size = window_size if window_uses(self.window_pattern, i) else None
+        self.window_size = window_size
+
+    def stage_norm(self, s: int, x: torch.Tensor) -> torch.Tensor:
+        """A dense backbone's norm of stage ``s`` (0-based) output (B, C, H, W); identity otherwise."""
+        norm = getattr(self, f"norm{s + 1}", None)
+        if not self.dense or norm is None:
+            return x
+        return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, [T,] H, W) -> the normalised last-stage map (B, C4, [T',] H/32, W/32)."""
         _check_input(x, self.video)
+        if self.dense:
+            x = pad_to_multiple(x, self.dense_stride)
         if torch.jit.is_scripting():
             x = self._stages_scripted(x)
         else:
@@ -464,17 +651,27 @@ class StructViT(nn.Module):
         """The stage maps (B, C_s, [T_s,] H_s, W_s) selected by ``indices`` (timm's API).
 
         ``norm`` applies the final norm to the last stage's map (it is sized for it only).
+        A dense backbone (``dense=True``) pads the input bottom/right to a multiple of 32 and
+        returns every map through its stage norm (``norm1``..``norm4``), whatever ``norm`` says,
+        cropped to the input's extent: (B, C_s, ceil(H / 2^(s+2)), ceil(W / 2^(s+2))).
         """
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW' (NCTHW for video), got {output_fmt!r}")
         _check_input(x, self.video)
+        height, width = x.shape[-2], x.shape[-1]
+        if self.dense:
+            x = pad_to_multiple(x, self.dense_stride)
         take, max_index = feature_take_indices(4, indices)
         out = []
         last = 3 if not stop_early else max_index
         for s in range(last + 1):
             x = self._run_stage(s, x)
             if s in take:
-                out.append(self.norm(x) if norm and s == 3 else x)
+                if self.dense:  # the map of the input's own extent: ceil(H / stride) x ceil(W / stride)
+                    stride = 2 ** (s + 2)
+                    out.append(self.stage_norm(s, x)[..., :-(-height // stride), :-(-width // stride)])
+                else:
+                    out.append(self.norm(x) if norm and s == 3 else x)
         if intermediates_only:
             return out
         if last == 3:
@@ -488,6 +685,8 @@ class StructViT(nn.Module):
         for s in range(max_index + 2, 5):
             setattr(self, f"patch_embed{s}", nn.Identity())
             setattr(self, f"blocks{s}", nn.ModuleList())
+            if self.dense:
+                setattr(self, f"norm{s}", nn.Identity())
         if prune_norm or max_index < 3:
             self.norm = nn.Identity()
         if max_index < 3:
@@ -502,6 +701,11 @@ class StructViT(nn.Module):
             extra += (f", num_patterns={self.num_patterns}, patterns={self.patterns!r}, window={self.window}"
                       + (f", window_v={self.window_v}" if self.window_v != self.window else "")
                       + f", kv_stride={self.kv_stride}")
+        if self.window_size is not None:
+            extra += f", window_size={self.window_size}, window_pattern={self.window_pattern!r}"
+            extra += f", window_conv={self.window_conv!r}" if any(self.struct_blocks) else ""
+        if self.dense:
+            extra += ", dense=True"
         return extra
 
 

@@ -318,9 +318,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="the paper's models next to their published parameters and GFLOPs per view")
     parser.add_argument("--baselines", action="store_true",
                         help="also list each model with plain SA in every block (= UniFormer)")
+    parser.add_argument("--dense", action="store_true",
+                        help="the paper's dense-prediction rows (Mask R-CNN, Table 8; Semantic FPN at 512x2048, "
+                             "Table 9) next to their published parameters and GFLOPs")
+    parser.add_argument("--write", metavar="PATH", default=None,
+                        help="with --dense: also write the table as a Markdown page to PATH")
     parser.add_argument("--backend", default=None, choices=("auto", "naive", "correlation", "keyconv"),
                         help="StructSA op backend to count (default: the models' 'auto')")
     args = parser.parse_args(argv)
+    if args.write is not None and not args.dense:
+        parser.error("--write goes with --dense")
+    if args.dense:
+        if args.names or args.baselines or args.backend or args.paper:
+            parser.error("--dense takes no model names, --paper, --baselines or --backend")
+        from ..dense.flops import write_dense_markdown
+
+        print(write_dense_markdown(args.write, progress=progress_to_stderr), end="")
+        return 0
     if args.paper:
         if args.names or args.baselines or args.backend:
             parser.error("--paper takes no model names, --baselines or --backend")
