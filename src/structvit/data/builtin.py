@@ -52,6 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..ops.checks import is_int
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, _check_stats
 
 __all__ = [
@@ -123,7 +124,7 @@ class DigitsDataset(torch.utils.data.Dataset):
 
     def __init__(self, split: str = "train", *, size: int = 32, augment: bool = False,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+        if not is_int(size) or size < 8:
             raise ValueError(f"size must be an int >= 8, got {size!r}")
         self.split = _norm_split(split)
         images, targets = load_digit_images()
@@ -206,7 +207,7 @@ def make_moving_digits(
     class: the random draws do not depend on the labels).
     """
     for name, v, lo in (("num_frames", num_frames, 4), ("size", size, 16), ("clips_per_image", clips_per_image, 1)):
-        if isinstance(v, bool) or not isinstance(v, int):
+        if not is_int(v):
             raise TypeError(f"{name} must be an int, got {v!r}")
         if v < lo:
             raise ValueError(f"{name} must be >= {lo}, got {v}")
@@ -417,11 +418,11 @@ def make_digit_relations(
     centres in pixels ``(N, 2, 2)`` (small, big; x, y with y down).
     """
     for name, v, lo in (("size", size, 16), ("samples_per_image", samples_per_image, 1)):
-        if isinstance(v, bool) or not isinstance(v, int):
+        if not is_int(v):
             raise TypeError(f"{name} must be an int, got {v!r}")
         if v < lo:
             raise ValueError(f"{name} must be >= {lo}, got {v}")
-    if isinstance(num_distractors, bool) or not isinstance(num_distractors, int) or num_distractors < 0:
+    if not is_int(num_distractors) or num_distractors < 0:
         raise ValueError(f"num_distractors must be an int >= 0, got {num_distractors!r}")
     if not 0 <= clutter <= 1 or not 0 <= noise <= 1:
         raise ValueError(f"clutter and noise must be in [0, 1], got {clutter}, {noise}")
@@ -516,7 +517,7 @@ class DigitRelationsDataModule(L.LightningDataModule):
                  options: dict | None = None):
         super().__init__()
         for name, v, lo in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            if not is_int(v) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
         if options is not None and not isinstance(options, dict):
             raise TypeError(f"options must be a dict of make_digit_relations arguments, got {options!r}")

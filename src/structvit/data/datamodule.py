@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 import lightning as L
 from torch.utils.data import DataLoader
 
+from ..ops.checks import is_int
 from .builtin import MOVING_DIGITS_CLASSES, DigitsDataset, moving_digits_dataset
 from .imagenet import ImageFolderDataset
 from .readers import READERS, canonical_name, read_annotations
@@ -54,7 +55,7 @@ VIDEO_DEFAULTS = {
 
 
 def _check_int(name, v, lo=0):
-    if isinstance(v, bool) or not isinstance(v, int):
+    if not is_int(v):
         raise TypeError(f"{name} must be an int, got {v!r}")
     if v < lo:
         raise ValueError(f"{name} must be >= {lo}, got {v}")

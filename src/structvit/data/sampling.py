@@ -20,13 +20,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..ops.checks import is_int
+
 __all__ = ["FrameSampler", "dense_indices", "segment_indices", "SAMPLING_MODES"]
 
 SAMPLING_MODES = ("dense", "segment")
 
 
 def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if not (is_int(value) or isinstance(value, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")

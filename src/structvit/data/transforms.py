@@ -16,6 +16,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..ops.checks import is_int
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -127,7 +129,7 @@ class VideoTransform:
         num_crops: int = 1,
         test_short_side: int | None = None,
     ):
-        if isinstance(input_size, bool) or not isinstance(input_size, int):
+        if not is_int(input_size):
             raise TypeError(f"input_size must be an int, got {input_size!r}")
         if input_size < 1:
             raise ValueError(f"input_size must be >= 1, got {input_size}")
@@ -139,7 +141,7 @@ class VideoTransform:
             raise ValueError(f"ratio must be (min, max) with 0 < min <= max, got {ratio!r}")
         if not 0.0 <= float(random_erasing) <= 1.0:
             raise ValueError(f"random_erasing must be a probability in [0, 1], got {random_erasing}")
-        if isinstance(num_crops, bool) or not isinstance(num_crops, int) or num_crops < 1:
+        if not is_int(num_crops) or num_crops < 1:
             raise ValueError(f"num_crops must be an int >= 1, got {num_crops!r}")
         self.input_size = input_size
         self.train = bool(train)

@@ -16,6 +16,7 @@ import logging
 import numpy as np
 import torch
 
+from ..ops.checks import is_int
 from .base import Annotations, VideoRecord, _Counter
 from .files import CorruptFileError, inside_root
 from .sampling import FrameSampler
@@ -75,7 +76,7 @@ class VideoDataset(torch.utils.data.Dataset):
             raise ValueError(f"on_problem must be 'warn' or 'raise', got {on_problem!r}")
         if on_unreadable not in (None, "replace", "skip"):
             raise ValueError(f"on_unreadable must be 'replace', 'skip' or None, got {on_unreadable!r}")
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        if not is_int(max_retries) or max_retries < 0:
             raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
         if not isinstance(sampler, FrameSampler):
             raise TypeError(f"sampler must be a FrameSampler, got {type(sampler).__name__}")
