@@ -33,7 +33,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 @triton.jit
-def _depthwise_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, sxb, sxc, sxt, sxh, sxw, syb, syc, syt, syh, syw, C, T, H, W,
+def depthwise_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, sxb, sxc, sxt, sxh, sxw, syb, syc, syt, syh, syw, C, T, H, W,
                       KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     # program: batch item x block of positions x block of channels
@@ -68,7 +68,7 @@ def _depthwise_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, sxb, sxc, sxt, sxh, sxw, sy
 
 
 @triton.jit
-def _depthwise_grad_weight_kernel(x_ptr, gy_ptr, parts_ptr, sxb, sxc, sxt, sxh, sxw, sgb, sgc, sgt, sgh, sgw,
+def depthwise_grad_weight_kernel(x_ptr, gy_ptr, parts_ptr, sxb, sxc, sxt, sxh, sxw, sgb, sgc, sgt, sgh, sgw,
                                   C, T, H, W, rows_total, rows_per_part,
                                   KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
@@ -156,7 +156,7 @@ def depthwise_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     launch = (b, triton.cdiv(t * h * w, block_p), triton.cdiv(c, block_c))
     weight = weight.contiguous()
     with device_guard(x):
-        runner(_depthwise_kernel, x.device)[launch](
+        runner(depthwise_kernel, x.device)[launch](
             x, weight, weight if bias is None else bias.contiguous(), y, *xs, *ys, c, t, h, w, *_window(weight),
             HAS_BIAS=bias is not None, BLOCK_P=block_p, BLOCK_C=block_c, ACC=accumulator_type(x.dtype))
     return y
@@ -179,7 +179,7 @@ def depthwise_grad_weight(grad_y: torch.Tensor, x: torch.Tensor, window: tuple[i
     partial = torch.empty(parts, c, m, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
                           device=x.device)
     with device_guard(x):
-        runner(_depthwise_grad_weight_kernel, x.device)[(m, parts, c_blocks)](
+        runner(depthwise_grad_weight_kernel, x.device)[(m, parts, c_blocks)](
             x, grad_y, partial, *xs, *gs, c, t, h, w, rows, rows_per_part, *window,
             BLOCK_P=block_p, BLOCK_C=block_c, ACC=accumulator_type(x.dtype))
     return partial.sum(0).to(x.dtype)

@@ -42,7 +42,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 @triton.jit
-def _forward_kernel(x_ptr, w_ptr, y_ptr, sxb, sxh, sxn, heads, D, C, T, H, W, To, Ho, Wo,
+def pattern_conv_forward_kernel(x_ptr, w_ptr, y_ptr, sxb, sxh, sxn, heads, D, C, T, H, W, To, Ho, Wo,
                     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, ST: tl.constexpr, SH: tl.constexpr,
                     SW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     # program (b, h, d) x block of output positions x block of channels
@@ -81,7 +81,7 @@ def _forward_kernel(x_ptr, w_ptr, y_ptr, sxb, sxh, sxn, heads, D, C, T, H, W, To
 
 
 @triton.jit
-def _grad_input_kernel(gy_ptr, w_ptr, gx_ptr, sgb, sgh, sgn, heads, D, C, T, H, W, To, Ho, Wo,
+def pattern_conv_grad_input_kernel(gy_ptr, w_ptr, gx_ptr, sgb, sgh, sgn, heads, D, C, T, H, W, To, Ho, Wo,
                        KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, ST: tl.constexpr, SH: tl.constexpr,
                        SW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     # program (b, h) x block of input positions x block of channels: gathers every
@@ -125,7 +125,7 @@ def _grad_input_kernel(gy_ptr, w_ptr, gx_ptr, sgb, sgh, sgn, heads, D, C, T, H, 
 
 
 @triton.jit
-def _grad_weight_kernel(x_ptr, gy_ptr, parts_ptr, sxb, sxh, sxn, sgb, sgh, sgn, heads, D, C, T, H, W, To, Ho, Wo,
+def pattern_conv_grad_weight_kernel(x_ptr, gy_ptr, parts_ptr, sxb, sxh, sxn, sgb, sgh, sgn, heads, D, C, T, H, W, To, Ho, Wo,
                         rows_total, rows_per_part,
                         KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, ST: tl.constexpr, SH: tl.constexpr,
                         SW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
@@ -210,7 +210,7 @@ def conv_forward(x: torch.Tensor, w: torch.Tensor, grid, window, stride) -> torc
     block_n, block_c = _blocks(c)
     launch = (b * h * d, triton.cdiv(n_out, block_n), triton.cdiv(c, block_c))
     with device_guard(x):
-        runner(_forward_kernel, x.device)[launch](
+        runner(pattern_conv_forward_kernel, x.device)[launch](
             x, w, y, x.stride(0), x.stride(1), x.stride(2), h, d, c, *grid, *out_grid, *window, *stride,
             BLOCK_N=block_n, BLOCK_C=block_c, ACC=accumulator_type(x.dtype))
     return y
@@ -228,7 +228,7 @@ def conv_grad_input(grad_y: torch.Tensor, w: torch.Tensor, grid, window, stride)
     block_n, block_c = _blocks(c)
     launch = (b * h, triton.cdiv(n, block_n), triton.cdiv(c, block_c))
     with device_guard(gy):
-        runner(_grad_input_kernel, gy.device)[launch](
+        runner(pattern_conv_grad_input_kernel, gy.device)[launch](
             gy, w, gx, gy.stride(0), gy.stride(1), gy.stride(2), h, d, c, *grid,
             *strided_grid(tuple(grid), tuple(stride)), *window, *stride,
             BLOCK_N=block_n, BLOCK_C=block_c, ACC=accumulator_type(gy.dtype))
@@ -261,7 +261,7 @@ def conv_grad_weight(grad_y: torch.Tensor, x: torch.Tensor, w_shape, grid, windo
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     partial = torch.empty(parts, h, d, m, c, dtype=acc_dtype, device=x.device)
     with device_guard(x):
-        runner(_grad_weight_kernel, x.device)[(h * d * m, parts, c_blocks)](
+        runner(pattern_conv_grad_weight_kernel, x.device)[(h * d * m, parts, c_blocks)](
             x, gy, partial, x.stride(0), x.stride(1), x.stride(2), gy.stride(0), gy.stride(1), gy.stride(2),
             h, d, c, *grid, *out_grid, rows, rows_per_part, *window, *stride,
             BLOCK_N=block_n, BLOCK_C=block_c, ACC=accumulator_type(x.dtype))
