@@ -14,7 +14,7 @@ import multiprocessing
 import os
 from dataclasses import dataclass, field
 
-from .files import OutsideRootError, inside_root, text_lines
+from .files import OutsideRootError, PathGuard, text_lines
 
 __all__ = ["VideoRecord", "Annotations", "normalize_split", "VIDEO_EXTENSIONS", "UNLABELLED", "BENCHMARK_CLASSES"]
 
@@ -81,36 +81,39 @@ def _first_dir(paths) -> str | None:
     return None
 
 
-def _media(base_dirs, name: str, *, exts=VIDEO_EXTENSIONS, allow_frames=True, prefer="auto"):
+def _media(base_dirs, name: str, *, exts=VIDEO_EXTENSIONS, allow_frames=True, prefer="auto", guard=None):
     """Find ``name`` as a video file or a frame folder under ``base_dirs``.
 
     Returns ``(path, is_frames, base)`` (``base``: the folder it was found in) or
     ``(None, False, None)``.  A name that leads out of a base folder (``..``, an absolute
-    path, a link) raises :class:`~.files.OutsideRootError` before anything there is looked at."""
+    path, a link) raises :class:`~.files.OutsideRootError` before anything there is looked
+    at.  ``guard``: the :class:`~.files.PathGuard` of the annotation file being read."""
+    guard = guard or PathGuard()
     for d in base_dirs:
-        inside_root(os.path.join(d, name), d)
+        guard(os.path.join(d, name), d, links=False)
     if prefer in ("auto", "video"):
         for d in base_dirs:
             for e in exts:
                 p = os.path.join(d, name + e)
                 if os.path.isfile(p):
-                    return inside_root(p, d), False, d
+                    return guard(p, d), False, d
     if allow_frames and prefer in ("auto", "frames"):
         for d in base_dirs:
             p = os.path.join(d, name)
             if os.path.isdir(p):
-                return inside_root(p, d), True, d
+                return guard(p, d), True, d
     return None, False, None
 
 
-def _unchecked_media(base: str, name: str, ext: str = "", frames: bool = False) -> dict:
+def _unchecked_media(base: str, name: str, ext: str = "", frames: bool = False, guard=None) -> dict:
     """The record fields of a sample not looked for on disk (``check_files=False``): its
     path under ``base``, refused (:class:`~.files.OutsideRootError`) if it leaves it."""
-    return dict(path=inside_root(os.path.join(base, name + ext), base), frames=frames, root=base)
+    guard = guard or PathGuard()
+    return dict(path=guard(os.path.join(base, name + ext), base), frames=frames, root=base)
 
 
 def _locate(where: str, problems: list, name: str, root: str, lookups, *, check_files: bool, missing: str,
-            missing_frames: bool = False) -> dict | None:
+            missing_frames: bool = False, guard=None) -> dict | None:
     """The record fields (``path``, ``frames``, ``root``) of the sample ``name``, or None
     after adding its problem (missing, or leaving the root) to ``problems``.
 
@@ -119,7 +122,7 @@ def _locate(where: str, problems: list, name: str, root: str, lookups, *, check_
     ``check_files`` is off) when nothing is found; it lies in the first base folder."""
     try:
         for dirs, options in lookups:
-            path, frames, base = _media(dirs, name, **options)
+            path, frames, base = _media(dirs, name, guard=guard, **options)
             if path is not None:
                 return dict(path=path, frames=frames, root=base)
         fallback = next((d[0] for d, _ in lookups if d), root)
@@ -127,7 +130,7 @@ def _locate(where: str, problems: list, name: str, root: str, lookups, *, check_
             problems.append(f"{where}: missing {'frame folder' if missing_frames else 'file'} "
                             f"{os.path.join(fallback, name)}{missing}")
             return None
-        return _unchecked_media(fallback, name, missing, frames=missing_frames)
+        return _unchecked_media(fallback, name, missing, frames=missing_frames, guard=guard)
     except OutsideRootError as e:
         problems.append(f"{where}: {e}")
         return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from .base import Annotations, VideoRecord, _first, _locate, normalize_split
-from .files import load_json
+from .files import PathGuard, load_json
 
 __all__ = ["read_diving48"]
 
@@ -32,7 +32,7 @@ def read_diving48(root, split: str = "train", *, media: str = "auto", check_file
     fdirs = [p for p in (os.path.join(root, "frames"), os.path.join(root, "rawframes"),
                          os.path.join(root, "rgb_frames")) if os.path.isdir(p)]
     entries = load_json(ann, list)
-    problems, records = [], []
+    problems, records, guard = [], [], PathGuard()
     for i, e in enumerate(entries):
         if not isinstance(e, dict):
             problems.append(f"{ann} entry {i}: expected a JSON object, got {type(e).__name__}")
@@ -54,7 +54,7 @@ def read_diving48(root, split: str = "train", *, media: str = "auto", check_file
             continue
         lookups = ([(vdirs, dict(allow_frames=False))] if media != "frames" else []) + (
             [(fdirs, dict(prefer="frames"))] if media != "video" else [])
-        found = _locate(where, problems, vid, root, lookups, check_files=check_files,
+        found = _locate(where, problems, vid, root, lookups, check_files=check_files, guard=guard,
                         missing="" if media == "frames" else ".mp4", missing_frames=media == "frames")
         if found is not None:
             records.append(VideoRecord(label=label, start_frame=start, end_frame=end, name=vid, **found))

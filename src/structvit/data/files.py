@@ -12,10 +12,9 @@ import csv
 import io
 import json
 import os
-from pathlib import Path
 
 __all__ = ["DataFileError", "MissingFileError", "CorruptFileError", "OutsideRootError", "UnsupportedImageError",
-           "AnnotationError", "inside_root", "read_text", "text_lines", "load_json", "read_csv_rows"]
+           "AnnotationError", "inside_root", "PathGuard", "read_text", "text_lines", "load_json", "read_csv_rows"]
 
 
 class DataFileError(RuntimeError):
@@ -52,15 +51,55 @@ class AnnotationError(ValueError):
         super().__init__(f"{where}: {message}")
 
 
+def _within(real: str, base: str) -> bool:
+    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def _outside(path: str, base: str) -> OutsideRootError:
+    return OutsideRootError(path, f"outside the dataset root {base} (a '..' or absolute id, or a link)")
+
+
 def inside_root(path, root) -> str:
     """``path`` unchanged if it resolves (links followed, ``..`` removed) inside ``root``;
     else :class:`OutsideRootError` naming it.  ``root`` is resolved too, so a dataset root
     (or media folder) that is itself a link to another disk is fine."""
     path = os.fspath(path)
-    base = Path(root).resolve()
-    if not Path(path).resolve().is_relative_to(base):
-        raise OutsideRootError(path, f"outside the dataset root {base} (a '..' or absolute id, or a link)")
+    base = os.path.realpath(os.fspath(root))
+    if not _within(os.path.realpath(path), base):
+        raise _outside(path, base)
     return path
+
+
+class PathGuard:
+    """:func:`inside_root` for the many samples of one annotation file, without resolving
+    each path in full: every folder is resolved once, and a file only when it is a link
+    (a file that is not a link lies where its resolved folder is)."""
+
+    def __init__(self):
+        self._real: dict[str, str] = {}
+
+    def _realpath(self, folder: str) -> str:
+        real = self._real.get(folder)
+        if real is None:
+            real = self._real[folder] = os.path.realpath(folder)
+        return real
+
+    def __call__(self, path, root, *, links: bool = True) -> str:
+        """``path`` unchanged if inside ``root``, else :class:`OutsideRootError`.
+        ``links=False`` checks the name only (``..``, absolute, a linked folder on the way),
+        not whether the file itself is a link: for refusing an id before looking for it."""
+        path = os.fspath(path)
+        base = self._realpath(os.fspath(root))
+        folder, name = os.path.split(path)
+        if name in ("", ".", ".."):
+            real = os.path.realpath(path)
+        elif links and os.path.islink(path):
+            real = os.path.realpath(path)
+        else:
+            real = os.path.join(self._realpath(folder), name)
+        if not _within(real, base):
+            raise _outside(path, base)
+        return path
 
 
 def read_text(path) -> str:

@@ -10,6 +10,7 @@ import os
 import re
 
 from .base import Annotations, VideoRecord, _annotation_lines, _first, _locate, normalize_split
+from .files import PathGuard
 
 __all__ = ["read_finegym"]
 
@@ -40,7 +41,7 @@ def read_finegym(root, split: str = "train", *, variant: str = "gym99", check_fi
                          root) if os.path.isdir(p)]
     fdirs = [p for p in (os.path.join(root, "frames"), os.path.join(root, "subaction_frames"), os.path.join(root, "rawframes"))
              if os.path.isdir(p)]
-    problems, records = [], []
+    problems, records, guard = [], [], PathGuard()
     for where, line in _annotation_lines(ann):
         parts = line.split()
         if len(parts) != 2 or not re.fullmatch(r"-?\d+", parts[1]):
@@ -51,7 +52,7 @@ def read_finegym(root, split: str = "train", *, variant: str = "gym99", check_fi
             problems.append(f"{where}: unknown label {label} (expected 0..{k - 1})")
             continue
         found = _locate(where, problems, clip, root, [(vdirs, dict(prefer="video")), (fdirs, dict(prefer="frames"))],
-                        check_files=check_files, missing=".mp4")
+                        check_files=check_files, guard=guard, missing=".mp4")
         if found is not None:
             records.append(VideoRecord(label=label, name=clip, **found))
     return Annotations(records, classes, problems)

@@ -8,7 +8,7 @@ import os
 import torch
 
 from .base import UNLABELLED, _annotation_lines, _Counter, _first_dir
-from .files import AnnotationError, OutsideRootError, inside_root, read_csv_rows
+from .files import AnnotationError, OutsideRootError, PathGuard, inside_root, read_csv_rows
 from .images import load_image
 from .video import IMAGE_EXTENSIONS
 
@@ -126,10 +126,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def _inside(self, samples, base) -> list:
         """The samples that resolve (links followed) inside the split folder; the others
         are reported in :attr:`problems`."""
-        kept = []
+        kept, guard = [], PathGuard()
         for path, label in samples:
             try:
-                kept.append((inside_root(path, base), label))
+                kept.append((guard(path, base), label))
             except OutsideRootError as e:
                 self.problems.append(str(e))
         return kept

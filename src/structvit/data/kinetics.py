@@ -21,7 +21,7 @@ from .base import (
     _unchecked_media,
     normalize_split,
 )
-from .files import AnnotationError, OutsideRootError, inside_root, read_csv_rows, text_lines
+from .files import AnnotationError, OutsideRootError, PathGuard, read_csv_rows, text_lines
 from .path_list import read_path_label_list
 
 __all__ = ["read_kinetics400"]
@@ -87,7 +87,7 @@ def read_kinetics400(root, split: str = "train", *, annotation_file=None, video_
                     files.setdefault(stem, os.path.join(dp, fn))
     elif check_files:
         problems.append(f"{root}: no video folder for split {split!r} (looked for {split}/, videos/)")
-    records = []
+    records, guard = [], PathGuard()
     for row in rows:
         where = f"{ann} line {row['_line']}"
         label = row.get("label") or ""
@@ -104,8 +104,8 @@ def read_kinetics400(root, split: str = "train", *, annotation_file=None, video_
             problems.append(f"{where}: missing file {os.path.join(vdir or root, name)}.mp4")
             continue
         try:
-            found = dict(path=inside_root(path, vdir), frames=False, root=vdir) if path is not None else \
-                _unchecked_media(vdir or root, name, ".mp4")
+            found = dict(path=guard(path, vdir), frames=False, root=vdir) if path is not None else \
+                _unchecked_media(vdir or root, name, ".mp4", guard=guard)
         except OutsideRootError as e:
             problems.append(f"{where}: {e}")
             continue

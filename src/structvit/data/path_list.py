@@ -5,7 +5,7 @@ import os
 import re
 
 from .base import Annotations, VideoRecord
-from .files import OutsideRootError, inside_root, text_lines
+from .files import OutsideRootError, PathGuard, text_lines
 
 __all__ = ["read_path_label_list"]
 
@@ -15,7 +15,7 @@ def read_path_label_list(list_file, video_root, *, classes_file=None, num_classe
     """The common "path label" list format: one ``relative/path.mp4 label`` per line
     (paths relative to ``video_root``; a frame folder may stand for a video).  A path that
     leads out of ``video_root`` (``..``, absolute, a link) is reported, not read."""
-    problems, records = [], []
+    problems, records, guard = [], [], PathGuard()
     list_file = os.fspath(list_file)
     classes = [line for _, line in text_lines(classes_file)] if classes_file else None
     k = len(classes) if classes else num_classes
@@ -34,7 +34,7 @@ def read_path_label_list(list_file, video_root, *, classes_file=None, num_classe
             problems.append(f"{where}: unknown label {label} (expected 0..{k - 1})")
             continue
         try:
-            path = inside_root(os.path.join(video_root, rel), video_root)
+            path = guard(os.path.join(video_root, rel), video_root)
         except OutsideRootError as e:
             problems.append(f"{where}: {e}")
             continue

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 
 from .base import UNLABELLED, Annotations, VideoRecord, _annotation_lines, _locate, normalize_split
-from .files import AnnotationError, load_json
+from .files import AnnotationError, PathGuard, load_json
 
 __all__ = ["read_ssv2", "read_ssv1", "ssv2_template_to_label"]
 
@@ -65,7 +65,7 @@ def read_ssv2(root, split: str = "train", *, check_files: bool = True) -> Annota
              if os.path.isdir(p)]
     entries = load_json(ann, list)
     answers = _ssv2_test_answers(ann, label_map, problems) if normalize_split(split) == "test" else None
-    records = []
+    records, guard = [], PathGuard()
     for i, e in enumerate(entries):
         if not isinstance(e, dict):
             problems.append(f"{ann} entry {i}: expected a JSON object, got {type(e).__name__}")
@@ -89,7 +89,7 @@ def read_ssv2(root, split: str = "train", *, check_files: bool = True) -> Annota
             continue
         vid = str(e["id"])
         found = _locate(where, problems, vid, root, [(vdirs, dict(exts=(".webm", ".mp4")))],
-                        check_files=check_files, missing=".webm")
+                        check_files=check_files, guard=guard, missing=".webm")
         if found is not None:
             records.append(VideoRecord(label=UNLABELLED if lab is None else label_map[lab], name=vid, **found))
     return Annotations(records, classes, problems)
@@ -122,7 +122,7 @@ def read_ssv1(root, split: str = "train", *, check_files: bool = True) -> Annota
         raise ValueError(f"{labels_path}: duplicate class names")
     fdirs = [p for p in (os.path.join(root, "20bn-something-something-v1"), os.path.join(root, "frames"), root)
              if os.path.isdir(p)]
-    problems, records = [], []
+    problems, records, guard = [], [], PathGuard()
     for where, line in _annotation_lines(ann):
         parts = line.split(";", 1)
         if len(parts) != 2:
@@ -132,7 +132,7 @@ def read_ssv1(root, split: str = "train", *, check_files: bool = True) -> Annota
         if lab not in index:
             problems.append(f"{where}: unknown label {lab!r}")
             continue
-        found = _locate(where, problems, vid, root, [(fdirs, dict(prefer="frames"))], check_files=check_files,
+        found = _locate(where, problems, vid, root, [(fdirs, dict(prefer="frames"))], check_files=check_files, guard=guard,
                         missing="", missing_frames=True)
         if found is not None:
             records.append(VideoRecord(label=index[lab], name=vid, **found))

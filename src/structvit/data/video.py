@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .files import CorruptFileError, DataFileError, MissingFileError, inside_root
+from .files import CorruptFileError, DataFileError, MissingFileError, PathGuard, inside_root
 
 __all__ = [
     "DataFileError",
@@ -274,8 +274,9 @@ def list_frame_files(folder, root=None) -> list[str]:
         raise CorruptFileError(folder, "frame folder holds no RGB image files")
     files = [os.path.join(folder, n) for n in names]
     if root is not None:
+        guard = PathGuard()
         for f in files:
-            inside_root(f, root)
+            guard(f, root)
     return files
 
 
