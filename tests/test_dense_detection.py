@@ -41,6 +41,13 @@ def test_detector_has_torchvision_maskrcnn_fpn_layout():
     assert model.transform.image_mean == list(cfg["mean"]) and model.transform.image_std == list(cfg["std"])
     defaults = build_mask_rcnn("structvit_tiny", 81)
     assert defaults.transform.min_size == (800,) and defaults.transform.max_size == 1333
+    # RPN and RoI heads are maskrcnn_resnet50_fpn's, tensor for tensor
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    reference = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=81)
+    for part in ("rpn", "roi_heads"):
+        ours = {k: tuple(v.shape) for k, v in getattr(defaults, part).state_dict().items()}
+        assert ours == {k: tuple(v.shape) for k, v in getattr(reference, part).state_dict().items()}
 
 
 @pytest.mark.parametrize("kwargs, needle", [

@@ -20,6 +20,8 @@ import timm
 import torch
 from torch import nn
 from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -64,13 +66,16 @@ def build_backbone(name: str, *, out_channels: int = FPN_CHANNELS, **backbone_kw
 
 
 def build_mask_rcnn(model: str = "structvit_tiny", num_classes: int = 81, *, min_size: int = 800,
-                    max_size: int = 1333, backbone_kwargs: dict | None = None, **detector_kwargs) -> MaskRCNN:
+                    max_size: int = 1333, representation_size: int = 1024, backbone_kwargs: dict | None = None,
+                    **detector_kwargs) -> MaskRCNN:
     """torchvision's Mask R-CNN over the FPN of backbone ``model``.
 
     Args:
         model: a registered backbone name (e.g. ``structvit_s_4_1_h14``, ``structvit_tiny``).
         num_classes: object classes plus one for the background (COCO: 81).
         min_size, max_size: the resize done inside the model (shorter / longer side bound).
+        representation_size: width of the box head's two fully connected layers (1024 in
+            torchvision's and mmdet's Mask R-CNN; smaller for CPU-scale experiments).
         backbone_kwargs: passed to the backbone's constructor (e.g. ``drop_path_rate``).
         detector_kwargs: passed to :class:`~torchvision.models.detection.MaskRCNN`
             (e.g. ``box_detections_per_img``).
@@ -80,12 +85,18 @@ def build_mask_rcnn(model: str = "structvit_tiny", num_classes: int = 81, *, min
     for arg, value in (("min_size", min_size), ("max_size", max_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 32:
             raise ValueError(f"{arg} must be an int >= 32, got {value!r}")
+    if not isinstance(representation_size, int) or isinstance(representation_size, bool) or representation_size < 1:
+        raise ValueError(f"representation_size must be a positive int, got {representation_size!r}")
     if max_size < min_size:
         raise ValueError(f"max_size must be >= min_size ({min_size}), got {max_size}")
     backbone = build_backbone(model, **dict(backbone_kwargs or {}))
     cfg = _pretrained_cfg(backbone)
-    return MaskRCNN(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size,
-                    image_mean=list(cfg["mean"]), image_std=list(cfg["std"]), **detector_kwargs)
+    resolution = 7  # the box RoIAlign's output (torchvision's MultiScaleRoIAlign default)
+    box_head = TwoMLPHead(backbone.out_channels * resolution ** 2, representation_size)
+    return MaskRCNN(backbone, num_classes=None, min_size=min_size, max_size=max_size,
+                    image_mean=list(cfg["mean"]), image_std=list(cfg["std"]), box_head=box_head,
+                    box_predictor=FastRCNNPredictor(representation_size, num_classes),
+                    mask_predictor=MaskRCNNPredictor(FPN_CHANNELS, FPN_CHANNELS, num_classes), **detector_kwargs)
 
 
 def _pretrained_cfg(backbone: nn.Module) -> dict:

@@ -112,6 +112,7 @@ class DetectionModule(L.LightningModule):
         pretrained: a ``.safetensors`` / ``.ckpt`` of the backbone's classifier (ImageNet)
             loaded into the backbone (its head left out).
         min_size, max_size: the detector's resize (shorter side, longer side bound).
+        representation_size: the box head's width (1024: torchvision's and mmdet's).
         detector_kwargs: other options of torchvision's ``MaskRCNN`` (e.g.
             ``box_batch_size_per_image``).
         lr, weight_decay, betas: AdamW.
@@ -122,7 +123,8 @@ class DetectionModule(L.LightningModule):
 
     def __init__(self, model: str = "structvit_tiny", num_classes: int = 80, model_kwargs: Optional[dict] = None,
                  pretrained: Optional[str] = None, min_size: int = 800, max_size: int = 1333,
-                 detector_kwargs: Optional[dict] = None, lr: float = 1e-4, weight_decay: float = 0.05,
+                 representation_size: int = 1024, detector_kwargs: Optional[dict] = None, lr: float = 1e-4,
+                 weight_decay: float = 0.05,
                  betas: Sequence[float] = (0.9, 0.999), lr_steps: Sequence[int] = (8, 11), lr_gamma: float = 0.1,
                  warmup_iters: int = 500, warmup_ratio: float = 0.001, mask_threshold: float = 0.5):
         super().__init__()
@@ -136,7 +138,8 @@ class DetectionModule(L.LightningModule):
             raise ValueError(f"lr_steps must be epochs (ints >= 0), got {list(lr_steps)!r}")
         self.save_hyperparameters()
         self.model = build_mask_rcnn(model, num_classes + 1, min_size=min_size, max_size=max_size,
-                                     backbone_kwargs=model_kwargs or {}, **dict(detector_kwargs or {}))
+                                     representation_size=representation_size, backbone_kwargs=model_kwargs or {},
+                                     **dict(detector_kwargs or {}))
         if pretrained:
             self.load_backbone(pretrained)
         self.run_config: Optional[str] = None
