@@ -66,3 +66,22 @@ def test_structsa_training_step_has_no_graph_break(one_thread):
     explanation = torch._dynamo.explain(lambda inp: model(inp).logsumexp(-1).mean())(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_channels_last_cuda_training_step():
+    """On the GPU: a bf16 training step of a channels-last model (Triton depthwise and pattern
+    convolutions) gives the default layout's loss and gradients."""
+    torch.manual_seed(0)
+    model = timm.create_model("structvit_tiny").cuda().train()
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    results = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        model = model.to(memory_format=fmt)
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x.to(memory_format=fmt)).float().logsumexp(-1).mean()
+        loss.backward()
+        results.append((loss.detach(), model.patch_embed1.proj.weight.grad.clone()))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=5e-2, atol=5e-2)

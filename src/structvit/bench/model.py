@@ -271,5 +271,5 @@ def _write_page(path, lines: list[str], argv: list[str] | None) -> None:
             f"- load average when written (1, 5, 15 min): {', '.join(f'{x:.2f}' for x in os.getloadavg())}", ""]
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text("\n".join(head + [line.removeprefix("# ") if line.startswith("# machine") else line
-                                   for line in lines]) + "\n")
+    # the printed "# machine" and "# StructViT model benchmark" lines are plain lines on the page
+    p.write_text("\n".join(head + [line.removeprefix("# ") for line in lines]) + "\n")
