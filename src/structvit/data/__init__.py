@@ -20,8 +20,10 @@ from .builtin import (
 from .datamodule import IMAGE_DATASETS, VIDEO_DATASETS, ImageDataModule, VideoDataModule, build_datamodule
 from .base import Annotations, VideoRecord
 from .diving48 import read_diving48
+from .files import AnnotationError, OutsideRootError, UnsupportedImageError
 from .finegym import read_finegym
 from .imagenet import ImageFolderDataset
+from .images import load_image
 from .kinetics import read_kinetics400
 from .path_list import read_path_label_list
 from .readers import READERS, read_annotations
@@ -50,4 +52,5 @@ __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "VideoTransform", "build_image_transform",
     "CorruptFileError", "DataFileError", "MissingFileError", "probe_video", "read_frame_folder",
     "read_video_frames", "write_video",
+    "AnnotationError", "OutsideRootError", "UnsupportedImageError", "load_image",
 ]

@@ -89,7 +89,7 @@ def check_video_benchmark(name: str, root, splits=("train", "val"), *, quick: bo
     for split in splits:
         try:
             ann = read_annotations(name, root, split, **(reader_options or {}))
-        except (FileNotFoundError, ValueError) as e:
+        except (OSError, ValueError) as e:  # the annotation files: missing, unreadable, malformed
             problems.append(f"{split}: {e}")
             continue
         classes = ann.classes
@@ -124,7 +124,7 @@ def check_image_folder(name: str, root, splits=("train", "val"), *, quick: bool 
     for split in splits:
         try:
             ds = ImageFolderDataset(root, split)
-        except (FileNotFoundError, ValueError, ImportError) as e:
+        except (OSError, ValueError, ImportError) as e:
             problems.append(f"{split}: {e}")
             continue
         classes = ds.classes
