@@ -352,3 +352,22 @@ def test_a_media_folder_linked_to_another_disk_still_reads(small_layouts, tmp_pa
     assert ann.problems == [] and len(ann.records) == 3
     ds = VideoDataset(ann, sampler=FrameSampler("segment", num_frames=4), transform=_raw, train=False)
     assert all(ds[i] is not None for i in range(len(ds))) and ds.num_bad_samples == 0
+
+
+def test_a_decoder_failing_its_own_way_is_a_named_bad_sample(small_layouts, tmp_path, monkeypatch):
+    from structvit.data import video_dataset
+
+    ann = read_annotations("gym99", small_layouts["gym99"][0], "train")
+    real = video_dataset.read_video_frames
+
+    def fail_on_first(path, indices):
+        if path == ann.records[0].path:
+            raise OverflowError("decoder exploded")
+        return real(path, indices)
+
+    monkeypatch.setattr(video_dataset, "read_video_frames", fail_on_first)
+    sampler = FrameSampler("dense", num_frames=2)
+    train = VideoDataset(ann, sampler=sampler, transform=_raw, train=True)
+    assert train[0][1] == ann.records[1].label and train.bad_files == [ann.records[0].path]
+    ev = VideoDataset(ann, sampler=sampler, transform=_raw, train=False)
+    assert ev[0] is None and ev[1] is not None and ev.bad_files == [ann.records[0].path]

@@ -294,7 +294,7 @@ def test_check_decodes_every_frame_unless_quick(layouts, tmp_path, capsys):
 
 
 def test_check_reports_progress(layouts):
-    from structvit.data.check import check_dataset
+    from structvit.data.scan import check_dataset
 
     seen = []
     check_dataset("ssv2", layouts["ssv2"][0], ("train",), num_classes=3, progress=seen.append, progress_every=0)
