@@ -159,14 +159,17 @@ def test_not_json_and_missing_file(tmp_path):
 
 def test_check_names_missing_resized_and_escaping_images(tmp_path):
     _valid(tmp_path)
-    assert check_coco(str(tmp_path), ["val2017"]) == []
+    assert check_coco(str(tmp_path), ["val2017"], num_classes=3) == []
+    assert check_coco(str(tmp_path), ["val2017"]) == [
+        f"{tmp_path / 'annotations' / 'instances_val2017.json'}: 3 categories, expected 80 "
+        "(COCO's; --num-classes for another set)"]
     os.remove(tmp_path / "val2017" / "000000000002.png")
     Image.new("RGB", (W + 1, H)).save(tmp_path / "val2017" / "000000000003.png")
     path = tmp_path / "annotations" / "instances_val2017.json"
     data = json.loads(path.read_text())
     data["images"].append({"id": 4, "file_name": "../../etc/passwd", "height": H, "width": W})
     path.write_text(json.dumps(data))
-    problems = check_coco(str(tmp_path), ["val2017"])
+    problems = check_coco(str(tmp_path), ["val2017"], num_classes=3)
     assert len(problems) == 3, problems
     assert "missing image file" in problems[0] and "000000000002.png" in problems[0]
     assert "is 41x32, its annotation says 40x32" in problems[1]
@@ -193,3 +196,17 @@ def test_datamodule_batches_lists(tmp_path):
         CocoDataModule(str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="flip_prob"):
         CocoDataModule(str(tmp_path), flip_prob=2.0)
+
+
+def test_data_check_and_export_commands(tmp_path, capsys):
+    from structvit.data.check import main
+
+    assert main(["export", "scenes", str(tmp_path / "coco"), "--format", "coco", "--limit", "2"]) == 0
+    assert main(["check", "--dataset", "coco", "--root", str(tmp_path / "coco"), "--num-classes", "10"]) == 0
+    assert "no problems" in capsys.readouterr().out
+    os.remove(tmp_path / "coco" / "val2017" / "000000000002.png")
+    assert main(["check", "--dataset", "coco", "--root", str(tmp_path / "coco"), "--num-classes", "10"]) == 1
+    out = capsys.readouterr().out
+    assert "PROBLEM" in out and "missing image file" in out and "000000000002.png" in out
+    assert main(["export", "scenes", str(tmp_path / "x"), "--format", "ssv2"]) == 2
+    assert "scenes can be exported as coco or ade20k, not ssv2" in capsys.readouterr().err

@@ -48,7 +48,7 @@ def test_scenes_draw_digits_of_their_split_only(monkeypatch):
 def test_coco_export_reads_back_exactly(tmp_path):
     counts = sc.export_scenes(str(tmp_path), format="coco", counts={"train": 3, "val": 2}, size=64)
     assert counts == {"train": 3, "val": 2}
-    assert check_coco(str(tmp_path)) == []
+    assert check_coco(str(tmp_path), num_classes=10) == []
     expected = list(sc.make_scenes("val", 2, size=64))
     ds = CocoDetection(str(tmp_path), "val2017")
     assert ds.classes == list(sc.SCENE_CLASSES) and len(ds) == 2

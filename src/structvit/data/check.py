@@ -3,6 +3,7 @@
     structvit data check --dataset ssv2 --root DIR [--split train val] [--quick]
     structvit data export moving_digits --format ssv2 DIR [--limit N] [--seed S]
     structvit data export digits --format imagefolder DIR
+    structvit data export scenes --format coco|ade20k DIR [--limit N] [--seed S]
     structvit data bench-decode [--seconds 10] [--height 320] [--frames 16] [--stride 4]
 
 ``check`` lists every problem without training, and exits with status 1 if there is any:
@@ -49,13 +50,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="the expected class count (default: the benchmark's, e.g. 400 for Kinetics)")
     c.add_argument("--max-print", type=int, default=200, help="problems printed in full (default 200)")
     e = sub.add_parser("export", help="write built-in data in a benchmark layout")
-    e.add_argument("name", choices=["moving_digits", "digits"])
+    e.add_argument("name", choices=["moving_digits", "digits", "scenes"])
     e.add_argument("out", help="output folder")
-    e.add_argument("--format", required=True, choices=["ssv2", "imagefolder"],
-                   help="ssv2 (moving_digits) or imagefolder (digits)")
+    e.add_argument("--format", required=True, choices=["ssv2", "imagefolder", "coco", "ade20k"],
+                   help="ssv2 (moving_digits), imagefolder (digits), coco or ade20k (scenes)")
     e.add_argument("--split", nargs="+", default=["train", "val"])
-    e.add_argument("--limit", type=int, default=None, help="at most this many samples per split")
-    e.add_argument("--seed", type=int, default=0, help="moving_digits generation seed")
+    e.add_argument("--limit", type=int, default=None, help="at most this many samples per split (scenes: this many, default 400 train, 100 val)")
+    e.add_argument("--seed", type=int, default=0, help="moving_digits and scenes generation seed")
     b = sub.add_parser("bench-decode", help="decoding throughput: seeking to a clip vs decoding the whole video")
     b.add_argument("--seconds", type=float, default=10)
     b.add_argument("--height", type=int, default=320)
@@ -96,11 +97,22 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"{name} ({splits}) under {args.root}: {status} [{time.perf_counter() - t0:.1f} s]")
         return 1 if problems else 0
     if args.command == "export":
-        if (args.name, args.format) not in (("moving_digits", "ssv2"), ("digits", "imagefolder")):
-            _log(f"structvit data export: {args.name} can be exported as "
-                 f"{'ssv2' if args.name == 'moving_digits' else 'imagefolder'}, not {args.format}", sys.stderr)
+        formats = {"moving_digits": ("ssv2",), "digits": ("imagefolder",), "scenes": ("coco", "ade20k")}[args.name]
+        if args.format not in formats:
+            _log(f"structvit data export: {args.name} can be exported as {' or '.join(formats)}, not {args.format}",
+                 sys.stderr)
             return 2
-        if args.name == "moving_digits":
+        if args.name == "scenes":
+            from .scenes import export_scenes
+
+            default = {"train": 400, "val": 100}
+            try:
+                counts = export_scenes(args.out, format=args.format, seed=args.seed,
+                                       counts={s: args.limit or default.get(s, 100) for s in args.split})
+            except ValueError as e:
+                _log(f"structvit data export: {e}", sys.stderr)
+                return 2
+        elif args.name == "moving_digits":
             counts = export_moving_digits_ssv2(args.out, splits=args.split, limit=args.limit, seed=args.seed,
                                                progress=lambda m: _log(f"  ... {m}", sys.stderr))
         else:

@@ -294,9 +294,12 @@ def collate_detection(batch: list) -> tuple[list, list]:
     return list(images), list(targets)
 
 
-def check_coco(root: str, splits=("train2017", "val2017")) -> list[str]:
+def check_coco(root: str, splits=("train2017", "val2017"), *, num_classes: Optional[int] = None) -> list[str]:
     """Every problem of the COCO folder ``root`` (the annotation files' and missing or
-    unreadable images, each named), one line each; empty when all is well."""
+    unreadable images, each named), one line each; empty when all is well. ``num_classes``:
+    the expected number of categories (COCO's 80 when None); ``splits`` None: both."""
+    splits = splits or ("train2017", "val2017")
+    expected = 80 if num_classes is None else num_classes
     problems = []
     for split in splits:
         path = annotation_file(root, split)
@@ -313,6 +316,9 @@ def check_coco(root: str, splits=("train2017", "val2017")) -> list[str]:
         problems += found
         if any("not a COCO annotation file" in p for p in found):
             continue
+        if not found and len(data["categories"]) != expected:
+            problems.append(f"{path}: {len(data['categories'])} categories, expected {expected}"
+                            + (" (COCO's; --num-classes for another set)" if num_classes is None else ""))
         image_dir = os.path.join(root, split)
         for im in data["images"]:
             if not isinstance(im, dict) or "file_name" not in im:
