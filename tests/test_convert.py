@@ -157,7 +157,7 @@ def test_strided_conversion_is_an_initialisation(caplog):
     fewer keys than SA; the report and a logged warning say it is an initialisation."""
     sa, ckpt = _uniformer_checkpoint("structvit_tiny")
     model = timm.create_model("structvit_tiny", kv_stride=2).eval()
-    with caplog.at_level("WARNING", logger="structvit.convert"):
+    with caplog.at_level("WARNING", logger="structvit.conversion"):
         report = load_uniformer(model, ckpt)
     assert not report.exact and any("stride" in r for r in report.inexact)
     assert "not an exact conversion" in str(report)
@@ -168,7 +168,7 @@ def test_strided_conversion_is_an_initialisation(caplog):
         out = model(x)
     assert out.shape == sa(x).shape and torch.isfinite(out).all()
     caplog.clear()
-    with caplog.at_level("WARNING", logger="structvit.convert"):  # stride 1: exact, nothing logged
+    with caplog.at_level("WARNING", logger="structvit.conversion"):  # stride 1: exact, nothing logged
         assert load_uniformer(timm.create_model("structvit_tiny"), ckpt).exact
     assert not caplog.records
 

@@ -120,4 +120,4 @@ def test_report_cli(capsys):
     out = capsys.readouterr().out
     assert "| StructSA blocks | 3 |" in out and "| conv blocks | 2 |" in out and "NO" not in out
     assert main(["structvit_nope"]) == 2
-    assert "MODEL must be one of" in capsys.readouterr().err
+    assert "MODEL: unknown model 'structvit_nope'" in capsys.readouterr().err

@@ -90,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = importlib.import_module(target)
         return int(getattr(module, func or "main")(rest) or 0)
+    except OSError as e:  # disk full, read-only folder, no permission: one line naming the path
+        from structvit import config
+
+        if config.settings().traceback:
+            raise
+        where = f"{e.strerror or type(e).__name__}: {e.filename}" if e.filename is not None else str(e)
+        print(f"structvit {name}: error: {where} (STRUCTVIT_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 1
     except ModuleNotFoundError as e:
         # An optional dependency, imported by the command's module or later while it runs.
         extra = missing_extra(e)

@@ -37,6 +37,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
+from .config import settings
+
 __all__ = ["flop_counter", "count_flops_by_block", "attention_flops_analytic", "resolved_backend",
            "activation_memory", "throughput", "report", "format_report", "main"]
 
@@ -133,8 +135,13 @@ def _block_kind(block: nn.Module) -> str:
 
 
 def _parts(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
-    """(name, part kind, module) covering a StructViT: embeddings, blocks, head."""
+    """(name, part kind, module) covering a StructViT or a DeiT-style model: embeddings,
+    blocks, head (any other model: one part)."""
     if not hasattr(model, "stages"):
+        if isinstance(getattr(model, "blocks", None), nn.ModuleList) and hasattr(model, "patch_embed"):
+            return ([("patch_embed", "patch embeddings", model.patch_embed)]
+                    + [(f"blocks.{i}", _block_kind(blk), blk) for i, blk in enumerate(model.blocks)]
+                    + [(n, "head", getattr(model, n)) for n in ("norm", "head") if hasattr(model, n)])
         return [("model", "other", model)]
     parts = []
     for s, (embed, blocks) in enumerate(model.stages(), 1):
@@ -290,8 +297,7 @@ def report(name: str, input_size=None, batch: int = 1, device: str | None = None
     from . import models
     from .models.summary import count_flops, default_input_shape
 
-    if name not in models.MODEL_NAMES:
-        raise ValueError(f"MODEL must be one of {', '.join(models.MODEL_NAMES)}, got {name!r}")
+    models.check_model_name(name, "MODEL")
     kwargs = dict(model_kwargs or {})
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with torch.device(count_device):
@@ -318,7 +324,7 @@ def report(name: str, input_size=None, batch: int = 1, device: str | None = None
         e["params"] += p["params"]
         e["flops"] += p["flops"]
     for a in flops["attention"]:
-        e = by_kind[a["kind"]]
+        e = by_kind.setdefault(a["kind"], dict(count=0, params=0, flops=0))
         e["attention_op_flops"] = e.get("attention_op_flops", 0) + a["counted"] - a["analytic_linear"]
     params = sum(p.numel() for p in counted_model.parameters())
     out = dict(model=name, model_kwargs=kwargs, input=list(shape), params=params, flops=2 * macs, macs=macs,
@@ -409,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         r = report(args.model, args.input_size, args.batch, args.device, not args.no_measure, kwargs,
                    min_time=args.time)
     except (ValueError, TypeError) as e:
+        if settings().traceback:
+            raise
         print(f"structvit report: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(r, indent=2) if args.json else format_report(r))

@@ -14,7 +14,7 @@ import importlib
 
 _WHERE = {
     "ClassificationModule": "module", "NonFiniteLossError": "module",
-    "StructViTCheckpoint": "callbacks", "DeterministicData": "callbacks", "Throughput": "callbacks",
+    "StructViTCheckpoint": "callbacks", "AtomicCheckpointIO": "callbacks", "DeterministicData": "callbacks", "Throughput": "callbacks",
     "export_safetensors": "callbacks",
     "ResumableLoader": "loaders", "ShardedEvalLoader": "loaders",
     "WarmupCosine": "optim", "build_optimizer": "optim", "param_groups": "optim",

@@ -6,6 +6,11 @@
   model's weights; ``<name>.ema.safetensors`` for the EMA weights) with the model name,
   its kwargs, the class names and the resolved run config as metadata, and saves
   ``last`` once more when training ends.
+* :class:`AtomicCheckpointIO`: Lightning's ``TorchCheckpointIO`` writing each checkpoint to
+  a temporary file in its own folder, fsynced, then renamed over the checkpoint's name.
+  Lightning's own writer stages the file in ``$TMPDIR`` and copies it when the run folder
+  is on another filesystem, so a kill during the copy leaves a truncated checkpoint;
+  :class:`StructViTCheckpoint` installs this one on the trainer's strategy.
 * :class:`DeterministicData`: swaps the data module's training loader for a
   :class:`~structvit.engine.loaders.ResumableLoader` (exact resume, same global batches
   on any number of processes) and, on several processes, its evaluation loaders for
@@ -21,12 +26,28 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from ..checkpoint import save_torch
 from .loaders import ResumableLoader, ShardedEvalLoader
 from .weights import save_weights
 
-__all__ = ["StructViTCheckpoint", "DeterministicData", "Throughput", "export_safetensors"]
+__all__ = ["StructViTCheckpoint", "AtomicCheckpointIO", "DeterministicData", "Throughput", "export_safetensors"]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose local saves are atomic in the checkpoint's own folder
+    (:func:`structvit.checkpoint.save_torch`); a failed write raises
+    :class:`~structvit.checkpoint.CheckpointWriteError` naming the path. Remote URLs
+    (``s3://`` and the like) are left to Lightning."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        save_torch(checkpoint, path)
 
 
 def export_safetensors(trainer: "L.Trainer", pl_module: "L.LightningModule", path: str) -> list[str]:
@@ -61,6 +82,8 @@ class StructViTCheckpoint(ModelCheckpoint):
     def setup(self, trainer, pl_module, stage) -> None:
         if self.dirpath is None:
             self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own plugin
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         super().setup(trainer, pl_module, stage)
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
@@ -144,6 +167,7 @@ class Throughput(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        x = x["image"] if isinstance(x, dict) else x  # segmentation: dict batches
         size = len(x) if isinstance(x, (tuple, list)) else int(x.shape[0])  # detection: a list of images
         total = self._marks[-1][1] + size * trainer.world_size if self._marks else 0
         self._marks.append((time.perf_counter(), total))

@@ -14,9 +14,14 @@ A run writes into ``trainer.default_root_dir`` (default ``runs/default``):
 :data:`STEP_CHECKPOINTS_KEPT` ``step<N>.ckpt`` and their ``.safetensors`` exports)
 and ``logs/version_N/`` (TensorBoard events, ``metrics.csv``, the resolved ``config.yaml``).
 Errors in the input (unknown model, dataset or config key, empty dataset root, a checkpoint
-of another model, a corrupt or truncated checkpoint, named with the newest readable one to
-resume from instead) end with a one-line message; set
-``STRUCTVIT_TRACEBACK=1`` for the full traceback.
+of another model, a corrupt, truncated or hostile checkpoint, named with the newest readable
+one to resume from instead) and disk-full, read-only or permission errors end with a
+one-line message naming the file; ``STRUCTVIT_TRACEBACK=1`` (or
+``structvit.config.set_traceback(True)``) shows the full traceback.
+
+Every checkpoint Lightning writes goes through :class:`~structvit.engine.callbacks.AtomicCheckpointIO`
+(a temporary file in the checkpoint folder, fsynced, then renamed), so a kill or a full
+disk never leaves a partial file under a checkpoint's name.
 """
 from __future__ import annotations
 
@@ -30,10 +35,14 @@ import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from .. import config
+from ..checkpoint import CheckpointError, check_model_kwargs, loadable_reason, newest_loadable
+from ..models import check_model_name
 from .callbacks import DeterministicData, StructViTCheckpoint, Throughput
 from .module import ClassificationModule, NonFiniteLossError
 
-__all__ = ["StructViTCLI", "main", "SUBCOMMANDS", "default_loggers", "write_predictions"]
+__all__ = ["StructViTCLI", "main", "SUBCOMMANDS", "default_loggers", "write_predictions", "check_checkpoint",
+           "checked_hyper_parameters", "CheckpointError"]
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 #: step checkpoints (``step<N>.ckpt``) kept by default besides ``last.ckpt`` and ``best.ckpt``
@@ -44,15 +53,11 @@ class CLIError(Exception):
     """A bad command line or config: reported in one line."""
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read: reported in one line naming it (and the one to use instead)."""
-
-
 class _Parser(LightningArgumentParser):
     """Parse errors as one line (``STRUCTVIT_TRACEBACK=1`` or ``JSONARGPARSE_DEBUG=1``: the usual output)."""
 
     def error(self, message: str, ex: Optional[Exception] = None):  # noqa: D401
-        if os.environ.get("STRUCTVIT_TRACEBACK") or os.environ.get("JSONARGPARSE_DEBUG"):
+        if config.settings().traceback or os.environ.get("JSONARGPARSE_DEBUG"):
             return super().error(message, ex)
         raise CLIError(_concise(message))
 
@@ -132,6 +137,29 @@ class StructViTCLI(LightningCLI):
         if cfg.get("logger") in (None, True):
             kwargs["logger"] = default_loggers(cfg.get("default_root_dir") or "runs/default")
         return super().instantiate_trainer(**kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI's reading of ``--ckpt_path FILE``'s hyper-parameters into the config,
+        done by the project: the file is checked first (readable; the model name and options
+        it records within the schema of :mod:`structvit.checkpoint`), and the ``pretrained*``
+        entries, which name a file to load, are left out (resumed weights come from the
+        checkpoint itself)."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path in (None, "best", "last"):
+            return
+        path = str(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        weights_only = self.config[subcommand].get("weights_only", True) is not False
+        check_checkpoint(path, weights_only)
+        hparams = checked_hyper_parameters(path, weights_only)
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def _resolve_ckpt_path(self, subcommand: str) -> None:
         """``best``/``last`` name the files of this run's checkpoint folder (also in a new process);
@@ -224,37 +252,49 @@ def write_predictions(path: str, batches, datamodule=None) -> tuple[int, int]:
     return rows, skipped
 
 
-def _readable(path: str, weights_only: bool = True) -> Optional[str]:
-    """None if ``path`` loads as Lightning will load it, else the reason (one line). The
-    tensors are memory-mapped, not read: this catches truncated files and broken pickles."""
-    import torch
-
-    try:
-        torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
-    except Exception as err:  # noqa: BLE001 - every way a file can be unreadable
-        text = str(err).strip().splitlines()
-        return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
-    return None
-
-
 def check_checkpoint(path: str, weights_only: bool = True) -> None:
-    """Raise :class:`CheckpointError` if ``path`` cannot be loaded, naming it and the newest
-    readable checkpoint of the same folder to continue from instead."""
-    reason = _readable(path, weights_only)
+    """Raise :class:`~structvit.checkpoint.CheckpointError` if ``path`` cannot be loaded,
+    naming it and the newest readable checkpoint of the same folder to continue from instead."""
+    reason = loadable_reason(path, weights_only)
     if reason is None:
         return
     if weights_only and "weights only" in reason.lower() and "Unpickl" in reason:
         raise CheckpointError(f"checkpoint {path} holds objects that weights_only loading refuses ({reason}); "
                               "if you trust the file, pass --weights_only false")
     folder = os.path.dirname(os.path.abspath(path))
-    others = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".ckpt")
-              and not os.path.samefile(os.path.join(folder, f), path)]
-    # step and last checkpoints first (they continue the run), newest first; best.ckpt last
-    others.sort(key=lambda p: (os.path.basename(p).startswith("best"), -os.path.getmtime(p)))
-    previous = next((p for p in others if _readable(p, weights_only) is None), None)
+    previous = newest_loadable(folder, exclude=path, weights_only=weights_only)
     hint = (f"; continue from the previous one with --ckpt_path {previous}" if previous
             else f"; no other readable checkpoint in {folder}: start again without --ckpt_path")
     raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({reason}){hint}")
+
+
+def checked_hyper_parameters(path: str, weights_only: bool = True) -> dict:
+    """The hyper-parameters a Lightning checkpoint records, checked before they reach the
+    config (and so ``timm.create_model``): a registered model name, known model options of
+    plain values; ``pretrained*`` (a file to load) dropped. A bad entry raises
+    :class:`~structvit.checkpoint.CheckpointError` naming the file and the key."""
+    import torch
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if hp is None:
+        return {}
+    try:
+        if not isinstance(hp, dict):
+            raise ValueError("'hyper_parameters' must be a mapping")
+        if hp.get("model") is not None:
+            check_model_name(hp["model"], "'hyper_parameters.model'")
+            check_model_kwargs(hp["model"], hp.get("model_kwargs") or {}, "'hyper_parameters.model_kwargs'")
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from None
+    return {k: v for k, v in hp.items() if not str(k).startswith("pretrained")}
+
+
+def _os_error_line(err: OSError) -> str:
+    """One line for a failed file operation, naming the path."""
+    if err.filename is not None:
+        return f"{err.strerror or type(err).__name__}: {err.filename}"
+    return str(err)
 
 
 def main(argv: Optional[list[str]] = None, subcommand: Optional[str] = None) -> int:
@@ -275,12 +315,17 @@ def main(argv: Optional[list[str]] = None, subcommand: Optional[str] = None) -> 
               "(resume with --ckpt_path last, or set --model.nonfinite_loss skip)", file=sys.stderr)
         return 1
     except (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError, ImportError) as err:
-        if os.environ.get("STRUCTVIT_TRACEBACK"):
+        if config.settings().traceback:
             raise
         msg = _reason(str(err)) or type(err).__name__
         if isinstance(err, KeyError):
             msg = msg.strip("'\"")
         print(f"{name}: error: {msg} (STRUCTVIT_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 1
+    except OSError as err:  # disk full, read-only folder, no permission
+        if config.settings().traceback:
+            raise
+        print(f"{name}: error: {_os_error_line(err)} (STRUCTVIT_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         return 1
     return 0
 
@@ -295,17 +340,6 @@ def validate(argv=None) -> int:
 
 def test(argv=None) -> int:
     return main(argv, "test")
-
-
-def predict(argv=None) -> int:
-    """``structvit predict``: files (``PATH ... --checkpoint CKPT``, :mod:`structvit.predict`)
-    or a data module's test split (``--config ...``, LightningCLI)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    from ..predict import is_file_predict, main as predict_files
-
-    if is_file_predict(argv):
-        return predict_files(argv)
-    return main(argv, "predict")
 
 
 if __name__ == "__main__":

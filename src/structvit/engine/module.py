@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from .. import models as _models  # noqa: F401  (registers the StructViT models with timm)
+from ..models import check_model_name  # (importing the models registers them with timm)
 from .loaders import sample_seed
 from .optim import WarmupCosine, param_groups
 from .weights import check_weights, load_weights
@@ -57,12 +57,6 @@ def available_models() -> list[str]:
     return timm.list_models()
 
 
-def _check_model_name(name: str) -> None:
-    if not isinstance(name, str) or name not in timm.list_models():
-        ours = ", ".join(timm.list_models("structvit*"))
-        raise ValueError(f"unknown model {name!r}; StructViT models: {ours} (or any timm model name)")
-
-
 class ClassificationModule(L.LightningModule):
     """Image/video classification with the StructViT recipe.
 
@@ -73,7 +67,7 @@ class ClassificationModule(L.LightningModule):
         num_classes: classifier outputs; the command line links it to the data module's.
         pretrained: weights to start from (``.safetensors`` or a weights-only torch
             file): a StructViT or UniFormer/SA state dict; StructSA blocks missing from it
-            get the SA-equivalent patterns (see ``structvit.convert.load_uniformer``).
+            get the SA-equivalent patterns (see ``structvit.conversion.load_uniformer``).
         pretrained_inflate: ``"center"``/``"average"``: spread 2-D (image) kernels over
             time (video from image weights); None: shapes must match.
         pretrained_ignore_head: skip the checkpoint's classifier (another label set).
@@ -129,7 +123,7 @@ class ClassificationModule(L.LightningModule):
         resume_schedule: str = "replan",
     ):
         super().__init__()
-        _check_model_name(model)
+        check_model_name(model, "model")
         model_kwargs = dict(model_kwargs or {})
         if "num_classes" in model_kwargs:
             raise ValueError("give num_classes as --model.num_classes (or let the data module set it), "
@@ -183,7 +177,7 @@ class ClassificationModule(L.LightningModule):
 
     # ------------------------------------------------------------------ weights
     def _load_pretrained(self, path: str, inflate: Optional[str], ignore_head: bool) -> None:
-        from ..convert import load_uniformer
+        from ..conversion import load_uniformer
 
         sd, meta = load_weights(path)
         sd = check_weights(sd, self.model.state_dict(), path)  # finite, same kinds; other float dtypes cast

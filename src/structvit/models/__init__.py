@@ -18,3 +18,7 @@ __all__ += ["StructDeiT", "DEIT_ATTENTION_KINDS", "deit_default_cfgs", "DEIT_MOD
 from .structvit_dense import DENSE_MODELS  # noqa: E402
 
 __all__ += ["DENSE_MODELS"]
+
+from .names import check_model_name, project_model_names  # noqa: E402
+
+__all__ += ["check_model_name", "project_model_names"]

@@ -14,13 +14,14 @@ model) or a PyTorch / Lightning checkpoint read with ``torch.load(weights_only=T
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from ..config import settings
 
 __all__ = ["main", "load_model", "load_sample", "read_checkpoint"]
 
@@ -33,38 +34,18 @@ class ArgumentError(ValueError):
     """A bad command-line argument; the message names it."""
 
 
-def read_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, metadata) of a .safetensors file or a torch/Lightning checkpoint (weights_only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ArgumentError(f"--checkpoint {str(path)!r}: no such file")
-    if path.suffix == ".safetensors":
-        from ..engine.weights import read_safetensors
+def read_checkpoint(path):
+    """The checked :class:`~structvit.checkpoint.Checkpoint` of ``--checkpoint``; an unreadable
+    file or bad metadata raises :class:`ArgumentError` naming the file."""
+    from ..checkpoint import CheckpointError
+    from ..checkpoint import read_checkpoint as read
 
-        try:
-            return read_safetensors(str(path))
-        except ValueError as e:  # malformed: one line naming the file
-            raise ArgumentError(f"--checkpoint: {e}") from None
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - anything that is not a plain weights file
-        raise ArgumentError(f"--checkpoint {str(path)!r} could not be read as a weights-only torch checkpoint "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(obj, dict):
-        raise ArgumentError(f"--checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict")
-    meta = {}
-    hp = obj.get("hyper_parameters")
-    if isinstance(hp, dict):
-        meta = {k: v for k, v in hp.items() if isinstance(v, (str, int, float, bool, list, tuple, dict))}
-    sd = obj
-    for key in ("state_dict", "model_state", "model", "module"):
-        if isinstance(sd.get(key), dict):
-            sd = sd[key]
-            break
-    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise ArgumentError(f"--checkpoint {str(path)!r} holds no tensors")
-    return tensors, meta
+        return read(path)
+    except FileNotFoundError:
+        raise ArgumentError(f"--checkpoint {str(path)!r}: no such file") from None
+    except CheckpointError as e:
+        raise ArgumentError(f"--checkpoint {e}") from None
 
 
 def _match_prefix(tensors: dict, target: dict) -> dict:
@@ -101,32 +82,20 @@ def load_model(name: str | None = None, checkpoint=None, model_kwargs: dict | No
     from .. import models
 
     kwargs = dict(model_kwargs or {})
-    tensors, meta = (None, {}) if checkpoint is None else read_checkpoint(checkpoint)
+    ckpt = None if checkpoint is None else read_checkpoint(checkpoint)
+    tensors = None if ckpt is None else ckpt.state_dict
     if name is None:
-        name = meta.get("model") or meta.get("model_name") or meta.get("arch")
+        name = ckpt.model if ckpt is not None else None
         if name is None:
             raise ArgumentError("--model NAME is required (the checkpoint does not name its model)")
-        for key in ("num_frames", "struct_blocks", "attention"):
-            if key in meta and key not in kwargs:
-                val = meta[key]
-                if isinstance(val, str):
-                    try:
-                        val = ast.literal_eval(val)
-                    except (ValueError, SyntaxError):
-                        pass
-                kwargs[key] = val
-    # the training engine's exports (and Lightning checkpoints) record the model's kwargs
-    saved = meta.get("model_kwargs")
-    if isinstance(saved, str):
-        try:
-            saved = json.loads(saved)
-        except json.JSONDecodeError:
-            saved = None
-    if isinstance(saved, dict) and meta.get("model", name) == name:
-        for key, val in saved.items():
-            kwargs.setdefault(key, tuple(val) if isinstance(val, list) else val)
-    if name not in models.MODEL_NAMES:
-        raise ArgumentError(f"--model must be one of {', '.join(models.MODEL_NAMES)}, got {name!r}")
+    try:
+        name = models.check_model_name(name, "--model")
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
+    # the checkpoint's recorded options (checked by the reader), under the user's own
+    if ckpt is not None and ckpt.model in (None, name):
+        for key, val in ckpt.model_kwargs.items():
+            kwargs.setdefault(key, val)
     if tensors is not None and "num_classes" not in kwargs:
         head = next((v for k, v in tensors.items() if k.endswith("head.weight") and v.dim() == 2), None)
         if head is not None:
@@ -157,19 +126,10 @@ def load_model(name: str | None = None, checkpoint=None, model_kwargs: dict | No
         if unexpected:
             print(f"structvit viz: ignored {len(unexpected)} checkpoint tensors not in the model "
                   f"(e.g. {unexpected[:3]})", file=sys.stderr)
-        model.eval_preprocessing = _checkpoint_preprocessing(checkpoint)
+        # the evaluation preprocessing `structvit fit` recorded (input size, frames, normalisation),
+        # so that figures see inputs prepared as the model was evaluated; None: the model's defaults
+        model.eval_preprocessing = ckpt.preprocessing
     return model.eval()
-
-
-def _checkpoint_preprocessing(checkpoint) -> dict | None:
-    """The evaluation preprocessing ``structvit fit`` recorded in the checkpoint (input size,
-    frames, normalisation), so that figures see inputs prepared as the model was evaluated."""
-    from ..predict import PredictError, load_checkpoint
-
-    try:
-        return load_checkpoint(checkpoint)["preprocessing"]
-    except PredictError:
-        return None  # not written by structvit fit: the model's default input size
 
 
 def _input_hw(model, size) -> tuple[int, int]:
@@ -375,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                         raise ArgumentError(f"--{msg}") from None
                 raise
     except (ArgumentError, ValueError, TypeError) as e:
+        if settings().traceback:
+            raise
         print(f"structvit viz: error: {e}", file=sys.stderr)
         return 2
     for p in paths:
