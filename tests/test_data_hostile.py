@@ -240,14 +240,14 @@ def test_check_and_fit_go_on_past_a_resizing_video(small_layouts, tmp_path, monk
     # one sample failing in an unexpected way is named, and the scan goes on
     from structvit.data import video
 
-    real = video.read_video_all
+    real = video.count_decodable_frames
 
     def fail_on_102(path):
         if str(path).endswith("102.webm"):
             raise OverflowError("decoder exploded")
         return real(path)
 
-    monkeypatch.setattr(video, "read_video_all", fail_on_102)
+    monkeypatch.setattr(video, "count_decodable_frames", fail_on_102)
     problems = check_dataset("ssv2", root, ("train",), num_classes=3)
     assert len(problems) == 1 and "102.webm" in problems[0] and "decoder exploded" in problems[0]
     monkeypatch.undo()

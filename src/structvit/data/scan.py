@@ -51,7 +51,7 @@ def _class_problems(name, root, classes, labels_by_split, expected) -> list[str]
 def _check_record(rec, quick: bool) -> list[str]:
     """The problems of one video record: decodes every frame (``quick``: first, middle, last)."""
     from .files import inside_root
-    from .video import list_frame_files, probe_video, read_frame_folder, read_video_all, read_video_frames
+    from .video import count_decodable_frames, list_frame_files, probe_video, read_frame_folder, read_video_frames
 
     problems = []
     if rec.root is not None:
@@ -65,7 +65,7 @@ def _check_record(rec, quick: bool) -> list[str]:
         if quick:
             read_video_frames(rec.path, sorted({0, n // 2, max(n - 1, 0)}))
         else:
-            decoded = len(read_video_all(rec.path))
+            decoded = count_decodable_frames(rec.path)
             if decoded + 2 < n:  # header counts may overstate by a frame or two
                 problems.append(f"{rec.path}: {decoded} frames decoded, the header says {n} "
                                 "(truncated or damaged)")

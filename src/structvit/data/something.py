@@ -64,7 +64,7 @@ def read_ssv2(root, split: str = "train", *, check_files: bool = True) -> Annota
     vdirs = [p for p in (os.path.join(root, "20bn-something-something-v2"), os.path.join(root, "videos"), root)
              if os.path.isdir(p)]
     entries = load_json(ann, list)
-    answers = _ssv2_test_answers(ann, label_map, problems) if normalize_split(split) == "test" else None
+    answers = _ssv2_test_answers(ann, root, problems) if normalize_split(split) == "test" else None
     records, guard = [], PathGuard()
     for i, e in enumerate(entries):
         if not isinstance(e, dict):
@@ -95,12 +95,13 @@ def read_ssv2(root, split: str = "train", *, check_files: bool = True) -> Annota
     return Annotations(records, classes, problems)
 
 
-def _ssv2_test_answers(ann: str, label_map: dict, problems: list) -> dict:
+def _ssv2_test_answers(ann: str, root: str, problems: list) -> dict:
     """``{id: class name}`` from ``test-answers.csv`` (``id;label`` lines) in the folder of the
-    test JSON or its parent; empty if there is none (the test split is then unlabelled)."""
+    test JSON or its parent inside ``root``; empty if there is none (the test split is then
+    unlabelled)."""
     d = os.path.dirname(os.path.abspath(ann))
-    path = next((p for p in (os.path.join(d, "test-answers.csv"), os.path.join(os.path.dirname(d), "test-answers.csv"))
-                 if os.path.isfile(p)), None)
+    folders = [d] + ([os.path.dirname(d)] if os.path.realpath(d) != os.path.realpath(root) else [])
+    path = next((p for p in (os.path.join(f, "test-answers.csv") for f in folders) if os.path.isfile(p)), None)
     out = {}
     if path is None:
         return out

@@ -27,6 +27,7 @@ __all__ = [
     "probe_video",
     "read_video_frames",
     "read_video_all",
+    "count_decodable_frames",
     "list_frame_files",
     "read_frame_folder",
     "IMAGE_EXTENSIONS",
@@ -221,6 +222,23 @@ def read_video_frames(
         return torch.from_numpy(np.stack([got[int(i)] for i in indices]))
     except ValueError as e:  # frames that still differ: named, never a bare numpy error
         raise CorruptFileError(path, f"frames of different shapes ({e})") from None
+
+
+def count_decodable_frames(path) -> int:
+    """Decode every frame of a video without keeping any (for ``data check``: memory stays
+    flat on long videos); returns their number, :class:`CorruptFileError` if decoding fails."""
+    container = _open(path)
+    n = 0
+    try:
+        for _ in container.decode(video=0):
+            n += 1
+    except Exception as e:
+        raise CorruptFileError(path, f"decoding failed after {n} frames ({type(e).__name__}: {e})") from None
+    finally:
+        container.close()
+    if not n:
+        raise CorruptFileError(path, "no frame could be decoded")
+    return n
 
 
 def read_video_all(path) -> torch.Tensor:
