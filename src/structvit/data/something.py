@@ -49,17 +49,16 @@ def _ssv_annotation_files(root: str, split: str, version: str, ext: str) -> tupl
 def read_ssv2(root, split: str = "train", *, check_files: bool = True) -> Annotations:
     root = os.fspath(root)
     labels_path, ann = _ssv_annotation_files(root, split, "v2", "json")
+    labels = load_json(labels_path, dict)
     try:
-        label_map = {str(k): int(v) for k, v in load_json(labels_path, dict).items()}
+        label_map = {str(k): int(v) for k, v in labels.items()}
     except (TypeError, ValueError) as e:
-        if isinstance(e, AnnotationError):
-            raise
         raise AnnotationError(labels_path, f"expected {{template: index}} ({e})") from None
     classes = [None] * len(label_map)
     problems = []
     for k, v in label_map.items():
         if not 0 <= v < len(classes) or classes[v] is not None:
-            raise ValueError(f"{labels_path}: label indices must be a permutation of 0..{len(classes) - 1}")
+            raise AnnotationError(labels_path, f"label indices must be a permutation of 0..{len(classes) - 1}")
         classes[v] = k
     vdirs = [p for p in (os.path.join(root, "20bn-something-something-v2"), os.path.join(root, "videos"), root)
              if os.path.isdir(p)]
@@ -74,7 +73,7 @@ def read_ssv2(root, split: str = "train", *, check_files: bool = True) -> Annota
         if "id" not in e:
             problems.append(f"{where}: no id")
             continue
-        if "template" in e:
+        if isinstance(e.get("template"), str):
             lab = ssv2_template_to_label(e["template"])
         elif answers is not None:  # the test split: labels (if any) in test-answers.csv
             lab = answers.get(str(e["id"]))
