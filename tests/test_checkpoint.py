@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -228,6 +229,41 @@ def test_checkpoint_is_staged_in_its_own_folder_not_tmpdir(tmp_path, monkeypatch
     assert os.listdir(tmpdir) == []
     assert len(renames) == 1 and os.path.dirname(renames[0][0]) == str(run)
     assert os.listdir(run) == ["last.ckpt"]
+
+
+_KILLED_MID_SAVE = """
+import os, signal, sys, torch
+from structvit import checkpoint as ck
+
+class Dying:  # writes half of the file, then the process is killed (no cleanup runs)
+    def __init__(self, path, mode="r"):
+        self.f = open(path, mode)
+    def write(self, data):
+        data = memoryview(data).cast("B")
+        self.f.write(data[: len(data) // 2])
+        self.f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        self.f.close()
+
+ck.open = Dying
+ck.save_torch({"step": 2, "w": torch.zeros(1 << 16)}, sys.argv[1])
+"""
+
+
+def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path):
+    last = tmp_path / "last.ckpt"
+    ck.save_torch({"step": 1, "w": torch.ones(4)}, last)
+    before = last.read_bytes()
+    r = subprocess.run([sys.executable, "-c", _KILLED_MID_SAVE, str(last)], capture_output=True, timeout=300)
+    assert r.returncode == -9, r.stderr.decode()[-2000:]
+    assert last.read_bytes() == before and torch.load(last, weights_only=True)["step"] == 1
+    left = [p.name for p in tmp_path.iterdir() if p.name != "last.ckpt"]
+    assert len(left) == 1 and left[0].startswith(".last.ckpt.") and left[0].endswith(".tmp")  # hidden, not a ckpt
+    ck.save_torch({"step": 3}, last)  # the next save of that name removes the dead writer's file
+    assert os.listdir(tmp_path) == ["last.ckpt"] and torch.load(last, weights_only=True)["step"] == 3
 
 
 def test_tiny_filesystem_full(tmp_path):

@@ -452,11 +452,22 @@ def _write_error(path: str, err: OSError) -> CheckpointWriteError:
                                                         "if any, is left as it was)")
 
 
+def _remove_stale_temporaries(path: str) -> None:
+    """Temporary files of ``path`` left by a writer that was killed before its rename."""
+    folder, name = os.path.split(os.path.abspath(path))
+    prefix = f".{name}."
+    for other in os.listdir(folder):
+        if other.startswith(prefix) and other.endswith(".tmp"):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, other))
+
+
 @contextlib.contextmanager
 def atomic_write(path) -> Iterator[str]:
-    """Yield a temporary path in ``path``'s folder; when the block ends, the file written
-    there is fsynced and renamed to ``path`` (and the folder fsynced). On any error the
-    temporary file is removed and ``path`` is untouched; an ``OSError`` (disk full,
+    """Yield a temporary path in ``path``'s folder (``.NAME.XXXX.tmp``); when the block ends,
+    the file written there is fsynced and renamed to ``path`` (and the folder fsynced), and
+    temporaries of ``path`` left by a killed writer are removed. On any error the temporary
+    file is removed and ``path`` is untouched; an ``OSError`` (disk full,
     read-only folder, no permission) becomes :class:`CheckpointWriteError` naming ``path``."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -469,6 +480,7 @@ def atomic_write(path) -> Iterator[str]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         tmp = None
+        _remove_stale_temporaries(path)
         with contextlib.suppress(OSError):  # not every platform can fsync a folder
             dir_fd = os.open(folder, os.O_RDONLY)
             try:
