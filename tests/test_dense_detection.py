@@ -137,3 +137,37 @@ def test_config_fit_two_steps_then_validate(scenes, tmp_path):
     assert main(["fit", *common, "--trainer.max_steps", "2", "--trainer.num_sanity_val_steps", "0"]) == 0
     assert os.path.isfile(os.path.join(run, "checkpoints", "last.ckpt"))
     assert main(["validate", *common, "--ckpt_path", "last"]) == 0
+
+    # structvit predict IMAGE --checkpoint: the .ckpt and its .safetensors export give the same detections
+    from structvit.predict import main as predict_main
+
+    image = os.path.join(scenes, "val2017", "000000000001.png")
+    outputs = {}
+    for name in ("last.ckpt", "last.safetensors"):
+        out = str(tmp_path / name)
+        assert predict_main([image, "--checkpoint", os.path.join(run, "checkpoints", name), "--out", out,
+                             "--score-threshold", "0"]) == 0
+        with open(os.path.join(out, "000000000001.json")) as f:
+            outputs[name] = json.load(f)
+        from PIL import Image
+
+        with Image.open(os.path.join(out, "000000000001_overlay.png")) as im:
+            assert im.size == (64, 64)
+    assert outputs["last.ckpt"] == outputs["last.safetensors"]
+    result = outputs["last.ckpt"]
+    assert result["size"] == [64, 64] and result["detections"], result
+    for det in result["detections"]:
+        assert det["name"] == str(det["label"] - 1) and 0 <= det["score"] <= 1 and len(det["box"]) == 4
+        assert det["mask"]["size"] == [64, 64] and isinstance(det["mask"]["counts"], str)
+
+    # a checkpoint naming a detector option outside the known numeric ones is refused
+    from structvit.checkpoint import read_checkpoint, write_safetensors
+    from structvit.dense.predict import predict_detections
+
+    ckpt = read_checkpoint(os.path.join(run, "checkpoints", "last.safetensors"))
+    hp = json.loads(ckpt.metadata["hparams"])
+    hp["detector_kwargs"] = {"box_predictor": "os.system"}
+    hostile = str(tmp_path / "hostile.safetensors")
+    write_safetensors(hostile, ckpt.state_dict, dict(ckpt.metadata, hparams=json.dumps(hp)))
+    with pytest.raises(ValueError, match="'box_predictor' is not a known numeric detector option"):
+        predict_detections([image], hostile)

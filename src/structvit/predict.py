@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         from .engine.cli import main as lightning_main
 
         return lightning_main(argv, "predict")
+    from .dense.predict import handles as is_dense_checkpoint, main as predict_dense
+
+    if is_dense_checkpoint(argv):  # a detection checkpoint: boxes, masks and overlays per image
+        return predict_dense(argv)
     args = _parser().parse_args(argv)
     try:
         rows = predict(args.paths, args.checkpoint, topk=args.topk, views=args.views, device=args.device)
