@@ -35,7 +35,7 @@ WHEEL=$(ls "$WORK"/dist/structvit-*.whl)
 "$PY" - "$WHEEL" <<'EOF'
 import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
-csrc = [f"structvit/ops/csrc/{f}" for f in ("folded_cpu.cpp", "pattern_conv_cpu.cpp", "parallel.h", "vec.h")]
+csrc = [f"structvit/ops/csrc/{f}" for f in ("fused_cpu.cpp", "pattern_conv_cpu.cpp", "abi.h", "parallel.h", "vec.h")]
 missing = [n for n in (*csrc, "structvit/__init__.py", "structvit/cli.py") if n not in names]
 assert not missing, f"the wheel lacks {missing} (see [tool.setuptools.package-data] in pyproject.toml)"
 assert not any(n.startswith("configs/") or n.startswith("tests/") for n in names), "the wheel ships repo files"

@@ -6,7 +6,8 @@ import torch
 
 from reference import random_inputs
 from structvit.ops import choose_backend, estimate_cost, native, resolve_backend, struct_attention
-from structvit.ops.dispatch import DEFAULT_MEMORY_LIMIT, FUSED_CHUNK_ELEMENTS, fused_can_serve, fused_plan
+from structvit.ops.backends.fused import FUSED_CHUNK_ELEMENTS, fused_plan
+from structvit.ops.dispatch import DEFAULT_MEMORY_LIMIT, fused_can_serve
 
 HAS_NATIVE = native.available()
 

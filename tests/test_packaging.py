@@ -103,7 +103,7 @@ def test_wheel_ships_native_kernel_source():
     src = ROOT / "src" / "structvit"
     data_files = [p for p in src.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")
                   and "__pycache__" not in p.parts]
-    assert any(p.name == "folded_cpu.cpp" for p in data_files)
+    assert any(p.name == "fused_cpu.cpp" for p in data_files)
     for path in data_files:
         rel = path.relative_to(src.parent)
         covered = False

@@ -92,3 +92,35 @@ def check_positive_number(name: str, value, allow_none: bool = True):
     if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value) or not value > 0:
         raise ValueError(f"{name} must be a finite positive number{' or None' if allow_none else ''}, got {value!r}")
     return value
+
+
+def check_tensor(name: str, t, *, dtypes: Sequence | None = None, like=None, device: str | None = None,
+                 shape: Sequence[int] | None = None, dim: int | None = None, contiguous: bool = False):
+    """A tensor with one of ``dtypes`` (or ``like``'s dtype and device), on ``device``, with
+    ``dim`` dimensions or exactly ``shape``, and contiguous if asked; ``t`` itself."""
+    import torch
+
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if like is not None:
+        dtypes, device = (like.dtype,), like.device.type
+    if dtypes is not None and t.dtype not in dtypes:
+        names = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must be {names}, got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device.type != device:
+        raise ValueError(f"{name} must be on the {device} device, got {t.device}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dimensions, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
+    return t
+
+
+def check_int_list(name: str, values, length: int, minimum: int = 1, odd: bool = False) -> tuple[int, ...]:
+    """A sequence of ``length`` ints >= ``minimum`` (odd ones if ``odd``), as a tuple."""
+    if not are_sizes(values, minimum, odd) or len(values) != length:
+        what = f"{length} {'odd ' if odd else ''}ints >= {minimum}"
+        raise ValueError(f"{name} must be {what}, got {values!r}")
+    return tuple(values)

@@ -1,33 +1,24 @@
-"""Which backend runs a StructSA call: capabilities, memory planning and the cost model.
+"""Which backend runs a StructSA call: capabilities and the cost model.
 
-Everything "auto" decides lives here, together with every constant it uses. Where the
-constants come from (the measurements behind them are in docs/results/performance*.md,
-produced by ``python -m structvit.bench op``):
+Everything "auto" decides lives here, with the constants of its cost model. Each is a
+fit to what ``python -m structvit.bench op`` measures (the generated results pages under
+docs/results/ hold the measurements); refit them from new ``bench op`` rows, never by hand:
 
-- ``DEFAULT_MEMORY_LIMIT`` (1 GiB): attention-sized working memory a call may hold
-  beyond its inputs, outputs and their gradients unless ``memory_limit`` says otherwise;
-  a round bound that keeps the video models trainable on a 16-24 GiB machine.
-- ``MEMORY_BOUND_WEIGHT`` (100): multiply-add equivalents charged per element of the
+- ``MEMORY_BOUND_WEIGHT``: multiply-add equivalents charged per element of the
   correlation form's D*N^2 maps for its memory-bound passes (key-grid convolution,
   softmax and their backward); set so that the correlation form loses to the
-  key-convolution form at the benchmark shapes, as measured, although it has fewer
+  key-convolution form where ``bench op`` finds it slower, although it has fewer
   multiply-adds.
-- ``FUSED_KERNEL_WEIGHT`` (per ISA of the kernel's build) and ``KEYCONV_WEIGHT`` (1.05): the
-  fused kernel costs about ``1 + FUSED_KERNEL_WEIGHT[isa] * M * D / C`` times plain
-  attention (fwd+bwd) and keyconv about ``KEYCONV_WEIGHT * D`` times; the mean of the fits to
-  the per-head ``bench op`` rows (image, video, video155, image7, video555; 1 and 2 threads)
-  of the AVX-512 and AVX2 (``haswell``) builds on one Zen 4 machine
-  (docs/results/performance*.md); the portable build's (SSE2, 4 lanes) from its image and video rows
-  on 2 threads (docs/results/performance-generic.md); NEON, never measured, gets a little more. Other CPUs differ, which is why "auto"
-  measures (:mod:`.autotune`): the cost model decides only where nothing is measured
-  (small calls, tracing, ``STRUCTVIT_AUTOTUNE=off``, nothing recorded in ``deterministic``
-  mode).
-- ``FUSED_CHUNK_ELEMENTS`` (2^20) and ``FUSED_BUFFERS`` (4): the fused kernel works on
-  chunks of (batch*head, query row) pairs of about this many correlation-map elements,
-  at most four such buffers alive per chunk (backward: S0, dAt, At, dS0). Chunks split
-  heads before rows because a single head's (R x C) x (C x N) GEMM stays efficient down
-  to a few hundred rows while batched GEMMs of few rows do not; 1M elements measured
-  slightly faster than 4M (the buffers stay closer to the caches).
+- ``FUSED_KERNEL_WEIGHT`` (per ISA of the kernel's build) and ``KEYCONV_WEIGHT``: the fused
+  kernel costs about ``1 + FUSED_KERNEL_WEIGHT[isa] * M * D / C`` times plain attention
+  (fwd+bwd) and keyconv about ``KEYCONV_WEIGHT * D`` times; each the mean of the fits to
+  the per-head ``bench op`` rows (1 and 2 threads) of builds for that ISA; NEON, never
+  measured, gets a little more than AVX2. Other CPUs differ, which is why "auto" measures
+  (:mod:`.autotune`): the cost model decides only where nothing is measured (small calls,
+  tracing, ``STRUCTVIT_AUTOTUNE=off``, nothing recorded in ``deterministic`` mode).
+
+The working-memory budget ``DEFAULT_MEMORY_LIMIT`` is the backends' (:mod:`.backends.common`),
+and the fused kernel's memory plan is its own (:func:`.backends.fused.fused_plan`).
 
 Which backend serves which call:
 
@@ -46,49 +37,17 @@ from __future__ import annotations
 import torch
 
 from . import autotune, native
+from .backends.common import DEFAULT_MEMORY_LIMIT
+from .backends.fused import fused_working_bytes
 
 BACKEND_NAMES = ("auto", "naive", "correlation", "keyconv", "fused")
 
-DEFAULT_MEMORY_LIMIT = 1 << 30
 MEMORY_BOUND_WEIGHT = 100
 FUSED_KERNEL_WEIGHT = {"avx512": 0.85, "avx2": 1.35, "neon": 4.0, "generic": 3.2}
 KEYCONV_WEIGHT = 1.05
-FUSED_CHUNK_ELEMENTS = 1 << 20
-FUSED_BUFFERS = 4
 
-
-# ----------------------------------------------------------------------------- memory plan
-
-
-def fused_chunk_elements(memory_limit: int | None, element_size: int = 4) -> int:
-    """Chunk size (elements) for a working-memory budget in bytes (None: the default)."""
-    if memory_limit is None:
-        return FUSED_CHUNK_ELEMENTS
-    return max(1, int(memory_limit) // (FUSED_BUFFERS * element_size))
-
-
-def fused_plan(bh: int, n: int, element_size: int, memory_limit: int | None) -> tuple[int, int]:
-    """(chunk elements, maps kept) of the fused kernel for B*heads = bh rows of N queries.
-
-    Maps kept for backward, each (bh, N, N): 0 = none, 1 = the folded map At (saves one of
-    the kernel's eight convolution passes), 2 = At and the correlation map S0 = q K^T (also
-    saves backward's Q K^T GEMM). As many are kept as fit: with the default chunks,
-    together with them in ``DEFAULT_MEMORY_LIMIT``; with a ``memory_limit``, in half of
-    it, the chunks taking the rest. With none kept, memory stays O(chunk).
-    """
-    map_bytes = bh * n * n * element_size
-    if memory_limit is None:
-        buffers = FUSED_BUFFERS * min(bh * n * n, FUSED_CHUNK_ELEMENTS) * element_size
-        kept = next(m for m in (2, 1, 0) if m * map_bytes + buffers <= DEFAULT_MEMORY_LIMIT or m == 0)
-        return FUSED_CHUNK_ELEMENTS, kept
-    kept = next(m for m in (2, 1, 0) if m * map_bytes <= memory_limit // 2)
-    return fused_chunk_elements(memory_limit - kept * map_bytes, element_size), kept
-
-
-def fused_working_bytes(bh: int, n: int, element_size: int, memory_limit: int | None = None) -> int:
-    """Bytes the fused kernel holds under :func:`fused_plan`: its chunk buffers plus the maps kept."""
-    chunk, kept = fused_plan(bh, n, element_size, memory_limit)
-    return (FUSED_BUFFERS * min(bh * n * n, chunk) + kept * bh * n * n) * element_size
+__all__ = ["BACKEND_NAMES", "DEFAULT_MEMORY_LIMIT", "MEMORY_BOUND_WEIGHT", "FUSED_KERNEL_WEIGHT", "KEYCONV_WEIGHT",
+           "unsupported", "fused_can_serve", "estimate_cost", "choose_backend"]
 
 
 # ----------------------------------------------------------------------------- capabilities
@@ -112,22 +71,9 @@ def unsupported(backend: str, *, channelwise: bool, strided: bool, same_window: 
             return "it has no attention dropout (use 'correlation' or 'keyconv')"
         if device_type != "cpu":
             return f"it runs on the CPU only, got tensors on {device_type}"
-        if not native_available():
+        if not native.available_constant():
             return f"the fused CPU kernel is unavailable here: {native.unavailable_reason()}"
     return None
-
-
-@torch.compiler.assume_constant_result
-def fused_isa() -> str:
-    """The ISA the fused kernel was built for ("avx512", "avx2", "neon", "generic"; "" when
-    unavailable); constant under compile."""
-    return native.isa_name() or ""
-
-
-@torch.compiler.assume_constant_result
-def native_available() -> bool:
-    """Whether the fused CPU kernel can be used (builds it on the first call; constant under compile)."""
-    return native.available()
 
 
 def fused_can_serve(q: torch.Tensor, dropout_p: float) -> bool:
@@ -141,7 +87,7 @@ def fused_can_serve(q: torch.Tensor, dropout_p: float) -> bool:
         return False
     if torch.onnx.is_in_onnx_export():
         return False
-    return native_available()
+    return native.available_constant()
 
 
 # ----------------------------------------------------------------------------- cost model
@@ -207,7 +153,7 @@ def choose_backend(b: int, heads: int, n: int, c: int, d: int, m: int, *, channe
     cost = estimate_cost(b, heads, n, c, d, m, element_size=element_size)
     fits = {name for name in ("correlation", "keyconv") if cost[name]["bytes"] <= limit}
     rule = _cost_model_choice(cost, fits, b * heads * d * n * n, c, d, m, fused_ok,
-                              (fused_isa() if fused_ok else "") if isa is None else isa)
+                              (native.isa_constant() if fused_ok else "") if isa is None else isa)
     if probe is None:
         return rule
     candidates = [name for name in ("fused", "keyconv", "correlation")

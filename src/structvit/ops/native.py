@@ -1,5 +1,5 @@
 """Build and load the CPU kernels (``csrc/``) on first use: the fused kernel
-(``folded_cpu.cpp``) and keyconv's pattern convolutions (``pattern_conv_cpu.cpp``), one
+(``fused_cpu.cpp``) and keyconv's pattern convolutions (``pattern_conv_cpu.cpp``), one
 shared library.
 
 The kernels have a plain C ABI and no PyTorch headers, so they compile in a few seconds
@@ -44,10 +44,10 @@ from .. import config
 from . import cpuinfo
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCE = CSRC / "folded_cpu.cpp"  # the fused kernel
+SOURCE = CSRC / "fused_cpu.cpp"  # the fused kernel
 # compiled into one library: the fused kernel and keyconv's pattern convolutions
 SOURCES = (SOURCE, CSRC / "pattern_conv_cpu.cpp")
-HEADERS = (CSRC / "parallel.h", CSRC / "vec.h")
+HEADERS = (CSRC / "abi.h", CSRC / "parallel.h", CSRC / "vec.h")
 
 
 def source_bytes() -> bytes:
@@ -58,10 +58,22 @@ def source_bytes() -> bytes:
 FLAGS = ["-O3", "-ffp-contract=fast", "-fno-trapping-math", "-fno-math-errno", "-fopenmp-simd",
          "-pthread", "-shared", "-fPIC", "-std=c++17"]
 OPENMP_FLAGS = ["-fopenmp", "-DSTRUCTSA_OPENMP"]
+# STRUCTVIT_NATIVE_SANITIZE=address builds the kernels with AddressSanitizer (a separate
+# cache entry), for checking them (``make asan``). Python is not instrumented, so the
+# process needs the runtime preloaded: LD_PRELOAD=$(gcc -print-file-name=libasan.so).
+SANITIZE_FLAGS = {"address": ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]}
+
+
+def sanitize_flags() -> list[str]:
+    """The sanitizer flags STRUCTVIT_NATIVE_SANITIZE asks for ([] when unset)."""
+    name = os.environ.get("STRUCTVIT_NATIVE_SANITIZE", "")
+    if name and name not in SANITIZE_FLAGS:
+        raise NativeUnavailable(f"STRUCTVIT_NATIVE_SANITIZE must be one of {sorted(SANITIZE_FLAGS)}, got {name!r}")
+    return SANITIZE_FLAGS.get(name, [])
 
 
 # CPU feature flags (/proc/cpuinfo) each build's vector code needs, by the ISA the kernel
-# reports it was compiled for (structsa_isa()); a build the CPU cannot run is refused
+# reports it was compiled for (structvit_isa()); a build the CPU cannot run is refused
 # instead of dying on an illegal instruction.
 ISA_CPU_FLAGS = {"avx512": ("avx512f",), "avx2": ("avx2", "fma"), "neon": (), "generic": ()}
 
@@ -153,28 +165,114 @@ def _verified(lib_path: Path) -> bool:
         return False
 
 
+# ----------------------------------------------------------------------------- the C ABI
+#
+# Every kernel takes one argument structure by pointer, then its tensors' data pointers,
+# and returns NULL or a message naming what it refused. The structures below are the
+# Python side of csrc/abi.h; when the library loads, its ABI version and each structure's
+# field list and size are compared with these (``_check_abi``), so a change on one side
+# only is a clear error, never a misread argument.
+ABI_VERSION = 4
+
+
+class _KernelArgs(ctypes.Structure):
+    """Base of the argument structures: keyword construction, every field required."""
+
+    def __init__(self, **fields):
+        names = [name for name, _ in self._fields_]
+        missing = set(names) - set(fields)
+        unknown = set(fields) - set(names)
+        if missing or unknown:
+            raise TypeError(f"{type(self).__name__}: missing fields {sorted(missing)}, unknown fields {sorted(unknown)}")
+        super().__init__(**{name: fields[name] for name in names})
+
+    @classmethod
+    def signature(cls) -> str:
+        """The field list as csrc/abi.h spells it: "name:i64 name:f64 ..."."""
+        return " ".join(f"{name}:{'f64' if ctype is ctypes.c_double else 'i64'}" for name, ctype in cls._fields_) + " "
+
+
+def _fields(names: str, ctype=ctypes.c_int64) -> list[tuple[str, type]]:
+    return [(name, ctype) for name in names.split()]
+
+
+class ConvArgs(_KernelArgs):
+    """The pattern convolutions' arguments (``StructvitConvArgs`` in csrc/abi.h): geometry,
+    the strides of the grid side x (B, heads, N, C) and of the pattern side y
+    (B, heads, D * N', C), and the elements each tensor's memory holds."""
+
+    _fields_ = _fields("B heads C D T H W kt kh kw st sh sw groups x_sb x_sh x_sn y_sb y_sh y_sn x_len w_len y_len "
+                       "threads")
+
+
+class FusedArgs(_KernelArgs):
+    """The fused kernel's arguments (``StructvitFusedArgs`` in csrc/abi.h): geometry, the
+    chunk's BH * R rows, the softmax and the elements each tensor's memory holds."""
+
+    _fields_ = _fields("T H W kt kh kw D heads hu BH R joint at_saved threads s0_len at_len lse_len uk_len uv_len "
+                       "dat_len rowdot_len ds0_len duk_len duv_len") + [("scale", ctypes.c_double)]
+
+
+ARG_STRUCTS = {"conv": ConvArgs, "fused": FusedArgs}
+
+
+def elements(t: torch.Tensor | None) -> int:
+    """The elements ``t``'s memory holds from its data pointer on (0 for None): what a
+    kernel may touch through that pointer at most."""
+    if t is None:
+        return 0
+    return t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
+
+
+class KernelRefused(RuntimeError):
+    """A kernel refused its arguments (its own checks, behind the Python ones)."""
+
+
+def call(kernel, args: _KernelArgs, *tensors: torch.Tensor | None) -> None:
+    """Run ``kernel(&args, data pointers...)``; raises :class:`KernelRefused` with the
+    kernel's message when it refuses. The caller keeps the tensors alive."""
+    message = kernel(ctypes.byref(args), *(None if t is None else pointer(t) for t in tensors))
+    if message is not None:
+        raise KernelRefused(f"{kernel.__name__}: {message.decode()}")
+
+
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    i64, ptr, cint, dbl = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
-    lib.structsa_isa.restype = ctypes.c_char_p
-    lib.structsa_isa.argtypes = []
-    lib.structsa_lanes.restype = cint
-    lib.structsa_lanes.argtypes = []
-    for suffix in ("f32", "f64"):
-        # (tensors..., BH, R, dims, scale, joint[, at_saved], threads)
-        getattr(lib, f"structsa_folded_forward_{suffix}").argtypes = [ptr] * 5 + [i64, i64, ptr, dbl, cint, cint]
-        getattr(lib, f"structsa_folded_backward_{suffix}").argtypes = [ptr] * 10 + [i64, i64, ptr, dbl] + [cint] * 3
-        # (tensors and strides..., dims, threads)
-        getattr(lib, f"structsa_pattern_conv_forward_{suffix}").argtypes = [ptr] * 5 + [cint]
-        getattr(lib, f"structsa_pattern_conv_grad_input_{suffix}").argtypes = [ptr] * 5 + [cint]
-        getattr(lib, f"structsa_pattern_conv_grad_weight_{suffix}").argtypes = [ptr] * 6 + [cint]
+    ptr, cint = ctypes.c_void_p, ctypes.c_int
+    for name, restype in (("abi_version", cint), ("isa", ctypes.c_char_p), ("lanes", cint),
+                          ("conv_args_signature", ctypes.c_char_p), ("conv_args_size", ctypes.c_int64),
+                          ("fused_args_signature", ctypes.c_char_p), ("fused_args_size", ctypes.c_int64)):
+        fn = getattr(lib, f"structvit_{name}")
+        fn.restype, fn.argtypes = restype, []
+    kernels = {"fused_forward": (FusedArgs, 5), "fused_backward": (FusedArgs, 10),
+               "pattern_conv_forward": (ConvArgs, 3), "pattern_conv_grad_input": (ConvArgs, 3),
+               "pattern_conv_grad_weight": (ConvArgs, 3)}
+    for name, (struct, tensors) in kernels.items():
+        for suffix in ("f32", "f64"):
+            fn = getattr(lib, f"structvit_{name}_{suffix}")
+            fn.restype = ctypes.c_char_p
+            fn.argtypes = [ctypes.POINTER(struct)] + [ptr] * tensors
     return lib
+
+
+def abi_mismatch(lib: ctypes.CDLL) -> str | None:
+    """How the library's ABI differs from this module's (None: it matches)."""
+    version = lib.structvit_abi_version()
+    if version != ABI_VERSION:
+        return f"ABI version {version}, expected {ABI_VERSION}"
+    for kind, struct in ARG_STRUCTS.items():
+        signature = getattr(lib, f"structvit_{kind}_args_signature")().decode()
+        size = getattr(lib, f"structvit_{kind}_args_size")()
+        if signature != struct.signature() or size != ctypes.sizeof(struct):
+            return (f"the {kind} argument structure is {signature!r} ({size} bytes) in the library but "
+                    f"{struct.signature()!r} ({ctypes.sizeof(struct)} bytes) in native.py")
+    return None
 
 
 def _load_uncached(cxx: str, flags: list[str], key: str) -> ctypes.CDLL:
     missing = [p for p in (*SOURCES, *HEADERS) if not p.is_file()]
     if missing:
         raise NativeUnavailable(f"the kernel sources {', '.join(map(str, missing))} are missing from the installed package")
-    name = f"structsa_folded_{key}.so"
+    name = f"structvit_kernels_{key}.so"
     places = [cache_dir()]
     last_error = None
     for attempt in range(2):
@@ -182,13 +280,23 @@ def _load_uncached(cxx: str, flags: list[str], key: str) -> ctypes.CDLL:
             places.append(Path(tempfile.mkdtemp(prefix="structvit-")))
         lib_path = places[-1] / name
         try:
-            if not _verified(lib_path):
+            built = not _verified(lib_path)
+            if built:
                 _build(cxx, flags, lib_path)
             lib = _declare(ctypes.CDLL(str(lib_path)))
         except (OSError, AttributeError) as e:  # unwritable/odd cache path, or a bad library
             last_error = e
             continue
-        isa = lib.structsa_isa().decode()
+        mismatch = abi_mismatch(lib)
+        if mismatch and built:
+            raise NativeUnavailable(f"the kernel just built from {CSRC} does not match native.py ({mismatch}): "
+                                    f"csrc/abi.h and native.py's argument structures must be changed together")
+        if mismatch:  # a stale library under this key: built again, in a private folder (a path
+            # already loaded in this process would be handed back by the dynamic loader)
+            last_error = NativeUnavailable(f"the cached kernel {lib_path} has {mismatch}; rebuilt")
+            lib_path.unlink(missing_ok=True)
+            continue
+        isa = lib.structvit_isa().decode()
         have = cpuinfo.cpu_flags()
         missing = [f for f in ISA_CPU_FLAGS.get(isa, ()) if have and f not in have]
         if missing:
@@ -205,7 +313,8 @@ _warned: set[str] = set()
 
 def _settings_key() -> tuple:
     s = config.settings()
-    return (s.native, str(s.cache_dir), s.native_openmp, s.cxx, s.native_arch)
+    return (s.native, str(s.cache_dir), s.native_openmp, s.cxx, s.native_arch,
+            os.environ.get("STRUCTVIT_NATIVE_SANITIZE", ""))
 
 
 def load() -> ctypes.CDLL:
@@ -220,7 +329,7 @@ def load() -> ctypes.CDLL:
                     raise NativeUnavailable("disabled (STRUCTVIT_DISABLE_NATIVE, or structvit.config.set_native(False))")
                 cxx = compiler()
                 flags = FLAGS + arch_flags(config.settings().native_arch) + (
-                    OPENMP_FLAGS if shares_torch_openmp() else [])
+                    OPENMP_FLAGS if shares_torch_openmp() else []) + sanitize_flags()
                 digest = hashlib.sha256(source_bytes() + " ".join([cxx] + flags).encode() + cpuinfo.machine_fingerprint().encode())
                 _loaded[key] = _load_uncached(cxx, flags, digest.hexdigest()[:16])
             except NativeUnavailable as e:
@@ -257,7 +366,7 @@ def isa_name() -> str | None:
     """The vector ISA the loaded kernel was compiled for: "avx512", "avx2", "neon" or
     "generic"; None when the kernel is unavailable."""
     try:
-        return load().structsa_isa().decode()
+        return load().structvit_isa().decode()
     except NativeUnavailable:
         return None
 
@@ -269,7 +378,7 @@ def build_isa() -> str | None:
         lib = load()
     except NativeUnavailable:
         return None
-    return f"{lib.structsa_isa().decode()} ({lib.structsa_lanes()} float lanes)"
+    return f"{lib.structvit_isa().decode()} ({lib.structvit_lanes()} float lanes)"
 
 
 def reset() -> None:
@@ -277,3 +386,15 @@ def reset() -> None:
     with _lock:
         _loaded.clear()
         _warned.clear()
+
+
+@torch.compiler.assume_constant_result
+def available_constant() -> bool:
+    """:func:`available`, as a constant under ``torch.compile`` (the library is built on the first call)."""
+    return available()
+
+
+@torch.compiler.assume_constant_result
+def isa_constant() -> str:
+    """:func:`isa_name`, "" when unavailable; a constant under ``torch.compile``."""
+    return isa_name() or ""

@@ -1,8 +1,14 @@
-"""Pieces shared by the backends: the two softmaxes and attention dropout."""
+"""Pieces shared by the backends: the working-memory budget, the two softmaxes and attention dropout."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+# Attention-sized working memory a call may hold beyond its inputs, outputs and their
+# gradients unless ``memory_limit`` says otherwise: a round bound that keeps the video
+# models trainable on a 16-24 GiB machine. "auto" picks only backends that fit it; the
+# fused kernel plans its chunks and kept maps within it.
+DEFAULT_MEMORY_LIMIT = 1 << 30
 
 
 def normalise(scores: torch.Tensor, normalize: str) -> torch.Tensor:
@@ -22,3 +28,9 @@ def dot_product_patterns(u: torch.Tensor) -> torch.Tensor:
     if u.shape[1] != 1:
         raise ValueError("this backend serves the dot-product pattern layouts only")
     return u[:, 0]
+
+
+def static_shapes(*tensors: torch.Tensor) -> bool:
+    """Whether every size is a plain int, not a symbolic size of a dynamic-shape trace (the
+    fake kernels check sizes only then; the real kernels always do)."""
+    return all(isinstance(s, int) for t in tensors for s in t.shape)

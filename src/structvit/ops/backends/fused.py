@@ -1,6 +1,6 @@
 """The fused CPU backend: the folded form with each query row's work in one C++ kernel.
 
-For every (batch, head, query row) the kernel (``csrc/folded_cpu.cpp``, built by
+For every (batch, head, query row) the kernel (``csrc/fused_cpu.cpp``, built by
 :mod:`..native`) convolves the row of ``S0 = q K^T`` over the key grid with the D
 detectors, takes the softmax and folds the weights back with the aggregators into one
 N-long row ``At[i, :]``; the GEMMs around it (``q K^T``, ``At V`` and their gradients)
@@ -12,19 +12,69 @@ float32 and float64 (other dtypes are computed in float32); no dropout, no weigh
 The forward and backward passes are ``torch.library`` custom ops,
 ``structvit::fused_forward`` and ``structvit::fused_backward``, with fake kernels and
 FLOP formulas (:mod:`..flops`), so eager mode, ``torch.compile(fullgraph=True)``,
-``torch.export`` and ``FlopCounterMode`` all run and count the same kernel.
+``torch.export`` and ``FlopCounterMode`` all run and count the same kernel. Both check
+every argument against the others before the kernel touches memory, and raise an error
+naming the argument.
+
+The memory plan (:func:`fused_plan`) lives here too: the chunk size and the maps kept for
+backward under a working-memory limit. ``FUSED_CHUNK_ELEMENTS`` and ``FUSED_BUFFERS``: the
+kernel works on chunks of (batch*head, query row) pairs of about this many
+correlation-map elements, at most four such buffers alive per chunk (backward: S0, dAt,
+At, dS0). Chunks split heads before rows because a single head's (R x C) x (C x N) GEMM
+stays efficient down to a few hundred rows while batched GEMMs of few rows do not; the
+chunk size is the fastest of the powers of two ``python -m structvit.bench op`` tried
+(buffers that stay close to the caches).
 """
 from __future__ import annotations
 
+import math
 
 import torch
 
-from .. import native
-from ..native import pointer as _ptr
+from .. import checks, native
 from ..buffers import CPU_BUFFERS
 from ..grid import Grid3
-from ..dispatch import fused_plan
-from .common import dot_product_patterns
+from .common import DEFAULT_MEMORY_LIMIT, dot_product_patterns, static_shapes
+
+FUSED_CHUNK_ELEMENTS = 1 << 20
+FUSED_BUFFERS = 4
+
+
+# ----------------------------------------------------------------------------- memory plan
+
+
+def fused_chunk_elements(memory_limit: int | None, element_size: int = 4) -> int:
+    """Chunk size (elements) for a working-memory budget in bytes (None: the default)."""
+    if memory_limit is None:
+        return FUSED_CHUNK_ELEMENTS
+    return max(1, int(memory_limit) // (FUSED_BUFFERS * element_size))
+
+
+def fused_plan(bh: int, n: int, element_size: int, memory_limit: int | None) -> tuple[int, int]:
+    """(chunk elements, maps kept) of the fused kernel for B*heads = bh rows of N queries.
+
+    Maps kept for backward, each (bh, N, N): 0 = none, 1 = the folded map At (saves one of
+    the kernel's eight convolution passes), 2 = At and the correlation map S0 = q K^T (also
+    saves backward's Q K^T GEMM). As many are kept as fit: with the default chunks,
+    together with them in ``DEFAULT_MEMORY_LIMIT``; with a ``memory_limit``, in half of
+    it, the chunks taking the rest. With none kept, memory stays O(chunk).
+    """
+    map_bytes = bh * n * n * element_size
+    if memory_limit is None:
+        buffers = FUSED_BUFFERS * min(bh * n * n, FUSED_CHUNK_ELEMENTS) * element_size
+        kept = next(m for m in (2, 1, 0) if m * map_bytes + buffers <= DEFAULT_MEMORY_LIMIT or m == 0)
+        return FUSED_CHUNK_ELEMENTS, kept
+    kept = next(m for m in (2, 1, 0) if m * map_bytes <= memory_limit // 2)
+    return fused_chunk_elements(memory_limit - kept * map_bytes, element_size), kept
+
+
+def fused_working_bytes(bh: int, n: int, element_size: int, memory_limit: int | None = None) -> int:
+    """Bytes the fused kernel holds under :func:`fused_plan`: its chunk buffers plus the maps kept."""
+    chunk, kept = fused_plan(bh, n, element_size, memory_limit)
+    return (FUSED_BUFFERS * min(bh * n * n, chunk) + kept * bh * n * n) * element_size
+
+
+# ----------------------------------------------------------------------------- the custom ops
 
 
 def _chunks(bh: int, heads: int, n: int, chunk_elements: int) -> list[tuple[int, int, int, int]]:
@@ -41,15 +91,14 @@ def _chunks(bh: int, heads: int, n: int, chunk_elements: int) -> list[tuple[int,
     return [(b, b + 1, r0, min(n, r0 + rows)) for b in range(bh) for r0 in range(0, n, rows)]
 
 
-def _chunk_patterns(dims: torch.Tensor, uk, uv, duk, duv, bh0: int, bh1: int, heads: int):
+def _chunk_patterns(base: dict, uk, uv, duk, duv, bh0: int, bh1: int, heads: int):
     """The kernel's view of the patterns for a chunk: per-head patterns of a single-(b, h)
     chunk are passed as that head's slice with heads = hu = 1."""
     if uk.shape[0] == 1 or bh1 - bh0 != 1 or heads == 1:
-        return dims, uk, uv, duk, duv
+        return base, uk, uv, duk, duv
     head = bh0 % heads
-    one = dims.clone()
-    one[7:9] = 1
-    return one, uk[head], uv[head], (None if duk is None else duk[head]), (None if duv is None else duv[head])
+    return ({**base, "heads": 1, "hu": 1}, uk[head], uv[head], (None if duk is None else duk[head]),
+            (None if duv is None else duv[head]))
 
 
 def _kept_map(bh: int, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -77,11 +126,38 @@ def _kernel_layout(u: torch.Tensor) -> torch.Tensor:
     return u.flatten(2).transpose(1, 2).contiguous()
 
 
-def _dims(grid, u_k: torch.Tensor, heads: int) -> torch.Tensor:
-    return torch.tensor(list(grid) + list(u_k.shape[2:]) + [u_k.shape[1], heads, u_k.shape[0]], dtype=torch.int64)
-
-
 _EMPTY = (0,)  # the shape of a map that is not kept
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_inputs(q, k, v, u_k, u_v, grid, scale: float, chunk_elements: int) -> None:
+    """The checks of both ops' shared arguments, each against the others: q, k
+    (B, h, N, C), v (B, h, N, Cv), u_k = u_v in shape (hu, D, kt, kh, kw) with hu 1 or h,
+    odd window sizes and D >= 1, one float dtype, the CPU; grid (T, H, W) with N positions."""
+    checks.check_tensor("q", q, dtypes=_KERNEL_DTYPES, device="cpu", dim=4)
+    b, h, n, c = q.shape
+    checks.check_tensor("k", k, like=q, shape=q.shape)
+    checks.check_tensor("v", v, like=q, dim=4)
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must have shape (B, h, N, Cv) = {tuple(q.shape[:3])} + (Cv,), got {tuple(v.shape)}")
+    checks.check_tensor("u_k", u_k, like=q, dim=5)
+    if u_k.shape[0] not in (1, h) or u_k.shape[1] < 1:
+        raise ValueError(f"u_k must have shape (hu, D, kt, kh, kw) with hu 1 or h = {h} and D >= 1, "
+                         f"got {tuple(u_k.shape)}")
+    checks.check_int_list("u_k's window (its last three sizes)", tuple(u_k.shape[2:]), 3, odd=True)
+    checks.check_tensor("u_v", u_v, like=q, shape=u_k.shape)
+    grid = checks.check_int_list("grid", grid, 3)
+    if math.prod(grid) != n:
+        raise ValueError(f"grid={grid} has {math.prod(grid)} positions but q has N={n}")
+    checks.check_positive_number("scale", scale, allow_none=False)
+    checks.check_positive_int("chunk_elements", chunk_elements)
+
+
+def _kernel_args(grid, u_k: torch.Tensor, heads: int, scale: float, joint: bool) -> dict:
+    """The fused kernel's geometry fields (the chunk's rows and tensor sizes are added per call)."""
+    t, hh, w = grid
+    return dict(T=t, H=hh, W=w, kt=u_k.shape[2], kh=u_k.shape[3], kw=u_k.shape[4], D=u_k.shape[1], heads=heads,
+                hu=u_k.shape[0], joint=int(joint), scale=float(scale), threads=max(1, torch.get_num_threads()))
 
 
 @torch.library.custom_op("structvit::fused_forward", mutates_args=(), device_types="cpu")
@@ -89,40 +165,49 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u_k: torch.
                   grid: list[int], joint: bool, scale: float, chunk_elements: int,
                   kept: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward pass: q, k (B, h, N, C), v (B, h, N, Cv), u_k, u_v (hu, D, kt, kh, kw), all
-    contiguous float32 or float64 on the CPU; grid (T, H, W).
+    float32 or float64 on the CPU; grid (T, H, W); scale > 0; chunk_elements >= 1.
 
     Returns out (B, h, N, Cv), the log-sum-exp of each row (B*h, N, 1 or D) and the maps
     kept for backward (``kept``: 0 none, 1 the folded map At, 2 also S0 = q K^T; each
     (B*h, N, N), or an empty tensor when not kept).
     """
+    _check_inputs(q, k, v, u_k, u_v, grid, scale, chunk_elements)
+    if kept not in (0, 1, 2):
+        raise ValueError(f"kept must be 0, 1 or 2, got {kept!r}")
     lib = native.load()
     b, h, n, c = q.shape
     bh, d = b * h, u_k.shape[1]
     uk, uv = _kernel_layout(u_k), _kernel_layout(u_v)
-    dims = _dims(grid, u_k, h)
+    base = _kernel_args(grid, u_k, h, scale, joint)
     q2, k2, v2 = q.reshape(bh, n, c), k.reshape(bh, n, c), v.reshape(bh, n, v.shape[-1])
     out = torch.empty(bh, n, v.shape[-1], dtype=q.dtype)
     lse = torch.empty(bh, n, 1 if joint else d, dtype=q.dtype)
-    fwd = lib.structsa_folded_forward_f64 if q.dtype == torch.float64 else lib.structsa_folded_forward_f32
-    threads = torch.get_num_threads()
+    fwd = lib.structvit_fused_forward_f64 if q.dtype == torch.float64 else lib.structvit_fused_forward_f32
     chunks = _chunks(bh, h, n, chunk_elements)
     work = _Workspace(chunks, n, q.dtype, 2 - kept)
     at_all = _kept_map(bh, n, q.dtype) if kept >= 1 else q.new_empty(_EMPTY)
     s0_all = _kept_map(bh, n, q.dtype) if kept == 2 else q.new_empty(_EMPTY)
     for b0, b1, r0, r1 in chunks:
-        dims_c, uk_c, uv_c, _, _ = _chunk_patterns(dims, uk, uv, None, None, b0, b1, h)
+        fields, uk_c, uv_c, _, _ = _chunk_patterns(base, uk, uv, None, None, b0, b1, h)
         # q K^T of the chunk's rows; the kernel applies the scale as it reads a row
         s0 = s0_all[b0:b1, r0:r1] if kept == 2 else work.get(0, b0, b1, r0, r1)
         torch.bmm(q2[b0:b1, r0:r1], k2[b0:b1].transpose(1, 2), out=s0)
         at = at_all[b0:b1, r0:r1] if kept >= 1 else work.get(1, b0, b1, r0, r1)
-        fwd(_ptr(s0), _ptr(uk_c), _ptr(uv_c), _ptr(at), _ptr(lse[b0:b1, r0:r1]), b1 - b0, r1 - r0, _ptr(dims_c),
-            scale, int(joint), threads)
+        lse_c = lse[b0:b1, r0:r1]
+        tensors = (s0, uk_c, uv_c, at, lse_c)
+        args = native.FusedArgs(**fields, BH=b1 - b0, R=r1 - r0, at_saved=0,
+                                **dict(zip(("s0_len", "uk_len", "uv_len", "at_len", "lse_len"),
+                                           map(native.elements, tensors))),
+                                dat_len=0, rowdot_len=0, ds0_len=0, duk_len=0, duv_len=0)
+        native.call(fwd, args, *tensors)
         torch.bmm(at, v2[b0:b1], out=out[b0:b1, r0:r1])
     return out.reshape(b, h, n, v.shape[-1]), lse, at_all, s0_all
 
 
 @fused_forward.register_fake
 def _(q, k, v, u_k, u_v, grid, joint, scale, chunk_elements, kept):
+    if static_shapes(q, k, v, u_k, u_v):  # symbolic sizes (dynamic shapes) are checked by the real kernel
+        _check_inputs(q, k, v, u_k, u_v, grid, scale, chunk_elements)
     b, h, n, _ = q.shape
     bh = b * h
     kept_map = (bh, n, n)
@@ -138,11 +223,21 @@ def fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     """Backward pass of :func:`fused_forward`: (dq, dk, dv, du_k, du_v). Recomputes the
     weights from S0 and the log-sum-exp; ``at_kept`` / ``s0_kept`` are the forward's kept
     maps, or empty tensors (then the kernel recomputes At and a GEMM recomputes S0)."""
-    lib = native.load()
+    _check_inputs(q, k, v, u_k, u_v, grid, scale, chunk_elements)
     b, h, n, c = q.shape
     bh = b * h
+    checks.check_tensor("grad_out", grad_out, like=q, shape=v.shape)
+    checks.check_tensor("out", out, like=q, shape=v.shape)
+    checks.check_tensor("lse", lse, like=q, shape=(bh, n, 1 if joint else u_k.shape[1]), contiguous=True)
+    for name, kept_map in (("at_kept", at_kept), ("s0_kept", s0_kept)):
+        checks.check_tensor(name, kept_map, like=q)
+        if kept_map.numel() > 0:
+            checks.check_tensor(name, kept_map, shape=(bh, n, n), contiguous=True)
+    if s0_kept.numel() > 0 and at_kept.numel() == 0:
+        raise ValueError("s0_kept is given without at_kept: the forward keeps S0 only together with At")
+    lib = native.load()
     uk, uv = _kernel_layout(u_k), _kernel_layout(u_v)
-    dims = _dims(grid, u_k, h)
+    base = _kernel_args(grid, u_k, h, scale, joint)
     q2, k2, v2 = q.reshape(bh, n, c), k.reshape(bh, n, c), v.reshape(bh, n, v.shape[-1])
     out = out.reshape(bh, n, v.shape[-1])
     dy = grad_out.reshape(bh, n, v.shape[-1]).contiguous()
@@ -151,8 +246,7 @@ def fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     rowdot = (dy * out).sum(-1, keepdim=True) if joint else torch.zeros(bh, n, 1, dtype=q.dtype)
     dq, dk = torch.empty_like(q2), torch.zeros_like(k2)
     duk, duv = torch.zeros_like(uk), torch.zeros_like(uv)
-    bwd = lib.structsa_folded_backward_f64 if q.dtype == torch.float64 else lib.structsa_folded_backward_f32
-    threads = torch.get_num_threads()
+    bwd = lib.structvit_fused_backward_f64 if q.dtype == torch.float64 else lib.structvit_fused_backward_f32
     chunks = _chunks(bh, h, n, chunk_elements)
     work = _Workspace(chunks, n, q.dtype, 2 + (not at_saved) + (not s0_saved))
     # The gradients of K and V are sums over query rows, X^T Y with X (R, N) from the
@@ -163,7 +257,7 @@ def fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     else:
         dv = torch.zeros_like(v2)
     for b0, b1, r0, r1 in chunks:
-        dims_c, uk_c, uv_c, duk_c, duv_c = _chunk_patterns(dims, uk, uv, duk, duv, b0, b1, h)
+        fields, uk_c, uv_c, duk_c, duv_c = _chunk_patterns(base, uk, uv, duk, duv, b0, b1, h)
         qc, kc = q2[b0:b1, r0:r1], k2[b0:b1]
         dat = torch.bmm(dy[b0:b1, r0:r1], v2[b0:b1].transpose(1, 2), out=work.get(0, b0, b1, r0, r1))  # dY V^T
         ds0 = work.get(1, b0, b1, r0, r1)
@@ -172,9 +266,12 @@ def fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         else:
             s0 = torch.bmm(qc, kc.transpose(1, 2), out=work.get(2, b0, b1, r0, r1))
         at = at_kept[b0:b1, r0:r1] if at_saved else work.get(2 + (not s0_saved), b0, b1, r0, r1)
-        bwd(_ptr(s0), _ptr(dat), _ptr(lse[b0:b1, r0:r1]), _ptr(rowdot[b0:b1, r0:r1]), _ptr(uk_c), _ptr(uv_c),
-            _ptr(at), _ptr(ds0), _ptr(duk_c), _ptr(duv_c), b1 - b0, r1 - r0, _ptr(dims_c), scale, int(joint),
-            int(at_saved), threads)
+        lse_c, rowdot_c = lse[b0:b1, r0:r1], rowdot[b0:b1, r0:r1]
+        lens = {name + "_len": native.elements(t) for name, t in (
+            ("s0", s0), ("dat", dat), ("lse", lse_c), ("rowdot", rowdot_c), ("uk", uk_c), ("uv", uv_c), ("at", at),
+            ("ds0", ds0), ("duk", duk_c), ("duv", duv_c))}
+        args = native.FusedArgs(**fields, BH=b1 - b0, R=r1 - r0, at_saved=int(at_saved), **lens)
+        native.call(bwd, args, s0, dat, lse_c, rowdot_c, uk_c, uv_c, at, ds0, duk_c, duv_c)
         if not at_saved:
             dv[b0:b1] += torch.bmm(dy[b0:b1, r0:r1].transpose(1, 2), at).transpose(1, 2)
         torch.bmm(ds0, kc, out=dq[b0:b1, r0:r1])
@@ -188,6 +285,8 @@ def fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
 
 @fused_backward.register_fake
 def _(grad_out, q, k, v, u_k, u_v, out, lse, at_kept, s0_kept, grid, joint, scale, chunk_elements):
+    if static_shapes(q, k, v, u_k, u_v):  # symbolic sizes (dynamic shapes) are checked by the real kernel
+        _check_inputs(q, k, v, u_k, u_v, grid, scale, chunk_elements)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(u_k), torch.empty_like(u_v)
 
 
@@ -215,7 +314,7 @@ def fused(q, k, v, u_k, u_v, grid: Grid3, stride: Grid3, normalize: str, scale: 
     Working memory at most about ``memory_limit`` bytes (default: the dispatch module's
     chunk buffers, plus the folded map At and the correlation map S0, B*h*N^2 elements
     each, kept for backward as far as they fit in ``DEFAULT_MEMORY_LIMIT``); see
-    :func:`..dispatch.fused_plan`. With a small limit: O(N) memory beyond the inputs plus
+    :func:`fused_plan`. With a small limit: O(N) memory beyond the inputs plus
     the chunks.
     """
     uk5, uv5 = dot_product_patterns(u_k), dot_product_patterns(u_v)

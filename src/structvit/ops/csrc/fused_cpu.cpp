@@ -44,6 +44,7 @@
 #include <thread>
 #include <vector>
 
+#include "abi.h"
 #include "parallel.h"
 #include "vec.h"
 
@@ -670,22 +671,63 @@ int64_t padded_width(int64_t W, int64_t kw) {
     return w_blk * 4 <= w * 5 ? w_blk : w;
 }
 
-Geometry make_geometry(const int64_t* dims) {
-    // dims: T, H, W, kt, kh, kw, D, heads, hu
-    Geometry g{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7], dims[8]};
+Geometry make_geometry(const StructvitFusedArgs& a) {
+    Geometry g{a.T, a.H, a.W, a.kt, a.kh, a.kw, a.D, a.heads, a.hu};
     g.wp = padded_width(g.W, g.kw);
     for (const int64_t p : grid_positions(g))
         if (g.blocks.empty() || g.blocks.back() != p / BLK * BLK) g.blocks.push_back(p / BLK * BLK);
     return g;
 }
 
+// The kernel's own checks of its arguments (native.py checks the tensors first): a
+// consistent geometry whose rows, patterns and padded planes fit in int64, and tensors
+// whose memory holds every element the geometry reaches. nullptr: accepted.
+const char* check_fused(const StructvitFusedArgs& a, const void* const* tensors, const int64_t* lens, int count) {
+    using structvit::product;
+    if (a.T < 1 || a.H < 1 || a.W < 1) return "the grid sizes T, H, W must be >= 1";
+    if (a.kt < 1 || a.kh < 1 || a.kw < 1 || a.kt % 2 == 0 || a.kh % 2 == 0 || a.kw % 2 == 0)
+        return "the window sizes kt, kh, kw must be odd and >= 1";
+    if (a.D < 1) return "the number of patterns D must be >= 1";
+    if (a.heads < 1 || (a.hu != 1 && a.hu != a.heads)) return "heads must be >= 1 and hu must be 1 or heads";
+    if (a.BH < 0 || a.R < 0) return "the rows BH and R must be >= 0";
+    if (a.threads < 1 || a.threads > 1 << 20) return "threads must be between 1 and 2^20";
+    if ((a.joint != 0 && a.joint != 1) || (a.at_saved != 0 && a.at_saved != 1)) return "joint and at_saved must be 0 or 1";
+    const int64_t n = product({a.T, a.H, a.W}), rows = product({a.BH, a.R});
+    const int64_t padded = product({a.T + a.kt, a.H + a.kh, a.W + a.kw + BLK, a.D + 1});
+    const int64_t maps = product({rows, n}), patterns = product({a.hu, a.kt, a.kh, a.kw, a.D});
+    const int64_t stats = product({rows, a.joint ? 1 : a.D});
+    if (n < 0 || rows < 0 || padded < 0 || maps < 0 || patterns < 0 || stats < 0)
+        return "the sizes overflow int64";
+    if (maps == 0) return nullptr;
+    // what each tensor must hold, in the order the caller lists them (see the kernels below)
+    const int64_t need[] = {maps, patterns, patterns, maps, stats, maps, a.joint ? rows : 0, maps, patterns, patterns};
+    for (int i = 0; i < count; ++i) {
+        const int64_t want = need[i];
+        if (lens[i] < want) return "a tensor's memory is smaller than the geometry needs (see the *_len fields)";
+        if (want > 0 && tensors[i] == nullptr) return "a tensor the geometry needs is missing (null pointer)";
+    }
+    return nullptr;
+}
+
 }  // namespace
 
 extern "C" {
 
-int structsa_abi_version() { return 3; }
+int structvit_abi_version() { return STRUCTVIT_ABI_VERSION; }
 
-const char* structsa_isa() {
+const char* structvit_conv_args_signature() {
+    return STRUCTVIT_CONV_ARGS_FIELDS(STRUCTVIT_NAME_I64, STRUCTVIT_NAME_F64);
+}
+
+int64_t structvit_conv_args_size() { return int64_t(sizeof(StructvitConvArgs)); }
+
+const char* structvit_fused_args_signature() {
+    return STRUCTVIT_FUSED_ARGS_FIELDS(STRUCTVIT_NAME_I64, STRUCTVIT_NAME_F64);
+}
+
+int64_t structvit_fused_args_size() { return int64_t(sizeof(StructvitFusedArgs)); }
+
+const char* structvit_isa() {
 #if defined(__AVX512F__)
     return "avx512";
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -697,38 +739,68 @@ const char* structsa_isa() {
 #endif
 }
 
-int structsa_lanes() { return int(BLK); }
+int structvit_lanes() { return int(BLK); }
 
-void structsa_folded_forward_f32(const float* S0, const float* UK, const float* UV, float* At, float* lse,
-                                 int64_t BH, int64_t R, const int64_t* dims, double scale, int joint,
-                                 int threads) {
-    const Geometry g = make_geometry(dims);
-    STRUCTSA_DISPATCH_D(g.D, forward, S0, UK, UV, At, lse, BH, R, g, static_cast<float>(scale), joint != 0, threads)
+}  // extern "C"
+
+namespace {
+
+// forward: reads S0 (BH, R, N), UK, UV (hu, M, D); writes At (BH, R, N), lse (BH, R, P)
+template <typename T>
+const char* fused_forward(const StructvitFusedArgs* a, const T* S0, const T* UK, const T* UV, T* At, T* lse) {
+    if (a == nullptr) return "the argument structure is missing";
+    const void* tensors[] = {S0, UK, UV, At, lse};
+    const int64_t lens[] = {a->s0_len, a->uk_len, a->uv_len, a->at_len, a->lse_len};
+    if (const char* refused = check_fused(*a, tensors, lens, 5)) return refused;
+    if (a->BH * a->R == 0) return nullptr;
+    const Geometry g = make_geometry(*a);
+    STRUCTSA_DISPATCH_D(g.D, forward, S0, UK, UV, At, lse, a->BH, a->R, g, static_cast<T>(a->scale), a->joint != 0,
+                        int(a->threads))
+    return nullptr;
 }
 
-void structsa_folded_forward_f64(const double* S0, const double* UK, const double* UV, double* At, double* lse,
-                                 int64_t BH, int64_t R, const int64_t* dims, double scale, int joint,
-                                 int threads) {
-    const Geometry g = make_geometry(dims);
-    STRUCTSA_DISPATCH_D(g.D, forward, S0, UK, UV, At, lse, BH, R, g, static_cast<double>(scale), joint != 0, threads)
+// backward: reads S0, dAt (BH, R, N), lse, rowdot (BH, R, P), UK, UV; writes dS0 and, unless
+// at_saved, At (BH, R, N); accumulates into dUK, dUV (hu, M, D)
+template <typename T>
+const char* fused_backward(const StructvitFusedArgs* a, const T* S0, const T* dAt, const T* lse, const T* rowdot,
+                           const T* UK, const T* UV, T* At, T* dS0, T* dUK, T* dUV) {
+    if (a == nullptr) return "the argument structure is missing";
+    // in check_fused's order: S0, UK, UV, At, lse, dAt, rowdot, dS0, dUK, dUV
+    const void* tensors[] = {S0, UK, UV, At, lse, dAt, rowdot, dS0, dUK, dUV};
+    const int64_t lens[] = {a->s0_len, a->uk_len, a->uv_len, a->at_len, a->lse_len,
+                            a->dat_len, a->rowdot_len, a->ds0_len, a->duk_len, a->duv_len};
+    if (const char* refused = check_fused(*a, tensors, lens, 10)) return refused;
+    if (a->BH * a->R == 0) return nullptr;
+    const Geometry g = make_geometry(*a);
+    STRUCTSA_DISPATCH_D(g.D, backward, S0, dAt, lse, rowdot, UK, UV, At, dS0, dUK, dUV, a->BH, a->R, g,
+                        static_cast<T>(a->scale), a->joint != 0, a->at_saved != 0, int(a->threads))
+    return nullptr;
 }
 
-void structsa_folded_backward_f32(const float* S0, const float* dAt, const float* lse, const float* rowdot,
-                                  const float* UK, const float* UV, float* At, float* dS0, float* dUK, float* dUV,
-                                  int64_t BH, int64_t R, const int64_t* dims, double scale, int joint,
-                                  int at_saved, int threads) {
-    const Geometry g = make_geometry(dims);
-    STRUCTSA_DISPATCH_D(g.D, backward, S0, dAt, lse, rowdot, UK, UV, At, dS0, dUK, dUV, BH, R, g,
-                        static_cast<float>(scale), joint != 0, at_saved != 0, threads)
+}  // namespace
+
+extern "C" {
+
+const char* structvit_fused_forward_f32(const StructvitFusedArgs* a, const float* S0, const float* UK,
+                                        const float* UV, float* At, float* lse) {
+    return fused_forward(a, S0, UK, UV, At, lse);
 }
 
-void structsa_folded_backward_f64(const double* S0, const double* dAt, const double* lse, const double* rowdot,
-                                  const double* UK, const double* UV, double* At, double* dS0, double* dUK,
-                                  double* dUV, int64_t BH, int64_t R, const int64_t* dims, double scale, int joint,
-                                  int at_saved, int threads) {
-    const Geometry g = make_geometry(dims);
-    STRUCTSA_DISPATCH_D(g.D, backward, S0, dAt, lse, rowdot, UK, UV, At, dS0, dUK, dUV, BH, R, g,
-                        static_cast<double>(scale), joint != 0, at_saved != 0, threads)
+const char* structvit_fused_forward_f64(const StructvitFusedArgs* a, const double* S0, const double* UK,
+                                        const double* UV, double* At, double* lse) {
+    return fused_forward(a, S0, UK, UV, At, lse);
+}
+
+const char* structvit_fused_backward_f32(const StructvitFusedArgs* a, const float* S0, const float* dAt,
+                                         const float* lse, const float* rowdot, const float* UK, const float* UV,
+                                         float* At, float* dS0, float* dUK, float* dUV) {
+    return fused_backward(a, S0, dAt, lse, rowdot, UK, UV, At, dS0, dUK, dUV);
+}
+
+const char* structvit_fused_backward_f64(const StructvitFusedArgs* a, const double* S0, const double* dAt,
+                                         const double* lse, const double* rowdot, const double* UK, const double* UV,
+                                         double* At, double* dS0, double* dUK, double* dUV) {
+    return fused_backward(a, S0, dAt, lse, rowdot, UK, UV, At, dS0, dUK, dUV);
 }
 
 }  // extern "C"

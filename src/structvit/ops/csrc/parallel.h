@@ -1,4 +1,4 @@
-// Thread ranges shared by the CPU kernels (folded_cpu.cpp, pattern_conv_cpu.cpp).
+// Thread ranges shared by the CPU kernels (fused_cpu.cpp, pattern_conv_cpu.cpp).
 //
 // With STRUCTSA_OPENMP (native.py defines it where PyTorch runs on GNU OpenMP) the ranges
 // go to PyTorch's own OpenMP pool; otherwise to std::threads (a second OpenMP runtime

@@ -29,6 +29,7 @@
 #include <cstring>
 #include <vector>
 
+#include "abi.h"
 #include "parallel.h"
 #include "vec.h"
 
@@ -41,7 +42,6 @@ using structsa::store_vec;
 using structsa::Vec;
 
 struct ConvGeometry {
-    // dims: B, heads, C, D, T, H, W, kt, kh, kw, st, sh, sw, groups
     int64_t B, heads, C, D, T, H, W, kt, kh, kw, st, sh, sw, groups;
     int64_t To() const { return (T + st - 1) / st; }
     int64_t Ho() const { return (H + sh - 1) / sh; }
@@ -51,8 +51,49 @@ struct ConvGeometry {
     int64_t M() const { return kt * kh * kw; }
 };
 
-ConvGeometry make_conv_geometry(const int64_t* d) {
-    return ConvGeometry{d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], d[8], d[9], d[10], d[11], d[12], d[13]};
+ConvGeometry make_conv_geometry(const StructvitConvArgs& a) {
+    return ConvGeometry{a.B, a.heads, a.C, a.D, a.T, a.H, a.W, a.kt, a.kh, a.kw, a.st, a.sh, a.sw, a.groups};
+}
+
+// Which side of the convolution a kernel writes (contiguous); the others it reads through
+// their strides.
+enum class Writes { y, x, w };
+
+// The kernels' own checks of their arguments (native.py checks the tensors first): a
+// consistent geometry whose sizes fit in int64, an output laid out contiguously, and
+// tensors whose memory holds every element the geometry reaches. nullptr: accepted.
+const char* check_conv(const StructvitConvArgs& a, Writes writes, const void* x, const void* w, const void* y) {
+    using structvit::product;
+    using structvit::strided_extent;
+    if (a.B < 0 || a.heads < 0 || a.C < 0 || a.D < 0) return "B, heads, C and D must be >= 0";
+    if (a.T < 1 || a.H < 1 || a.W < 1) return "the grid sizes T, H, W must be >= 1";
+    if (a.kt < 1 || a.kh < 1 || a.kw < 1 || a.kt % 2 == 0 || a.kh % 2 == 0 || a.kw % 2 == 0)
+        return "the window sizes kt, kh, kw must be odd and >= 1";
+    if (a.st < 1 || a.sh < 1 || a.sw < 1) return "the strides st, sh, sw must be >= 1";
+    if (a.groups < 1 || (writes == Writes::w ? a.groups > std::max<int64_t>(a.B, 1) : a.groups != 1))
+        return "groups must be 1, or between 1 and B for the weight gradient";
+    if (a.x_sb < 0 || a.x_sh < 0 || a.x_sn < 0 || a.y_sb < 0 || a.y_sh < 0 || a.y_sn < 0)
+        return "the strides of x and y must be >= 0";
+    if (a.threads < 1 || a.threads > 1 << 20) return "threads must be between 1 and 2^20";
+    const ConvGeometry g = make_conv_geometry(a);
+    const int64_t n = product({a.T, a.H, a.W}), m = product({a.kt, a.kh, a.kw});
+    const int64_t no = product({g.To(), g.Ho(), g.Wo()}), dno = product({a.D, no < 0 ? -1 : no});
+    const int64_t rows = product({a.B, a.heads, std::max(n, dno)});
+    const int64_t x_ext = n < 0 ? -1 : strided_extent(a.B, a.heads, n, a.C, a.x_sb, a.x_sh, a.x_sn);
+    const int64_t y_ext = dno < 0 ? -1 : strided_extent(a.B, a.heads, dno, a.C, a.y_sb, a.y_sh, a.y_sn);
+    const int64_t w_ext = product({writes == Writes::w ? a.groups : 1, a.heads, a.D, m, a.C});
+    if (n < 0 || m < 0 || no < 0 || dno < 0 || rows < 0 || x_ext < 0 || y_ext < 0 || w_ext < 0)
+        return "the sizes overflow int64";
+    if (writes == Writes::y && (a.y_sn != a.C || a.y_sh != dno * a.C || a.y_sb != a.heads * dno * a.C))
+        return "y, written, must be contiguous: strides (heads * D * N' * C, D * N' * C, C)";
+    if (writes == Writes::x && (a.x_sn != a.C || a.x_sh != n * a.C || a.x_sb != a.heads * n * a.C))
+        return "x, written, must be contiguous: strides (heads * N * C, N * C, C)";
+    if (x_ext > a.x_len) return "x's memory (x_len) is smaller than its shape and strides reach";
+    if (y_ext > a.y_len) return "y's memory (y_len) is smaller than its shape and strides reach";
+    if (w_ext > a.w_len) return "w's memory (w_len) is smaller than (groups, heads, D, M, C)";
+    if ((x_ext > 0 && x == nullptr) || (y_ext > 0 && y == nullptr) || (w_ext > 0 && w == nullptr))
+        return "a tensor the geometry needs is missing (null pointer)";
+    return nullptr;
 }
 
 struct Tap {
@@ -304,38 +345,74 @@ void conv_grad_weight(const T* x, const int64_t* xs, const T* gy, const int64_t*
     });
 }
 
+// Each kernel: the checks, then nothing to do for an empty tensor, then the work.
+template <typename T>
+const char* pattern_conv_forward(const StructvitConvArgs* a, const T* x, const T* w, T* y) {
+    if (a == nullptr) return "the argument structure is missing";
+    if (const char* refused = check_conv(*a, Writes::y, x, w, y)) return refused;
+    const ConvGeometry g = make_conv_geometry(*a);
+    if (g.B * g.heads * g.D * g.C == 0) return nullptr;
+    const int64_t xs[3] = {a->x_sb, a->x_sh, a->x_sn};
+    conv_forward(x, xs, w, y, g, int(a->threads));
+    return nullptr;
+}
+
+template <typename T>
+const char* pattern_conv_grad_input(const StructvitConvArgs* a, const T* gy, const T* w, T* gx) {
+    if (a == nullptr) return "the argument structure is missing";
+    if (const char* refused = check_conv(*a, Writes::x, gx, w, gy)) return refused;
+    const ConvGeometry g = make_conv_geometry(*a);
+    if (g.B * g.heads * g.C == 0) return nullptr;
+    const int64_t gs[3] = {a->y_sb, a->y_sh, a->y_sn};
+    conv_grad_input(gy, gs, w, gx, g, int(a->threads));
+    return nullptr;
+}
+
+template <typename T>
+const char* pattern_conv_grad_weight(const StructvitConvArgs* a, const T* x, const T* gy, T* gw_groups) {
+    if (a == nullptr) return "the argument structure is missing";
+    if (const char* refused = check_conv(*a, Writes::w, x, gw_groups, gy)) return refused;
+    const ConvGeometry g = make_conv_geometry(*a);
+    if (g.heads * g.D * g.C == 0) return nullptr;
+    const int64_t xs[3] = {a->x_sb, a->x_sh, a->x_sn}, gs[3] = {a->y_sb, a->y_sh, a->y_sn};
+    conv_grad_weight(x, xs, gy, gs, gw_groups, g, int(a->threads));
+    return nullptr;
+}
+
 }  // namespace
 
 extern "C" {
 
-void structsa_pattern_conv_forward_f32(const float* x, const int64_t* xs, const float* w, float* y,
-                                       const int64_t* dims, int threads) {
-    conv_forward(x, xs, w, y, make_conv_geometry(dims), threads);
+// forward: reads x and w (heads, D, M, C); writes y (B, heads, D * N', C)
+const char* structvit_pattern_conv_forward_f32(const StructvitConvArgs* a, const float* x, const float* w, float* y) {
+    return pattern_conv_forward(a, x, w, y);
 }
 
-void structsa_pattern_conv_forward_f64(const double* x, const int64_t* xs, const double* w, double* y,
-                                       const int64_t* dims, int threads) {
-    conv_forward(x, xs, w, y, make_conv_geometry(dims), threads);
+const char* structvit_pattern_conv_forward_f64(const StructvitConvArgs* a, const double* x, const double* w,
+                                               double* y) {
+    return pattern_conv_forward(a, x, w, y);
 }
 
-void structsa_pattern_conv_grad_input_f32(const float* gy, const int64_t* gs, const float* w, float* gx, const int64_t* dims,
-                                          int threads) {
-    conv_grad_input(gy, gs, w, gx, make_conv_geometry(dims), threads);
+// grad input: reads gy (the y side) and w; writes gx (the x side, B, heads, N, C)
+const char* structvit_pattern_conv_grad_input_f32(const StructvitConvArgs* a, const float* gy, const float* w,
+                                                  float* gx) {
+    return pattern_conv_grad_input(a, gy, w, gx);
 }
 
-void structsa_pattern_conv_grad_input_f64(const double* gy, const int64_t* gs, const double* w, double* gx, const int64_t* dims,
-                                          int threads) {
-    conv_grad_input(gy, gs, w, gx, make_conv_geometry(dims), threads);
+const char* structvit_pattern_conv_grad_input_f64(const StructvitConvArgs* a, const double* gy, const double* w,
+                                                  double* gx) {
+    return pattern_conv_grad_input(a, gy, w, gx);
 }
 
-void structsa_pattern_conv_grad_weight_f32(const float* x, const int64_t* xs, const float* gy, const int64_t* gs, float* gw_groups,
-                                           const int64_t* dims, int threads) {
-    conv_grad_weight(x, xs, gy, gs, gw_groups, make_conv_geometry(dims), threads);
+// grad weight: reads x and gy; writes per-group partial sums (groups, heads, D, M, C)
+const char* structvit_pattern_conv_grad_weight_f32(const StructvitConvArgs* a, const float* x, const float* gy,
+                                                   float* gw_groups) {
+    return pattern_conv_grad_weight(a, x, gy, gw_groups);
 }
 
-void structsa_pattern_conv_grad_weight_f64(const double* x, const int64_t* xs, const double* gy, const int64_t* gs, double* gw_groups,
-                                           const int64_t* dims, int threads) {
-    conv_grad_weight(x, xs, gy, gs, gw_groups, make_conv_geometry(dims), threads);
+const char* structvit_pattern_conv_grad_weight_f64(const StructvitConvArgs* a, const double* x, const double* gy,
+                                                   double* gw_groups) {
+    return pattern_conv_grad_weight(a, x, gy, gw_groups);
 }
 
 }  // extern "C"

@@ -1,5 +1,5 @@
 // The target ISA's vector width and register count, and the vector type the CPU kernels
-// (folded_cpu.cpp, pattern_conv_cpu.cpp) are written in.
+// (fused_cpu.cpp, pattern_conv_cpu.cpp) are written in.
 #pragma once
 
 #include <cstdint>
