@@ -358,3 +358,21 @@ def test_no_core_module_imports_a_command():
             if parts[0] == "structvit" and len(parts) > 1 and parts[1] in COMMANDS:
                 bad.append(f"{rel}: {mod}")
     assert not bad, bad
+
+
+def test_bench_and_study_use_the_same_check(tmp_path):
+    import yaml
+
+    from structvit.bench.model import run_model
+    from structvit.study.cli import STUDIES
+    from structvit.study.plan import StudyError, load_study
+
+    with pytest.raises(ValueError, match="models: unknown model 'nope'.*structvit_deit_tiny"):
+        run_model(what=("infer",), models=["nope"])
+    raw = yaml.safe_load(open(STUDIES["ablation"]))
+    task = next(iter(raw["tasks"]))
+    raw["tasks"][task]["model"] = "hf-hub:evil/model"
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(StudyError, match="study.yaml: task .*'model': unknown model 'hf-hub:evil/model'"):
+        load_study(path)

@@ -188,9 +188,11 @@ def run_model(*, what=("train", "infer"), models: list[str] | None = None, image
               argv: list[str] | None = None) -> list[str]:
     """Print (and with ``write``, write to that Markdown path) the training table and/or the
     inference table; returns the printed lines. Batches default per device (:func:`_batch`)."""
-    from ..models import MODEL_NAMES
+    from ..models import MODEL_NAMES, check_model_name
     from ..models.summary import default_input_shape
 
+    for name in models or ():
+        check_model_name(name, "models")
     dev = torch.device(device)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")

@@ -83,6 +83,12 @@ def load_study(path: str | Path) -> dict:
         for key in ("model", "data", "steps", "variants", "input_shape"):
             if key not in task:
                 raise StudyError(f"{path}: task {tname!r} needs {key!r}")
+        try:
+            from ..models import check_model_name
+
+            check_model_name(task["model"], f"task {tname!r}: 'model'")
+        except ValueError as err:
+            raise StudyError(f"{path}: {err}") from None
         if not isinstance(task["variants"], list) or not task["variants"]:
             raise StudyError(f"{path}: task {tname!r}: 'variants' must be a non-empty list")
         names = []
