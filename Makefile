@@ -12,7 +12,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install bench docs clean clean-install
+.PHONY: demo test install bench asan docs clean clean-install
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,14 @@ clean-install: install
 
 bench: install
 	$(PY) -m structvit.bench op
+
+# The CPU kernels built with AddressSanitizer (in a fresh cache) and their tests run on
+# them; python is not instrumented, so the ASan and C++ runtimes are preloaded.
+ASAN_PRELOAD = $(shell gcc -print-file-name=libasan.so):$(shell gcc -print-file-name=libstdc++.so)
+asan: install
+	STRUCTVIT_NATIVE_SANITIZE=address STRUCTVIT_CACHE=$$(mktemp -d) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	LD_PRELOAD="$(ASAN_PRELOAD)" $(PY) -m pytest -q -p no:cacheprovider -m "not slow" \
+	tests/test_native_boundary.py tests/test_native_conv.py tests/test_fused.py
 
 # The documentation site into build/site (warnings are errors, as in CI).
 docs: install
