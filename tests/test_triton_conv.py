@@ -58,19 +58,31 @@ def _values_and_grads(layout, x, u, grid, stride, weights):
     return y, gx, gu
 
 
-def test_triton_interpreted():
-    """The interpreted tests of this file, in a process that sets TRITON_INTERPRET=1 first."""
+def _run_interpreted(marks: str) -> None:
+    """Run the ``triton_interp_`` tests of every ``test_triton_*.py`` file with ``-m marks`` in a
+    process that sets TRITON_INTERPRET=1 before anything imports Triton."""
     if not HAVE_TRITON:
         pytest.skip("Triton is not installed")
     if INTERPRETED:
         pytest.skip("this process is the interpreted run")
     env = dict(os.environ, TRITON_INTERPRET="1")
     files = sorted(str(p) for p in Path(__file__).parent.glob("test_triton_*.py"))  # the depthwise tests too
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, "-k",
-                           "triton_interp_", "-rs"], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, "-m", marks, "-k",
+                           "triton_interp_", "-rs"], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     summary = proc.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary and "failed" not in summary, proc.stdout[-3000:]
+
+
+def test_triton_interpreted():
+    """The interpreted tests (the kernels against PyTorch's convolutions), in their own process."""
+    _run_interpreted("not slow")
+
+
+@pytest.mark.slow
+def test_triton_interpreted_slow():
+    """The slow interpreted tests (a whole model on the Triton kernels), in their own process."""
+    _run_interpreted("slow")
 
 
 @interp
@@ -244,3 +256,38 @@ def test_triton_cuda_keyconv_matches_naive():
         outs.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v, u_k, u_v))))
     for got, want in zip(*outs):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.slow  # a whole model under the interpreter: ~50 s
+@interp
+def test_triton_interp_model_with_triton_kernels(monkeypatch):
+    """A StructViT model with every pattern and depthwise convolution on the Triton kernels (routed
+    to them on CPU tensors here) computes what it computes with PyTorch's, with the gradients of
+    the input and the patterns; torch.export traces it through dynamo (no graph break)."""
+    import timm
+
+    import structvit.models  # noqa: F401
+    from structvit.nn import dwconv
+
+    keyconv = importlib.import_module("structvit.ops.backends.keyconv")  # the package exports a function of that name
+    torch.manual_seed(0)
+    model = timm.create_model("structvit_tiny", backend="keyconv").double().eval()  # BatchNorm: 1x1 maps at 32x32
+    patterns = [p for name, p in model.named_parameters() if name.endswith(("u_k", "u_v"))]
+    for p in model.parameters():  # the depthwise weight gradients are tested in test_triton_dwconv.py
+        p.requires_grad_(any(p is q for q in patterns))
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+
+    def run():
+        y = model(x)
+        return (y, *torch.autograd.grad(y.square().sum(), [x, *patterns]))
+
+    want = run()
+    monkeypatch.setattr(keyconv, "pattern_layout", lambda *args: "triton")
+    monkeypatch.setattr(dwconv, "triton_serves", lambda t: True)
+    got = run()
+    for i, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10, msg=f"output {i}")
+    exported = torch.export.export(model, (x.detach(),), strict=True)
+    targets = {str(node.target) for node in exported.graph.nodes}
+    assert any("triton_pattern_conv_forward" in t for t in targets)
+    assert any("triton_depthwise_conv_forward" in t for t in targets)

@@ -10,6 +10,10 @@ from __future__ import annotations
 import importlib.util
 
 
+# looked up once: the per-call checks read a constant, which torch.compile traces without a break
+_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def available() -> bool:
     """Whether Triton is installed (it ships with PyTorch's CUDA builds)."""
-    return importlib.util.find_spec("triton") is not None
+    return _INSTALLED
