@@ -137,17 +137,16 @@ class Predictor:
         import numpy as np
         import torch
         import torch.nn.functional as F
-        from PIL import Image
+        from .data.images import load_image
 
         p = self.preprocessing
-        with Image.open(path) as im:
-            img = im.convert("RGB")
-            if p.get("resize") == "crop":
-                from .data.transforms import build_image_transform
+        img = load_image(path)  # 8-bit RGB with the file's real range (16-bit, float, palette...)
+        if p.get("resize") == "crop":
+            from .data.transforms import build_image_transform
 
-                tf = build_image_transform(p["input_size"], train=False, mean=p["mean"], std=p["std"])
-                return tf(img)
-            x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div_(255)
+            tf = build_image_transform(p["input_size"], train=False, mean=p["mean"], std=p["std"])
+            return tf(img)
+        x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div_(255)
         s = p["input_size"]
         if tuple(x.shape[-2:]) != (s, s):  # the built-in digits: the whole image at the input size
             x = F.interpolate(x[None], size=(s, s), mode="bilinear", align_corners=False)[0].clamp_(0, 1)

@@ -180,9 +180,9 @@ def load_sample(model, input_path=None, sample: str | None = None, size=None, nu
             if video:
                 raise ArgumentError(f"--input {str(path)!r} is an image but the model is a video model; "
                                     f"pass a video file or --sample builtin:moving_digits")
-            from PIL import Image
+            from ..data.images import load_image
 
-            img = torch.from_numpy(__import__("numpy").asarray(Image.open(path).convert("RGB")).copy())
+            img = torch.from_numpy(__import__("numpy").asarray(load_image(path)).copy())
             return _frames_to_clip(img[None], model, size, None)[:, 0]
         if suffix in VIDEO_SUFFIXES:
             if not video:
