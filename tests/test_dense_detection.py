@@ -171,3 +171,25 @@ def test_config_fit_two_steps_then_validate(scenes, tmp_path):
     write_safetensors(hostile, ckpt.state_dict, dict(ckpt.metadata, hparams=json.dumps(hp)))
     with pytest.raises(ValueError, match="'box_predictor' is not a known numeric detector option"):
         predict_detections([image], hostile)
+
+
+def test_pretrained_classifier_weights_load_into_the_backbone(tmp_path):
+    import timm
+
+    from structvit.checkpoint import write_safetensors
+
+    torch.manual_seed(1)
+    classifier = timm.create_model("structvit_tiny", num_classes=10)
+    path = str(tmp_path / "classifier.safetensors")
+    write_safetensors(path, classifier.state_dict(), {"model": "structvit_tiny", "model_kwargs": "{}"})
+    module = DetectionModule("structvit_tiny", num_classes=3, min_size=64, max_size=64, pretrained=path)
+    body = module.model.backbone.body
+    loaded = body.state_dict()
+    for name, tensor in classifier.state_dict().items():
+        if not name.startswith(("head.", "norm.")):
+            assert torch.equal(loaded[name], tensor), name
+    other = timm.create_model("structvit_tiny", embed_dims=(16, 32, 64, 128), head_dim=16)
+    bad = str(tmp_path / "other.safetensors")
+    write_safetensors(bad, other.state_dict(), {})
+    with pytest.raises(ValueError, match="size mismatch in layer"):
+        DetectionModule("structvit_tiny", num_classes=3, min_size=64, max_size=64, pretrained=bad)

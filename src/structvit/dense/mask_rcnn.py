@@ -14,55 +14,14 @@ Images are resized inside the model (shorter side ``min_size`` = 800, longer sid
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-
-import timm
-import torch
 from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
-from torchvision.ops import FeaturePyramidNetwork
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-__all__ = ["FPN_CHANNELS", "build_backbone", "build_mask_rcnn", "count_parameters"]
+from .backbone import FPN_CHANNELS, build_fpn_backbone
 
-#: channels of every FPN level (torchvision's and mmdet's Mask R-CNN)
-FPN_CHANNELS = 256
-
-
-class _FeaturesFPN(nn.Module):
-    """A timm ``features_only`` backbone (four maps, strides 4-32) followed by an FPN.
-
-    ``forward(images (B, 3, H, W))`` returns ``OrderedDict`` ``'0'``-``'3'`` (strides 4-32) and
-    ``'pool'`` (stride 64), each (B, 256, H / stride, W / stride), as torchvision's detectors
-    expect; ``out_channels`` is 256.
-    """
-
-    def __init__(self, body: nn.Module, out_channels: int = FPN_CHANNELS):
-        super().__init__()
-        self.body = body
-        self.fpn = FeaturePyramidNetwork(list(body.feature_info.channels()), out_channels,
-                                         extra_blocks=LastLevelMaxPool())
-        self.out_channels = out_channels
-
-    def forward(self, images: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        maps = self.body(images)
-        return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(maps)))
-
-
-def build_backbone(name: str, *, out_channels: int = FPN_CHANNELS, **backbone_kwargs) -> nn.Module:
-    """The registered backbone ``name`` as a four-level feature extractor plus FPN (``.out_channels``)."""
-    try:
-        from .backbone import build_fpn_backbone  # the dense-prediction backbone (stage norms, windows)
-    except ImportError:
-        build_fpn_backbone = None
-    if build_fpn_backbone is not None:
-        return build_fpn_backbone(name, out_channels=out_channels, **backbone_kwargs)
-    if name not in timm.list_models():
-        raise ValueError(f"model must be a registered backbone name (see `structvit models`), got {name!r}")
-    body = timm.create_model(name, features_only=True, out_indices=(0, 1, 2, 3), **backbone_kwargs)
-    return _FeaturesFPN(body, out_channels)
+__all__ = ["build_mask_rcnn", "count_parameters"]
 
 
 def build_mask_rcnn(model: str = "structvit_tiny", num_classes: int = 81, *, min_size: int = 800,
@@ -89,7 +48,7 @@ def build_mask_rcnn(model: str = "structvit_tiny", num_classes: int = 81, *, min
         raise ValueError(f"representation_size must be a positive int, got {representation_size!r}")
     if max_size < min_size:
         raise ValueError(f"max_size must be >= min_size ({min_size}), got {max_size}")
-    backbone = build_backbone(model, **dict(backbone_kwargs or {}))
+    backbone = build_fpn_backbone(model, out_channels=FPN_CHANNELS, max_pool=True, **dict(backbone_kwargs or {}))
     cfg = _pretrained_cfg(backbone)
     resolution = 7  # the box RoIAlign's output (torchvision's MultiScaleRoIAlign default)
     box_head = TwoMLPHead(backbone.out_channels * resolution ** 2, representation_size)

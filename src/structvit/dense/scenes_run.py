@@ -27,6 +27,25 @@ CPU_DETECTOR = dict(rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=150, r
                     rpn_post_nms_top_n_test=150, box_batch_size_per_image=64, box_detections_per_img=20)
 
 
+def _progress_callback():
+    import lightning as L
+
+    class Progress(L.Callback):
+        """One line on stderr every ``every`` steps: the step, the loss, the minutes so far."""
+
+        def __init__(self, name: str, every: int):
+            self.name, self.every, self.t0 = name, every, time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            step = trainer.global_step
+            if step % self.every == 0:
+                loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
+                print(f"{self.name}: step {step}, loss {loss:.3f}, {(time.perf_counter() - self.t0) / 60:.1f} min",
+                      file=sys.stderr, flush=True)
+
+    return Progress
+
+
 def run_variant(root: str, variant: str, *, steps: int, batch_size: int, lr: float, size: int,
                 representation_size: int, seed: int, workdir: str, threads: int = 1) -> dict:
     """Train ``variant`` for ``steps`` optimiser steps on the COCO folder ``root`` (0: the
@@ -35,6 +54,7 @@ def run_variant(root: str, variant: str, *, steps: int, batch_size: int, lr: flo
     import torch
 
     torch.set_num_threads(threads)
+    _Progress = _progress_callback()
     from ..data.coco import CocoDataModule
     from ..engine.detection import DetectionModule
 
@@ -47,7 +67,7 @@ def run_variant(root: str, variant: str, *, steps: int, batch_size: int, lr: flo
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0,
                         gradient_clip_val=None, default_root_dir=os.path.join(workdir, variant),
-                        enable_model_summary=False)
+                        enable_model_summary=False, callbacks=[_Progress(variant, every=25)])
     t0 = time.perf_counter()
     if steps > 0:
         trainer.fit(module, dm)

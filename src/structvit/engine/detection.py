@@ -147,22 +147,12 @@ class DetectionModule(L.LightningModule):
 
     # ------------------------------------------------------------------ weights
     def load_backbone(self, path: str) -> list[str]:
-        """Load a classifier checkpoint of the backbone into the detector's backbone; returns
-        the backbone parameters it did not provide (e.g. the stage norms of a dense backbone)."""
-        from ..checkpoint import read_checkpoint
+        """Load a classifier checkpoint of the backbone (``structvit fit``'s ``.safetensors``, a
+        converted or original UniFormer file) into the detector's backbone; returns the backbone
+        tensors it did not provide (the stage norms of a dense backbone start fresh)."""
+        from ..dense.backbone import load_classification_weights
 
-        weights = {k: v for k, v in read_checkpoint(path).state_dict.items() if not k.startswith("head.")}
-        body = self.model.backbone.body
-        target = getattr(body, "model", body)  # timm's feature getter wraps the classifier as .model
-        own = target.state_dict()
-        bad = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
-        if bad:
-            raise ValueError(f"pretrained: {path} does not fit backbone {self.hparams.model} "
-                             f"({bad[0]}: {tuple(weights[bad[0]].shape)} vs {tuple(own[bad[0]].shape)})")
-        result = target.load_state_dict(weights, strict=False)
-        if len(result.missing_keys) == len(own):
-            raise ValueError(f"pretrained: no weight of {path} belongs to backbone {self.hparams.model}")
-        return list(result.missing_keys)
+        return list(load_classification_weights(self.model.backbone.body, path).missing)
 
     # ------------------------------------------------------------------ data checks
     def setup(self, stage: str) -> None:
