@@ -208,3 +208,18 @@ def test_config_smoke_run(config, ade, tmp_path):
     assert os.path.isfile(os.path.join(run, "checkpoints", "last.ckpt"))
     if config == CONFIGS[0]:
         assert main(["validate", *common, "--ckpt_path", "last"]) == 0
+
+
+@pytest.mark.slow  # four Lightning runs (two variants, fit and validate)
+def test_segment_scenes_command_writes_its_page(tmp_path, capsys):
+    """`structvit segment-scenes` (2 steps on a few scenes): both attention kinds and the chance row."""
+    from structvit import cli
+
+    page = tmp_path / "page.md"
+    assert cli.main(["segment-scenes", "--train", "4", "--val", "2", "--size", "48", "--steps", "2",
+                     "--batch-size", "2", "--write", str(page)]) == 0
+    text = page.read_text()
+    assert text == capsys.readouterr().out
+    assert "Written by `structvit segment-scenes --train 4 --val 2" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| attention")]
+    assert [r.split(" | ")[0] for r in rows] == ["| StructSA", "| SA", "| chance (every pixel class 0: background)"]

@@ -19,6 +19,7 @@ COMMANDS = {
     "models": ("structvit.models.summary", "list registered models with parameters and GFLOPs"),
     "data": ("structvit.data.check", "dataset tools: `structvit data check --dataset NAME --root DIR`"),
     "viz": ("structvit.viz.cli", "figures: `structvit viz attention|kernels|compare ...`"),
+    "segment-scenes": ("structvit.segment_scenes", "Semantic FPN on the built-in digit scenes, StructSA vs SA (CPU scale)"),
     "report": ("structvit.report", "parameters, GFLOPs, activation memory and throughput of a model"),
     "fit": ("structvit.engine.cli:fit", "train: `structvit fit --config configs/digits_structvit_tiny.yaml`"),
     "validate": ("structvit.engine.cli:validate", "evaluate on the validation split (`--ckpt_path best|last|FILE`)"),
