@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import structvit.ops  # noqa: F401  (FLOP formulas of the op's kernels)
-from structvit.models.deit import StructDeiT
+from structvit.models.structvit_deit import StructDeiT
 from structvit.nn import SelfAttention, StructSA
 
 NAMES = ("structvit_deit_small", "structvit_deit_tiny", "structvit_deit_small_video", "structvit_deit_tiny_video")

@@ -8,17 +8,17 @@ __all__ = ["StructViT", "ConvBlock", "AttentionBlock", "PatchEmbed", "ATTENTION_
            "VideoPretrainedCfg", "default_cfgs", "MODEL_NAMES"]
 
 # the DeiT ablation backbone (structvit_deit_*), registered on import
-from .deit import DEIT_ATTENTION_KINDS, StructDeiT  # noqa: E402
-from .deit import default_cfgs as deit_default_cfgs  # noqa: E402
+from .structvit_deit import DEIT_ATTENTION_KINDS, StructDeiT  # noqa: E402
+from .structvit_deit import default_cfgs as deit_default_cfgs  # noqa: E402
 
 DEIT_MODEL_NAMES = tuple(deit_default_cfgs)
 __all__ += ["StructDeiT", "DEIT_ATTENTION_KINDS", "deit_default_cfgs", "DEIT_MODEL_NAMES"]
+
+from .names import check_model_name, project_model_names  # noqa: E402
+
+__all__ += ["check_model_name", "project_model_names"]
 
 # the dense-prediction backbones (structvit_{s,b}_4_1_h{14,32}), registered on import
 from .structvit_dense import DENSE_MODELS  # noqa: E402
 
 __all__ += ["DENSE_MODELS"]
-
-from .names import check_model_name, project_model_names  # noqa: E402
-
-__all__ += ["check_model_name", "project_model_names"]

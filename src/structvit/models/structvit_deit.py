@@ -47,8 +47,7 @@ from timm.layers import DropPath, Mlp, register_notrace_module, trunc_normal_
 from timm.models import PretrainedCfg, build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ..nn.attention import SelfAttention, StructSA, _canonical, _record_backend, _stride_for
-from ..ops import canonical_grid, struct_attention_unchecked
+from ..nn.attention import SelfAttention, StructSA
 from .structvit import VideoPretrainedCfg, init_weights, token_grid
 
 __all__ = ["StructDeiT", "DeiTBlock", "TokenEmbed", "DEIT_ATTENTION_KINDS", "attend_with_prefix", "default_cfgs"]
@@ -77,34 +76,15 @@ def attend_with_prefix(attn: nn.Module, x: torch.Tensor, grid: Sequence[int], nu
 
     x: (B, P + N, dim), the P prefix tokens first, then the N = prod(grid) grid tokens.
     With plain :class:`SelfAttention` every token attends to all P + N tokens (DeiT).
-    With :class:`StructSA` the prefix queries attend to all P + N keys with ordinary
-    attention (scores q.k * scale, one softmax), the grid queries run StructSA over the
-    grid tokens only; both use the layer's ``qkv`` and ``proj``. Returns (B, P + N, dim).
+    With :class:`StructSA`, :meth:`StructSA.forward_with_prefix`: the prefix queries attend
+    to all P + N keys with ordinary attention, the grid queries run StructSA over the grid
+    tokens only. Returns (B, P + N, dim).
     """
     if num_prefix == 0:
         return attn(x, grid)
     if not isinstance(attn, StructSA):
         return attn(x)
-    return _struct_with_prefix(attn, x, grid, num_prefix)
-
-
-def _struct_with_prefix(attn: nn.Module, x: torch.Tensor, grid: Sequence[int], p: int) -> torch.Tensor:
-    """The StructSA case of :func:`attend_with_prefix`. Reads only attributes and compiled
-    methods of ``attn``, so it also runs on a scripted StructSA."""
-    q, k, v = attn._qkv(x)  # (B, heads, P + N, head_dim) each
-    rank = len(grid)
-    grid3 = canonical_grid(grid, x.shape[1] - p)
-    dropout_p = attn.attn_drop if attn.training else 0.0
-    prefix = F.scaled_dot_product_attention(q[:, :, :p], k, v, dropout_p=dropout_p, scale=attn.scale)
-    u_k = _canonical(attn.u_k, attn.patterns, len(attn.window), rank, q.dtype)
-    u_v = _canonical(attn.u_v, attn.patterns, len(attn.window), rank, q.dtype)
-    # contiguous grid parts: some backends want unit strides beyond the channel dim
-    out, _, backend = struct_attention_unchecked(
-        q[:, :, p:].contiguous(), k[:, :, p:].contiguous(), v[:, :, p:].contiguous(), u_k, u_v, grid3,
-        _stride_for(attn.kv_stride, rank), attn.normalize, attn.backend, attn.scale, dropout_p, False,
-        attn.memory_limit)
-    _record_backend(attn, backend)
-    return attn._out(torch.cat([prefix, out], dim=2))
+    return attn.forward_with_prefix(x, list(grid), num_prefix)
 
 
 @torch.jit.ignore
@@ -179,8 +159,8 @@ class DeiTBlock(nn.Module):
         # Python also under TorchScript, where ``self.attn`` is the C++ scripted module (not an
         # nn.Module, not callable: its methods are), so ``self.struct`` says its kind
         attn = self.attn
-        if self.struct:
-            return _struct_with_prefix(attn, x, grid, num_prefix)
+        if self.struct:  # exported, so also a method of the scripted module
+            return attn.forward_with_prefix(x, grid, num_prefix)
         return attn(x) if isinstance(attn, nn.Module) else attn.forward(x, None)  # SA over all tokens
 
     def forward(self, x: torch.Tensor, grid: List[int], num_prefix: int = 0) -> torch.Tensor:
@@ -500,8 +480,11 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> StructDeiT:
     img = _pair("img_size", args["img_size"])
     if img != tuple(default_cfgs[variant].default.input_size[1:]):
         overlay.setdefault("input_size", (args.get("in_chans", 3),) + img)
+    # features_only as timm's ViTs: every block is a level (feature_info), the last 3 by
+    # default, taken by forward_intermediates
+    out_indices = args.pop("out_indices", 3)
     return build_model_with_cfg(StructDeiT, variant, pretrained, pretrained_cfg_overlay=overlay or None,
-                                feature_cfg=dict(feature_cls="getter", out_indices=(args["depth"] - 1,)), **args)
+                                feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **args)
 
 
 @register_model

@@ -278,6 +278,25 @@ class StructSA(SelfAttention):
         _record_backend(self, backend)
         return out, weights
 
+    @torch.jit.export
+    def forward_with_prefix(self, x: torch.Tensor, grid: List[int], num_prefix: int) -> torch.Tensor:
+        """Attention of ``num_prefix`` leading tokens (a class token) and a token grid.
+
+        x: (B, P + N, dim), the P prefix tokens first, then the N = prod(grid) grid tokens
+        -> (B, P + N, dim). The prefix queries attend to all P + N keys with ordinary
+        attention (scores q.k * scale, one softmax); the grid queries run StructSA over the
+        grid tokens only (they do not see the prefix). Both use the layer's ``qkv`` and
+        ``proj``. Exported: a scripted layer has it as a method too.
+        """
+        q, k, v = self._qkv(x)  # (B, heads, P + N, head_dim) each
+        p = num_prefix
+        dropout_p = self.attn_drop if self.training else 0.0
+        prefix = F.scaled_dot_product_attention(q[:, :, :p], k, v, dropout_p=dropout_p, scale=self.scale)
+        # contiguous grid parts: some backends want unit strides beyond the channel dim
+        out, _ = self._attend(q[:, :, p:].contiguous(), k[:, :, p:].contiguous(), v[:, :, p:].contiguous(), grid,
+                              False)
+        return self._out(torch.cat([prefix, out], dim=2))
+
     def forward(self, x: torch.Tensor, grid: List[int], return_weights: bool = False):
         """x: (B, N, dim) on ``grid`` (H, W) or (T, H, W) -> (B, N, dim).
 
