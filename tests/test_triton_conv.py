@@ -48,6 +48,14 @@ def _inputs(grid, window, layout, dtype, device="cpu", b=2, h=2, c=4, d=3, seed=
     return x, u
 
 
+def _out_shape(x, u, grid, stride) -> tuple[int, ...]:
+    """(B, h, D * N', C) of the pattern keys."""
+    from structvit.ops.grid import strided_grid
+
+    b, h, _, c = x.shape
+    return (b, h, u.shape[2] * math.prod(strided_grid(grid, stride)), c)
+
+
 def _values_and_grads(layout, x, u, grid, stride, weights):
     """The pattern keys in ``layout`` and the gradients of ``sum(y * weights)`` for x and u."""
     from structvit.ops.backends.keyconv import pattern_keys
@@ -91,8 +99,7 @@ def test_triton_interp_pattern_conv_matches_pytorch_conv(grid, window, stride, l
     """Values and both gradients equal PyTorch's grouped convolutions (keyconv's
     channels-first layout) in float64."""
     x, u = _inputs(grid, window, layout, torch.float64)
-    ref = _values_and_grads("channels_first", x, u, grid, stride, torch.ones(1))
-    weights = torch.randn(ref[0].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    weights = torch.randn(_out_shape(x, u, grid, stride), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     ref = _values_and_grads("channels_first", x, u, grid, stride, weights)
     got = _values_and_grads("triton", x, u, grid, stride, weights)
     assert got[0].shape == ref[0].shape and got[0].is_contiguous()
@@ -218,8 +225,7 @@ def test_triton_cuda_pattern_conv_matches_pytorch(grid, window, stride, layout):
 
     for dtype, atol in ((torch.float64, 1e-12), (torch.float32, 1e-4)):
         x, u = _inputs(grid, window, layout, dtype, device="cuda", b=3, h=3, c=40)
-        ref = _values_and_grads("channels_first", x, u, grid, stride, torch.ones(1, device="cuda"))
-        weights = torch.randn(ref[0].shape, device="cuda", dtype=torch.float64)
+        weights = torch.randn(_out_shape(x, u, grid, stride), device="cuda", dtype=torch.float64)
         ref = _values_and_grads("channels_first", x, u, grid, stride, weights)
         got = _values_and_grads("triton", x, u, grid, stride, weights)
         for name, g, r in zip(("y", "grad x", "grad u"), got, ref):
