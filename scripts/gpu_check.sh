@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check of the Triton kernels and the GPU benchmarks, run once on a machine with CUDA
-# (about 5 minutes on an H200), from the repository root:
+# (each step under a time limit: 4 + 4 + 5 minutes at most), from the repository root:
 #
 #     OUT=/some/folder scripts/gpu_check.sh
 #
