@@ -193,3 +193,46 @@ def test_pretrained_classifier_weights_load_into_the_backbone(tmp_path):
     write_safetensors(bad, other.state_dict(), {})
     with pytest.raises(ValueError, match="size mismatch in layer"):
         DetectionModule("structvit_tiny", num_classes=3, min_size=64, max_size=64, pretrained=bad)
+
+
+def test_predict_segmentation_checkpoint(tmp_path):
+    """`structvit predict IMAGE --checkpoint` with a Semantic FPN export: label PNG, JSON, overlay."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from structvit.checkpoint import write_safetensors
+    from structvit.dense.predict import predict_segmentation
+    from structvit.engine.segmentation import SegmentationModule
+    from structvit.predict import main as predict_main
+
+    torch.manual_seed(0)
+    module = SegmentationModule("structvit_tiny", num_classes=5, head_channels=32).eval()
+    path = str(tmp_path / "seg.safetensors")
+    write_safetensors(path, module.model.state_dict(), module.export_metadata())
+    image = str(tmp_path / "scene.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)).save(image)
+    out = str(tmp_path / "out")
+    assert predict_main([image, "--checkpoint", path, "--out", out, "--scale", "128", "64"]) == 0
+    labels = np.asarray(Image.open(os.path.join(out, "scene_labels.png")))
+    assert labels.shape == (48, 80) and labels.min() >= 1 and labels.max() <= 5
+    with open(os.path.join(out, "scene.json")) as f:
+        result = json.load(f)
+    assert sum(c["fraction"] for c in result["classes"]) == pytest.approx(1.0, abs=1e-3)
+    assert {c["label"] for c in result["classes"]} == set(np.unique(labels).tolist())
+    with Image.open(os.path.join(out, "scene_overlay.png")) as im:
+        assert im.size == (80, 48)
+    # the labels are the model's own argmax at the requested scale, resized back
+    from structvit.data.ade20k import SegEvalTransform
+
+    x, _ = SegEvalTransform((128, 64))(torch.from_numpy(np.array(Image.open(image))).permute(2, 0, 1).float() / 255,
+                                       torch.zeros(48, 80))
+    with torch.no_grad():
+        logits = torch.nn.functional.interpolate(module.model(x[None]), size=(48, 80), mode="bilinear",
+                                                 align_corners=False)
+    assert np.array_equal(labels, logits[0].argmax(0).numpy() + 1)
+    with pytest.raises(ValueError, match="not a detection checkpoint"):
+        from structvit.dense.predict import predict_detections
+        predict_detections([image], path)
+    assert predict_segmentation([str(tmp_path / "missing.png")], path)[0]["error"]
