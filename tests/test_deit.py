@@ -264,3 +264,20 @@ def test_deit_small_matches_the_published_size(attention, params_m, gmacs):
     assert abs(macs / 1e9 - gmacs) / gmacs < 0.10, macs
     sa_params, sa_macs = _count("structvit_deit_small", attention="sa")
     assert sa_params < params and sa_macs < macs  # StructSA adds patterns and attention work
+
+
+@pytest.mark.parametrize("video", [False, True])
+def test_class_token_model_scripts_and_equals_eager(video, one_thread):
+    """The class-token path runs ``StructSA.forward_with_prefix``, exported, so a scripted
+    model takes it too, with eager's output."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = _tiny(video, class_token=True).eval()
+    x = torch.randn(1, 3, 4, 32, 32) if video else torch.randn(1, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch deprecates TorchScript; it still works
+        scripted = torch.jit.script(model)
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), model(x), atol=1e-6)
+    assert isinstance(model.blocks[0].attn, StructSA) and hasattr(scripted.blocks[0].attn, "forward_with_prefix")

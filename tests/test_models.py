@@ -1,4 +1,4 @@
-"""StructViT model family: registry and names, the timm contract, block placement, argument
+"""StructViT model family: registry and names, block placement, argument
 checks, the FLOP counter and the paper's parameters / GFLOPs.
 
 Only the tiny models run forward passes on real tensors; the paper-sized models are built
@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from model_helpers import randomise_bn
 import structvit  # noqa: F401  (registers the models)
 from structvit.models import MODEL_NAMES, PAPER_MODELS, StructViT, default_cfgs
-from structvit.models.summary import (PAPER_ROWS, count_flops, count_params, default_input_shape, main,
+from structvit.models.summary import (PAPER_ROWS, count_flops, count_params, main,
                                       paper_markdown, paper_table, summarize)
 from structvit.nn import SelfAttention, StructSA
 
@@ -91,31 +91,6 @@ def test_paper_model_architecture(name):
         assert timm.get_pretrained_cfg_value(name, "num_frames") == frames
     else:
         assert model.num_frames is None and "num_frames" not in cfg
-
-
-@pytest.mark.parametrize("name", STRUCTVIT_NAMES)
-def test_timm_contract_on_meta(name):
-    """feature_info, pool_size = the real last-stage grid, classifier reset, weight-decay exemptions."""
-    model = _meta(name).eval()
-    widths = model.embed_dims
-    assert [f["num_chs"] for f in model.feature_info] == list(widths)
-    assert [f["reduction"] for f in model.feature_info] == [4, 8, 16, 32]
-    assert [f["module"] for f in model.feature_info] == ["blocks1", "blocks2", "blocks3", "blocks4"]
-    cfg = model.pretrained_cfg
-    assert cfg["first_conv"] == "patch_embed1.proj" and cfg["classifier"] == "head"
-    assert cfg["mean"] == timm.data.IMAGENET_DEFAULT_MEAN and 0 < cfg["crop_pct"] <= 1
-    feats = model.forward_features(torch.zeros(default_input_shape(model), device="meta"))
-    assert tuple(feats.shape[2:]) == tuple(cfg["pool_size"]) and feats.shape[1] == widths[-1]
-    model.reset_classifier(0)
-    assert isinstance(model.get_classifier(), torch.nn.Identity) and model.num_classes == 0
-    model.reset_classifier(7)
-    assert model.head.out_features == 7 and model.num_classes == 7
-    nwd = model.no_weight_decay()
-    names = dict(model.named_parameters())
-    assert nwd <= set(names)
-    patterns = {n for n in names if n.endswith((".attn.u_k", ".attn.u_v"))}
-    assert len(patterns) == 2 * len(_structsa_layers(model)) > 0 and patterns <= nwd
-    assert not any(n.endswith(".qkv.weight") for n in nwd)
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -258,33 +233,6 @@ def test_no_weight_decay_and_optimizer_groups():
     no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
     assert id(params["blocks3.1.attn.u_k"]) in no_decay and id(params["blocks1.0.pos_embed.weight"]) in no_decay
     assert id(params["blocks3.1.attn.qkv.weight"]) not in no_decay
-
-
-@pytest.mark.parametrize("name,shape", [("structvit_tiny", (1, 3, 64, 64)), ("structvit_tiny_video", (1, 3, 4, 64, 64))])
-def test_features_only(name, shape):
-    feat = timm.create_model(name, features_only=True).eval()
-    outs = feat(torch.randn(shape))
-    assert feat.feature_info.channels() == [32, 64, 128, 256]
-    assert feat.feature_info.reduction() == [4, 8, 16, 32]
-    assert len(outs) == 4
-    for out, c, r in zip(outs, feat.feature_info.channels(), feat.feature_info.reduction()):
-        assert out.shape[:2] == (1, c) and tuple(out.shape[-2:]) == (64 // r, 64 // r)
-        if len(shape) == 5:
-            assert out.shape[2] == 2  # time halved once, at the stem
-    sub = timm.create_model(name, features_only=True, out_indices=(1, 2)).eval()
-    outs2 = sub(torch.randn(shape))
-    assert [o.shape[1] for o in outs2] == [64, 128] and sub.feature_info.channels() == [64, 128]
-    assert len(sub.model.blocks4) == 0  # stages after the last wanted one are pruned
-
-
-def test_features_match_forward_intermediates():
-    model = timm.create_model("structvit_tiny").eval()
-    x = _input(model, size=64)
-    final, inter = model.forward_intermediates(x)
-    assert torch.allclose(final, model.forward_features(x), atol=1e-6)
-    assert [t.shape[1] for t in inter] == [32, 64, 128, 256]
-    early = model.forward_intermediates(x, indices=[0], stop_early=True, intermediates_only=True)
-    assert len(early) == 1 and torch.allclose(early[0], inter[0])
 
 
 def test_variable_resolution_and_frames():

@@ -21,6 +21,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 import structvit  # noqa: F401  (registers the models)
 from structvit.models import StructDeiT
+from structvit.nn import StructSA
 
 NAMES = tuple(timm.list_models("structvit*"))
 TINY = tuple(n for n in NAMES if "tiny" in n)
@@ -138,6 +139,63 @@ def test_features_only_on_meta(name):
     assert [o.shape[1] for o in outs] == features.feature_info.channels()
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_feature_levels_and_cfg_names(name):
+    """feature_info as timm's families give it: StructViT one level per stage (reductions 4-32),
+    the DeiT-style models one per block as timm's ViTs, ``features_only`` taking the last 3 of
+    them by default; the cfg's layer names, and the weight-decay exemptions."""
+    model = _meta(name).eval()
+    cfg = model.pretrained_cfg
+    assert cfg["classifier"] == "head" and cfg["mean"] == timm.data.IMAGENET_DEFAULT_MEAN and 0 < cfg["crop_pct"] <= 1
+    info = model.feature_info
+    if isinstance(model, StructDeiT):
+        assert cfg["first_conv"] == "patch_embed.proj"
+        assert [f["module"] for f in info] == [f"blocks.{i}" for i in range(model.depth)]
+        assert {f["num_chs"] for f in info} == {model.embed_dim} and {f["reduction"] for f in info} == {model.patch_size}
+        want_levels = [f"blocks.{i}" for i in range(model.depth)][-3:]
+    else:
+        assert cfg["first_conv"] == "patch_embed1.proj"
+        assert [f["num_chs"] for f in info] == list(model.embed_dims)
+        assert [f["reduction"] for f in info] == [4, 8, 16, 32]
+        assert [f["module"] for f in info] == ["blocks1", "blocks2", "blocks3", "blocks4"]
+        want_levels = ["blocks1", "blocks2", "blocks3", "blocks4"]
+    assert _meta(name, features_only=True).feature_info.module_name() == want_levels
+    nwd = model.no_weight_decay()
+    names = dict(model.named_parameters())
+    assert nwd <= set(names)
+    patterns = {n for n in names if n.endswith((".attn.u_k", ".attn.u_v"))}
+    structsa = [m for m in model.modules() if isinstance(m, StructSA)]
+    assert len(patterns) == 2 * len(structsa) > 0 and patterns <= nwd
+    assert not any(n.endswith(".qkv.weight") for n in nwd)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_features_only_and_pruning(name, one_thread):
+    """Real tensors: ``features_only`` maps equal ``forward_intermediates``; an ``out_indices``
+    subset keeps those levels and prunes what follows the last one."""
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    x = _tiny_input(name)
+    n_levels = len(model.feature_info)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        assert torch.allclose(final, model.forward_features(x), atol=1e-6) and len(maps) == n_levels
+        early = model.forward_intermediates(x, indices=[0], stop_early=True, intermediates_only=True)
+        assert len(early) == 1 and torch.allclose(early[0], maps[0], atol=1e-6)
+        torch.manual_seed(0)  # the same weights
+        feats = timm.create_model(name, features_only=True).eval()
+        default = list(range(n_levels))[-3:] if isinstance(model, StructDeiT) else list(range(n_levels))
+        for got, i in zip(feats(x), default, strict=True):
+            assert torch.allclose(got, maps[i], atol=1e-6)
+        sub = timm.create_model(name, features_only=True, out_indices=(1, 2)).eval()
+        outs = sub(x)
+    assert [o.shape for o in outs] == [maps[1].shape, maps[2].shape]
+    if isinstance(model, StructDeiT):
+        assert len(sub.model.blocks) == 3  # blocks after the last wanted one are pruned
+    else:
+        assert len(sub.model.blocks4) == 0  # stages after the last wanted one are pruned
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_tiny_forward_backward_and_checkpointing(name, one_thread):
     torch.manual_seed(0)
@@ -210,7 +268,7 @@ def test_scripted_model_cannot_be_saved(tmp_path, one_thread):
 
 
 def test_struct_attention_layers_are_fx_leaves():
-    from structvit.models.deit import DeiTBlock
+    from structvit.models.structvit_deit import DeiTBlock
     from structvit.nn import SelfAttention, StructSA
 
     assert {SelfAttention, StructSA, DeiTBlock} <= set(get_notrace_modules())
