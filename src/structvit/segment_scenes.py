@@ -74,12 +74,18 @@ def run(root: str, *, model: str = "structvit_tiny", steps: int = 300, batch_siz
     return rows, chance
 
 
+def _machine() -> str:
+    from .ops.cpuinfo import cpu_model, logical_cpus
+
+    return f"{cpu_model()} ({logical_cpus()} logical CPUs, {torch.get_num_threads()} torch threads)"
+
+
 def markdown(rows, chance, *, command: str, counts: dict, size: int, model: str, steps: int, batch_size: int,
              crop: int, lr: float, seed: int) -> str:
     lines = [
         "# Semantic segmentation on the built-in digit scenes (CPU scale)",
         "",
-        f"Written by `{command}`.",
+        f"Written by `{command}` on {_machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         f"Data: {counts['train']} train and {counts['val']} validation digit scenes of {size} x {size} pixels "
         "(`structvit.data.scenes`, exported in the ADE20K layout and read by the ADE20K reader; train and "
