@@ -15,7 +15,9 @@ StructViT-X-D-S = size X (S, B, L), D structural patterns, key/value stride S:
 - video (Kinetics-400, 400 classes): the same names with ``_video``; clips of 16 frames
   (S) or 32 frames (B, L) by default;
 - ``structvit_tiny``, ``structvit_tiny_video``: small models with the paper's defaults
-  (channel-wise patterns, D = 4, stride 1) for CPU experiments.
+  (channel-wise patterns, D = 4, stride 1) for CPU experiments;
+- dense prediction (:mod:`.structvit_dense`): ``structvit_{s,b}_4_1_h{14,32}``, UniFormer's
+  hybrid windowed stage 3 (``window_size``) with a norm on each stage output (``dense=True``).
 
 Paper defaults: channel-wise StructSA (``patterns="channel"``) with one joint softmax
 over the D*N scores, windows 3x3 (images) and 3x3x3 (video), in every attention block
