@@ -137,6 +137,15 @@ def test_config_fit_two_steps_then_validate(scenes, tmp_path):
     assert main(["fit", *common, "--trainer.max_steps", "2", "--trainer.num_sanity_val_steps", "0"]) == 0
     assert os.path.isfile(os.path.join(run, "checkpoints", "last.ckpt"))
     assert main(["validate", *common, "--ckpt_path", "last"]) == 0
+    # structvit predict --config: the test split's detections in COCO's results format
+    assert main(["predict", *common, "--ckpt_path", "last"]) == 0
+    gt = CocoDetection(scenes, "val2017").coco
+    for kind in ("bbox", "segm"):
+        with open(os.path.join(run, f"detections_{kind}.json")) as f:
+            results = json.load(f)
+        assert results and {r["image_id"] for r in results} <= set(gt.imgs)
+        assert {r["category_id"] for r in results} <= set(gt.cats)
+        gt.loadRes(results)  # pycocotools accepts them as results
 
     # structvit predict IMAGE --checkpoint: the .ckpt and its .safetensors export give the same detections
     from structvit.predict import main as predict_main

@@ -206,6 +206,9 @@ class StructViTCLI(LightningCLI):
         trainer = self.trainer
         out_dir = trainer.log_dir or trainer.default_root_dir
         os.makedirs(out_dir, exist_ok=True)
+        if hasattr(self.model, "write_predictions"):  # dense models write their own format (COCO results, PNGs)
+            print(self.model.write_predictions(out_dir, self.predictions or [], trainer.global_rank, trainer.world_size))
+            return
         name = "predictions.csv" if trainer.world_size == 1 else f"predictions_rank{trainer.global_rank}.csv"
         path = os.path.join(out_dir, name)
         n, skipped = write_predictions(path, self.predictions or [], self.datamodule)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 from typing import Optional, Sequence
 
 import lightning as L
@@ -256,9 +257,25 @@ class DetectionModule(L.LightningModule):
         self._evaluate("test")
 
     def predict_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        """COCO result entries (boxes and RLE segmentations, category ids) of the batch's images."""
         images, targets = batch
-        return [{"image_id": t.get("image_id"), **{k: v.cpu() for k, v in d.items()}}
-                for d, t in zip(self.model(images), targets)]
+        ids = [t["image_id"] for t in targets]
+        dataset = self._dataset("test")
+        boxes, masks = coco_results(self.model(images), ids, dataset.label_to_category, self.hparams.mask_threshold)
+        return {"image_ids": ids, "bbox": boxes, "segm": masks}
+
+    def write_predictions(self, out_dir: str, batches, rank: int = 0, world_size: int = 1) -> str:
+        """``detections_bbox.json`` and ``detections_segm.json`` in COCO's results format (the
+        format of a COCO test-dev submission); returns the line the CLI prints."""
+        suffix = "" if world_size == 1 else f"_rank{rank}"
+        images = sum(len(b["image_ids"]) for b in batches if b)
+        paths = []
+        for kind in ("bbox", "segm"):
+            path = os.path.join(out_dir, f"detections_{kind}{suffix}.json")
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump([r for b in batches if b for r in b[kind]], f)
+            paths.append(path)
+        return f"detections of {images} images written to {' and '.join(paths)} (COCO results format)"
 
     # ------------------------------------------------------------------ export
     def _data_metadata(self) -> dict:
