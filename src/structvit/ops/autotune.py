@@ -47,7 +47,8 @@ from pathlib import Path
 import torch
 
 from .. import config
-from . import cpuinfo, timing
+from . import cpuinfo, native, timing
+from .backends import BACKENDS
 
 FILE_VERSION = 1
 # below this many forward multiply-adds (the cheapest candidate's) the cost model decides:
@@ -105,8 +106,6 @@ def machine_key() -> str:
     s = config.settings()
     memo = (s.native_arch, s.native, s.native_openmp, s.cxx, torch.get_num_threads())
     if memo not in _machine_keys:
-        from . import native
-
         source = native.source_bytes()
         parts = [cpuinfo.machine_fingerprint(), torch.__version__, hashlib.sha256(source).hexdigest(),
                  *map(str, memo)]
@@ -254,8 +253,6 @@ def timed_rounds(fns: dict, repeats: int = REPEATS, close: float = CLOSE, extra:
 def measure(probe: Probe, candidates: list[str], memory_limit: int | None) -> dict[str, list[float]]:
     """Every timed run (seconds) of one call (forward, + backward when training) of each
     candidate, in interleaved rounds (:func:`timed_rounds`)."""
-    from .backends import BACKENDS
-
     gen = torch.Generator().manual_seed(0)
     tensors = _inputs(probe, gen)
     scale = probe.q_shape[-1] ** -0.5

@@ -2,9 +2,8 @@
 
 PyTorch's CPU allocator returns large blocks to the system (glibc maps every block over
 32 MiB with mmap), so a buffer allocated anew on every call is page-faulted and zeroed by
-the kernel anew: for the folded map At that the fused backend keeps for backward (98 MiB
-for the 8x14x14 video case of ``python -m structvit.bench op``) plus its chunk buffers,
-a noticeable part of a forward + backward (see docs/results/performance.md).
+the kernel anew: for the folded map At that the fused backend keeps for backward (B*h*N^2
+elements) plus its chunk buffers, a noticeable part of a forward + backward at video sizes.
 :class:`BufferCache` keeps freed buffers and hands them out again, like the CUDA
 caching allocator does on GPUs.
 
