@@ -232,3 +232,18 @@ def test_tiny_dense_model_trains():
     sum(f.square().mean() for f in feats).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, missing
+
+
+def test_uniformer_weights_start_the_structsa_backbone_sa_equivalent():
+    """An SA (UniFormer) classifier's state dict into the StructSA dense backbone: the patterns
+    start SA-equivalent, so (one window covering the map) the pre-norm maps are UniFormer's."""
+    sa = _tiny(struct_blocks=(0, 0))
+    _randomise_norms(sa)
+    dense = timm.create_model("structvit_tiny", dense=True, window_size=4).double().eval()
+    report = load_classification_weights(dense, {"model": sa.state_dict()})  # UniFormer's release wrapper
+    assert len(report.sa_initialised) == 3  # blocks3.0, blocks3.1, blocks4.0
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    want = sa.forward_intermediates(x, intermediates_only=True)
+    dense.dense = False  # the maps before the stage norms
+    for got, ref in zip(dense.forward_intermediates(x, intermediates_only=True), want):
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
