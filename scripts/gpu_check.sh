@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check of the Triton kernels and the GPU benchmarks, run once on a machine with CUDA
-# (each step under a time limit: 4 + 4 + 5 minutes at most), from the repository root:
+# (each step under a time limit: 2 + 2.5 + 3.5 minutes, 8 in all), from the repository root:
 #
 #     OUT=/some/folder scripts/gpu_check.sh
 #
@@ -8,7 +8,9 @@
 #    (pytest -k "triton or cuda"; the interpreted tests are CPU-only and left to the CPU suite);
 # 2. the op table on CUDA (python -m structvit.bench op --device cuda), page $OUT/performance-gpu.md;
 # 3. the training-step table on CUDA in bf16 (bench model --device cuda --precision bf16-mixed),
-#    page $OUT/performance-gpu-model.md; logs in $OUT/*.log.
+#    page $OUT/performance-gpu-model.md; logs in $OUT/*.log. The pages are rewritten after every
+#    case / row, so a step stopped at its limit keeps what it measured.
+# Through the device tool: run(command="OUT=$OUT scripts/gpu_check.sh", timeout_s=540); no carry.
 #
 # Runs the project from src/ (PYTHONPATH=src) with $PYTHON (default python3). Without CUDA it runs
 # the same steps on the CPU with the smallest cases (so that the plumbing is exercised), says
@@ -43,12 +45,12 @@ fi
     || echo "(Triton is not importable: the kernels' tests skip)"
 [ "$cuda" = 1 ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 
-step tests 240 "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/test_triton_conv.py tests/test_triton_dwconv.py \
+step tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/test_triton_conv.py tests/test_triton_dwconv.py \
     tests/test_bench.py tests/test_channels_last.py -k "(triton or cuda) and not test_triton_interpreted"
 
 if [ "$cuda" = 1 ]; then
-    step op 240 "$PYTHON" -m structvit.bench op --device cuda --repeats 5 --write "$OUT/performance-gpu.md"
-    step model 300 "$PYTHON" -m structvit.bench model --device cuda --what train --precision bf16-mixed --repeats 3 \
+    step op 150 "$PYTHON" -m structvit.bench op --device cuda --repeats 5 --write "$OUT/performance-gpu.md"
+    step model 210 "$PYTHON" -m structvit.bench model --device cuda --what train --precision bf16-mixed --repeats 3 \
         --write "$OUT/performance-gpu-model.md"
 else
     echo "no CUDA here: the tables run on the CPU with the smallest cases, to check the plumbing only"

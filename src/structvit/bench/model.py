@@ -204,6 +204,8 @@ def run_model(*, what=("train", "infer"), models: list[str] | None = None, image
     def emit(line: str = "") -> None:
         out.append(line)
         print(line, flush=True)
+        if write and line.startswith("| "):  # after every row: a run stopped at a time limit keeps its rows
+            _write_page(write, out, argv)
 
     emit(f"# machine: {machine_line(dev)}")
     emit(f"# StructViT model benchmark: device={dev}"

@@ -350,8 +350,9 @@ def run_op(*, cases: list[str] | None = None, backends: list[str] | None = None,
                              profile_top=profile_top)
         tables.append(format_op_table(case, rows))
         print(tables[-1], "\n", flush=True)
+        if write:  # after every case: a run stopped at a time limit keeps what it measured
+            write_performance(write, tables, dev, argv=argv, stat=stat)
     if write:
-        write_performance(write, tables, dev, argv=argv, stat=stat)
         print(f"wrote {write}")
     return tables
 
