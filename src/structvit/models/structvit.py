@@ -75,13 +75,17 @@ register_notrace_module(DepthwiseConv3d)
 
 
 @torch.jit.ignore
-def _check_input(x: torch.Tensor, video: bool) -> None:
-    """Python (also under TorchScript), a leaf under torch.fx (``torch.fx.wrap`` below)."""
+def _check_input(x: torch.Tensor, video: bool, min_size: int = 1) -> None:
+    """Python (also under TorchScript), a leaf under torch.fx (``torch.fx.wrap`` below).
+    ``min_size``: the smallest height and width every stage can embed (the last stage's stride)."""
     want = 5 if video else 4
     if not isinstance(x, torch.Tensor) or x.dim() != want:
         layout = "(B, C, T, H, W)" if video else "(B, C, H, W)"
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{'video' if video else 'image'} model expects input {layout}, got {got}")
+    if x.shape[-2] < min_size or x.shape[-1] < min_size:
+        raise ValueError(f"the model's minimum input size is {min_size}x{min_size} pixels (the last stage's "
+                         f"stride), got {x.shape[-2]}x{x.shape[-1]}")
 
 
 def token_grid(x: torch.Tensor) -> List[int]:
@@ -626,7 +630,7 @@ class StructViT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, [T,] H, W) -> the normalised last-stage map (B, C4, [T',] H/32, W/32)."""
-        _check_input(x, self.video)
+        _check_input(x, self.video, 1 if self.dense else self.dense_stride)
         if self.dense:
             x = pad_to_multiple(x, self.dense_stride)
         if torch.jit.is_scripting():
