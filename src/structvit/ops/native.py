@@ -19,6 +19,14 @@ A cached library is loaded only if its SHA-256 matches the one recorded when it 
 built, so a truncated or foreign file (which ``dlopen`` would map and crash on) is
 rebuilt instead; an unwritable cache directory falls back to a private temporary one.
 
+The C ABI: each kernel takes one argument structure (:class:`ConvArgs`, :class:`FusedArgs`,
+mirrored by ``csrc/abi.h``) and the data pointers of its tensors, and returns NULL or a
+message saying what it refused (:func:`call` raises it as :class:`KernelRefused`). The
+library reports its ABI version and each structure's field list and size, which are
+compared with this module's when it loads; a cached library that differs is rebuilt.
+The custom ops check their arguments in Python first; the kernels' own checks (a
+consistent geometry, buffers that hold what it reaches) are a second line of defence.
+
 Threads: where PyTorch's own GNU OpenMP runtime (``libgomp.so.1``) is loaded, the kernel is
 built with ``-fopenmp`` and runs on PyTorch's thread pool (the dynamic loader binds the
 kernel's ``libgomp.so.1`` to the copy already in the process); elsewhere (or with
