@@ -39,12 +39,7 @@ tasks:
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _tiny(tmp_path) -> Path:
@@ -274,7 +269,7 @@ PAPER_STUDY = ROOT / "configs" / "study" / "paper.yaml"
 
 
 def test_paper_plan_tables_variants_and_equal_budget():
-    from structvit.models.deit import StructDeiT
+    from structvit.models.structvit_deit import StructDeiT
     from structvit.nn.attention import SelfAttention
 
     study = S.load_study(PAPER_STUDY)

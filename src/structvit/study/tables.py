@@ -26,14 +26,19 @@ def collect(out: Path | str) -> list[dict]:
     return sorted(rows, key=lambda r: (r["task"], r["variant"], r["seed"]))
 
 
-def write_results_csv(rows: list[dict], path: Path | str) -> Path:
-    """``results.csv``: one row per run, the columns :data:`RESULT_COLUMNS`."""
+def _write_csv(rows: list[dict], columns, path: Path | str) -> Path:
+    """``columns`` of every row (empty where a row lacks one) into the CSV file ``path``."""
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: r.get(k) for k in RESULT_COLUMNS})
+            w.writerow({k: r.get(k) for k in columns})
     return Path(path)
+
+
+def write_results_csv(rows: list[dict], path: Path | str) -> Path:
+    """``results.csv``: one row per run, the columns :data:`RESULT_COLUMNS`."""
+    return _write_csv(rows, RESULT_COLUMNS, path)
 
 
 def read_results_csv(path: Path | str) -> list[dict]:
@@ -131,13 +136,7 @@ def paper_summary_columns(study: dict) -> list[str]:
 
 def write_paper_summary_csv(summary: list[dict], study: dict, path: Path | str) -> Path:
     """One row per (paper table, row, task) of :func:`structvit.study.stats.paper_summary`."""
-    cols = paper_summary_columns(study)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for e in summary:
-            w.writerow({k: e.get(k) for k in cols})
-    return Path(path)
+    return _write_csv(summary, paper_summary_columns(study), path)
 
 
 def paper_markdown(summary: list[dict], study: dict, *, command: str = "") -> str:
