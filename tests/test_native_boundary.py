@@ -328,3 +328,33 @@ def test_boundary_under_asan(tmp_path):
     check_results(lines, res)
     libraries = list(tmp_path.glob("structvit_kernels_*.so"))
     assert libraries and all(b"__asan_" in lib.read_bytes() for lib in libraries)  # instrumented builds ran
+
+
+def test_abi_check_compares_version_fields_and_size(monkeypatch):
+    import ctypes
+
+    lib = native.load()
+    assert native.abi_mismatch(lib) is None
+    monkeypatch.setattr(native, "ABI_VERSION", native.ABI_VERSION + 1)
+    assert f"expected {native.ABI_VERSION}" in native.abi_mismatch(lib)
+    monkeypatch.undo()
+
+    class Swapped(native._KernelArgs):  # the first two fields in the other order: same size, other meaning
+        _fields_ = [native.ConvArgs._fields_[1], native.ConvArgs._fields_[0], *native.ConvArgs._fields_[2:]]
+
+    monkeypatch.setitem(native.ARG_STRUCTS, "conv", Swapped)
+    assert "conv argument structure" in native.abi_mismatch(lib)
+
+    class Longer(native._KernelArgs):
+        _fields_ = [*native.FusedArgs._fields_, ("extra", ctypes.c_int64)]
+
+    monkeypatch.setitem(native.ARG_STRUCTS, "fused", Longer)
+    monkeypatch.setitem(native.ARG_STRUCTS, "conv", native.ConvArgs)
+    assert "fused argument structure" in native.abi_mismatch(lib)
+
+
+def test_argument_structures_need_every_field():
+    with pytest.raises(TypeError, match=r"missing fields \['y_len'\]"):
+        native.ConvArgs(**{name: 1 for name, _ in native.ConvArgs._fields_ if name != "y_len"})
+    with pytest.raises(TypeError, match=r"unknown fields \['dims'\]"):
+        native.FusedArgs(dims=0, **{name: 1 for name, _ in native.FusedArgs._fields_})
