@@ -12,6 +12,8 @@ import random
 import time
 from typing import Callable
 
+from .checks import check_positive_int
+
 
 def timed_rounds(fns: dict[str, Callable[[], object]], repeats: int, *, warmup: int = 1, close: float = 0.0,
                  extra: int = 0, sync: Callable[[], None] | None = None, clock: Callable[[], float] = time.perf_counter,
@@ -23,8 +25,7 @@ def timed_rounds(fns: dict[str, Callable[[], object]], repeats: int, *, warmup: 
     (relative), up to ``extra`` rounds of just those two. ``sync`` runs before and after
     each timed call (e.g. ``torch.cuda.synchronize`` for asynchronous devices).
     """
-    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
-        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    check_positive_int("repeats", repeats)
     order = random.Random(seed)
     for fn in fns.values():
         for _ in range(warmup):
