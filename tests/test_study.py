@@ -260,8 +260,16 @@ def test_one_command_end_to_end_and_resume(tmp_path, capsys):
     assert "top-1" in text
     res = json.loads((out / "moving_digits" / "structsa_d2" / "seed0" / S.RESULT).read_text())
     assert res["steps"] == 2 and 0.0 <= res["acc1"] <= 1.0 and res["params"] > 0 and res["gflops"] > 0
-    assert S.main(["ablation", "--config", str(cfg), "--out", str(out), "--steps", "2", "--resume"]) == 0
+    docs = tmp_path / "docs"  # --write: the finished runs published with their page
+    assert S.main(["ablation", "--config", str(cfg), "--out", str(out), "--steps", "2", "--resume", "--write",
+                   "--results-dir", str(docs)]) == 0
     assert capsys.readouterr().out.count("(skipped)") == 2
+    published = S.read_results_csv(docs / "study_ablation_results.csv")
+    assert [(r["variant"], r["acc1"]) for r in published] == [
+        (r["variant"], r["acc1"]) for r in S.collect(out)]
+    page = (docs / "study_ablation.md").read_text()
+    assert "| SA | 0 |" in page and (docs / "study_ablation.png").is_file()
+    assert f"--report --config {cfg} --results-dir {docs}`" in page
 
 
 # ------------------------------------------------------------------ the paper's ablations (study paper)
