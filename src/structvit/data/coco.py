@@ -50,12 +50,16 @@ def annotation_file(root: str, split: str) -> str:
 
 
 def _inside(folder: str, name) -> Optional[str]:
-    """``folder/name`` if ``name`` is a relative path that stays inside ``folder``, else None."""
+    """``folder/name`` if ``name`` is a relative path that stays inside ``folder`` (links
+    followed), else None."""
+    from .files import OutsideRootError, inside_root
+
     if not isinstance(name, str) or not name or os.path.isabs(name) or "\x00" in name:
         return None
-    base = os.path.realpath(folder)
-    path = os.path.realpath(os.path.join(base, name))
-    return path if path.startswith(base + os.sep) else None
+    try:
+        return inside_root(os.path.join(folder, name), folder)
+    except OutsideRootError:
+        return None
 
 
 def _is_number(v) -> bool:
