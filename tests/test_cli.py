@@ -122,3 +122,26 @@ def test_bench_model_inference_table(capsys):
     counts = [part.strip().rsplit(" x", 1) for part in cells[9].split(",")]
     assert all(name in ("naive", "correlation", "keyconv", "fused") for name, _ in counts)
     assert sum(int(n) for _, n in counts) == 3
+
+
+def test_file_errors_of_any_command_are_one_line(tmp_path, capsys):
+    """A folder that cannot be written (here: under a regular file) ends a command in one line
+    naming the path; the traceback setting shows the traceback instead."""
+    from structvit import config
+
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("")
+    out = blocker / "figures"
+    argv = ["viz", "attention", "--model", "structvit_tiny", "--model-kwargs",
+            '{"depths": [1, 1, 1, 1], "embed_dims": [16, 32, 64, 128], "head_dim": 16, "num_patterns": 2}',
+            "--out", str(out)]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(lines) == 1 and "Traceback" not in err and str(out) in lines[0], err[-2000:]
+    config.set_traceback(True)
+    try:
+        with pytest.raises(NotADirectoryError):
+            cli.main(argv)
+    finally:
+        config.reload_from_environment()

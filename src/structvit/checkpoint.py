@@ -46,7 +46,7 @@ from typing import Any, Iterator, Mapping, Optional
 import torch
 
 __all__ = ["WRAPPER_KEYS", "Checkpoint", "CheckpointError", "CheckpointWriteError", "read_checkpoint",
-           "unwrap_state_dict", "check_metadata", "check_model_kwargs", "check_preprocessing",
+           "unwrap_state_dict", "load_torch", "check_metadata", "check_model_kwargs", "check_preprocessing",
            "loadable_reason", "newest_loadable", "atomic_write", "write_safetensors", "save_torch"]
 
 #: keys under which checkpoints wrap their state dict, tried in this order (Lightning,
@@ -116,7 +116,9 @@ def _first_line(err: BaseException) -> str:
 # --------------------------------------------------------------------------- reading
 
 
-def _load_torch(path: str, trust: bool = False, mmap: bool = False):
+def load_torch(path: str, trust: bool = False, mmap: bool = False):
+    """``torch.load`` of ``path`` on the CPU, weights only unless ``trust``; a file that cannot
+    be read raises :class:`CheckpointError` starting with its path."""
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust, mmap=mmap)
     except pickle.UnpicklingError as err:
@@ -219,7 +221,7 @@ def read_checkpoint(path, *, trust: bool = False) -> Checkpoint:
                           view_average=hparams.get("view_average", "softmax") if isinstance(hparams, dict)
                           else "softmax", metadata=meta)
     else:
-        obj = _load_torch(path, trust)
+        obj = load_torch(path, trust)
         if not isinstance(obj, Mapping):
             raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
         sd = unwrap_state_dict(obj, path)
@@ -249,13 +251,14 @@ def _preprocessing_from_datamodule(hp: Mapping) -> Optional[dict]:
     (checkpoints written before the engine stored ``preprocessing``)."""
     from .data.datamodule import build_datamodule
 
-    hp = dict(hp)
+    # only plain settings: nothing that names a file or folder to open
+    hp = {k: v for k, v in hp.items() if k not in ("root", "reader_options", "moving_digits_options") and _plain(v)}
     dataset = hp.pop("dataset", None)
     if not isinstance(dataset, str):
         return None
     try:
         dm = build_datamodule(dataset, **hp)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OSError):
         return None
     return dm.eval_preprocessing() if hasattr(dm, "eval_preprocessing") else None
 

@@ -36,7 +36,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from .. import config
-from ..checkpoint import CheckpointError, check_model_kwargs, loadable_reason, newest_loadable
+from ..checkpoint import CheckpointError, check_model_kwargs, load_torch, loadable_reason, newest_loadable
 from ..models import check_model_name
 from .callbacks import DeterministicData, StructViTCheckpoint, Throughput
 from .module import ClassificationModule, NonFiniteLossError
@@ -276,9 +276,7 @@ def checked_hyper_parameters(path: str, weights_only: bool = True) -> dict:
     config (and so ``timm.create_model``): a registered model name, known model options of
     plain values; ``pretrained*`` (a file to load) dropped. A bad entry raises
     :class:`~structvit.checkpoint.CheckpointError` naming the file and the key."""
-    import torch
-
-    ckpt = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+    ckpt = load_torch(path, trust=not weights_only, mmap=True)
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if hp is None:
         return {}
