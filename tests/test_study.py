@@ -474,6 +474,14 @@ def test_results_page_written_from_the_csv_alone(tmp_path, capsys):
     regenerated = (docs / "study_tiny.md").read_text()
     assert regenerated == page
     assert "wrote" in capsys.readouterr().out
+    # a re-run of one variant, shown with the base study's other rows
+    rerun = [_fake_result("rel", "d2", seed, acc) for seed, acc in enumerate([0.80, 0.82])]
+    S.write_results_csv(rerun, docs / "study_rerun_results.csv")
+    assert S.main(["paper", "--config", str(config), "--report", "--results-dir", str(docs),
+                   "--results-name", "study_rerun", "--base-results", "study_tiny"]) == 0
+    page = (docs / "study_rerun.md").read_text()
+    assert "come from `study_tiny_results.csv`: rel/sa." in page and "--base-results study_tiny`" in page
+    assert f"| 81.0 ± 1.4 (n=2) | +31.0, p={S.welch([0.80, 0.82], accs['sa'])[1]:.2g} |" in page
     # a results file that is not one, or rows of a variant the study file lacks, are named
     (docs / "bad_results.csv").write_text("task,variant\nrel,sa\n")
     with pytest.raises(S.StudyError, match="missing column"):

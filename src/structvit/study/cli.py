@@ -85,6 +85,9 @@ def _parser(name: str = "ablation") -> argparse.ArgumentParser:
     p.add_argument("--results-name", default=None,
                    help=f"file stem of the results (default {results_stem(name)}; another for a re-run of a few "
                         "variants)")
+    p.add_argument("--base-results", default=None, metavar="BASE_NAME",
+                   help="with --write or --report: variants the results lack are shown from "
+                        "RESULTS_DIR/BASE_NAME_results.csv (a re-run of a few variants in its study's tables)")
     return p
 
 
@@ -97,6 +100,8 @@ def _report_command(name: str, args: argparse.Namespace, stem: str) -> str:
         parts += ["--results-dir", args.results_dir]
     if stem != results_stem(name):
         parts += ["--results-name", stem]
+    if args.base_results is not None:
+        parts += ["--base-results", args.base_results]
     return " ".join(parts)
 
 
@@ -117,7 +122,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         study = load_study(args.config)
         stem = args.results_name or results_stem(name)
         if args.report:
-            written = regenerate(study, args.results_dir, stem, command=_report_command(name, args, stem))
+            written = regenerate(study, args.results_dir, stem, command=_report_command(name, args, stem),
+                                 base_stem=args.base_results)
             print(f"wrote {', '.join(str(p) for p in written.values())}")
             return 0
         if args.quick:
@@ -146,7 +152,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         res = report(out, runs, command=command, study=study)
         if args.write:
             res.update(publish(res["rows"], study, args.results_dir, stem,
-                               command=_report_command(name, args, stem)))
+                               command=_report_command(name, args, stem), base_stem=args.base_results))
     except StudyError as err:
         parser.error(str(err))
     print(res["md"].read_text())

@@ -9,6 +9,9 @@ Files in ``results_dir`` (``docs/results`` by default), for a results name ``STE
     STEM.md            the page
     STEM.png           the figure
     STEM_summary.csv   the paper tables' cells (a study with ``tables`` only)
+
+A re-run of a few variants gets its own STEM and, with a base (``--base-results``), is shown
+in its study's tables: its rows for its variants, the base study's for the others.
 """
 from __future__ import annotations
 
@@ -51,16 +54,40 @@ def attach_specs(rows: list[dict], study: dict) -> list[dict]:
     return out
 
 
+def with_base_runs(rows: list[dict], base_rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """``rows`` completed by the runs of ``base_rows`` whose (task, variant) ``rows`` lacks.
+
+    A re-run of a few variants (``--variants m1 --results-name ...``) is shown in its study's
+    tables: its own rows replace that variant's, every other row is the base study's.
+    Returns the merged runs and the ``task/variant`` names taken from the base."""
+    own = {(r["task"], r["variant"]) for r in rows}
+    taken = [r for r in base_rows if (r["task"], r["variant"]) not in own]
+    names = list(dict.fromkeys(f"{r['task']}/{r['variant']}" for r in taken))
+    return sorted(rows + taken, key=lambda r: (r["task"], r["variant"], r["seed"])), names
+
+
 def write_results_page(rows: list[dict], study: dict, results_dir: Path | str, stem: str, *,
-                       command: str = "", source: str = "") -> dict:
+                       command: str = "", source: str = "", base_rows: Optional[list[dict]] = None,
+                       base_source: str = "") -> dict:
     """Write ``STEM.md`` and ``STEM.png`` (and ``STEM_summary.csv`` for a study with ``tables``)
     in ``results_dir`` from the runs ``rows``; returns the paths written (``md``, ``png``,
     ``summary_csv``).
 
     ``command`` is the command that regenerates the page, ``source`` the CSV the rows come from
-    (both printed on the page)."""
+    (both printed on the page). ``base_rows`` (from the CSV ``base_source``) fill in the
+    variants ``rows`` does not have (:func:`with_base_runs`)."""
     if not rows:
         raise StudyError("no runs to put on the results page")
+    from_base = []
+    if base_rows:
+        own = {r["variant"] for r in rows}
+        rows, from_base = with_base_runs(rows, base_rows)
+        # a table row's note describes the study's runs of that variant, not the re-run's
+        study = copy.deepcopy(study)
+        for table in (study.get("tables") or {}).values():
+            for row in table["rows"]:
+                if row["variant"] in own:
+                    row.pop("note", None)
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     rows = attach_specs(rows, study)
@@ -73,6 +100,9 @@ def write_results_page(rows: list[dict], study: dict, results_dir: Path | str, s
         lines += [f"Regenerate this page: `{command}`", ""]
     if source:
         lines += [f"Runs: `{source}` (one row per run: task, variant, seed, final top-1, cost).", ""]
+    if from_base:
+        lines += [f"Variants not in `{source or 'these runs'}` come from `{base_source or 'the base runs'}`: "
+                  f"{', '.join(from_base)}.", ""]
     written = {}
     if study.get("tables"):
         paper = paper_summary(rows, study)
@@ -88,18 +118,30 @@ def write_results_page(rows: list[dict], study: dict, results_dir: Path | str, s
     return written
 
 
-def publish(rows: list[dict], study: dict, results_dir: Path | str, stem: str, *, command: str = "") -> dict:
-    """Write the runs to ``STEM_results.csv`` in ``results_dir`` and the page made from it."""
+def _base(results_dir: Path, base_stem: Optional[str]) -> dict:
+    if base_stem is None:
+        return {}
+    path = results_dir / f"{base_stem}_results.csv"
+    return {"base_rows": read_results_csv(path), "base_source": path.name}
+
+
+def publish(rows: list[dict], study: dict, results_dir: Path | str, stem: str, *, command: str = "",
+            base_stem: Optional[str] = None) -> dict:
+    """Write the runs to ``STEM_results.csv`` in ``results_dir`` and the page made from it (with
+    the variants it lacks from ``BASE_STEM_results.csv``, if given)."""
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     csv_path = write_results_csv(rows, results_dir / f"{stem}_results.csv")
     written = write_results_page(read_results_csv(csv_path), study, results_dir, stem, command=command,
-                                 source=csv_path.name)
+                                 source=csv_path.name, **_base(results_dir, base_stem))
     return {"results_csv": csv_path, **written}
 
 
 def regenerate(study: dict, results_dir: Path | str, stem: str, *, command: str = "",
-               source: Optional[Path | str] = None) -> dict:
-    """Rewrite the page from ``STEM_results.csv`` (or ``source``) alone: no run folders needed."""
-    path = Path(source) if source is not None else Path(results_dir) / f"{stem}_results.csv"
-    return write_results_page(read_results_csv(path), study, results_dir, stem, command=command, source=path.name)
+               source: Optional[Path | str] = None, base_stem: Optional[str] = None) -> dict:
+    """Rewrite the page from ``STEM_results.csv`` (or ``source``) alone, no run folders needed
+    (with the variants it lacks from ``BASE_STEM_results.csv``, if given)."""
+    results_dir = Path(results_dir)
+    path = Path(source) if source is not None else results_dir / f"{stem}_results.csv"
+    return write_results_page(read_results_csv(path), study, results_dir, stem, command=command, source=path.name,
+                              **_base(results_dir, base_stem))
