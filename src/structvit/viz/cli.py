@@ -6,10 +6,10 @@
     structvit viz compare   --model structvit_tiny --input cat.png --block 1 --query 3,4
     structvit viz demo      --out docs/figures      # the committed example figures
 
-Checkpoints: ``.safetensors`` (e.g. from ``structvit convert``, whose metadata names the
-model) or a PyTorch / Lightning checkpoint read with ``torch.load(weights_only=True)``
-(no arbitrary unpickling). The state dict may sit under ``state_dict`` / ``model`` /
-``model_state`` and carry a ``model.`` / ``module.`` / ``net.`` prefix.
+Checkpoints: every format :func:`structvit.checkpoint.read_checkpoint` reads (``.safetensors``
+from ``structvit fit`` or ``structvit convert``, whose metadata names the model; Lightning
+``.ckpt``; plain or wrapped state dicts), weights only, metadata checked; a state dict
+may also carry a ``net.`` / ``backbone.`` prefix.
 """
 from __future__ import annotations
 
