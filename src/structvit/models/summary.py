@@ -304,9 +304,7 @@ def paper_markdown(results: list[dict], notes: Sequence[str] = ()) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import timm
-
-    from . import MODEL_NAMES
+    from .names import project_model_names
 
     parser = argparse.ArgumentParser(
         prog="structvit models",
@@ -340,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--paper takes no model names, --baselines or --backend")
         print(paper_markdown(*paper_table(progress=progress_to_stderr)))
         return 0
-    registered = tuple(dict.fromkeys(MODEL_NAMES + tuple(timm.list_models("structvit_*"))))
+    registered = project_model_names()
     unknown = [n for n in args.names if n not in registered]
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; registered: {', '.join(registered)}")
