@@ -297,3 +297,25 @@ def test_triton_interp_model_with_triton_kernels(monkeypatch):
     targets = {str(node.target) for node in exported.graph.nodes}
     assert any("triton_pattern_conv_forward" in t for t in targets)
     assert any("triton_depthwise_conv_forward" in t for t in targets)
+
+
+def test_triton_switch_reads_its_environment_variable(monkeypatch):
+    """STRUCTVIT_TRITON / config.set_triton: validated, and off means PyTorch's convolutions."""
+    from structvit import config
+    from structvit.nn.dwconv import triton_serves
+
+    keyconv = importlib.import_module("structvit.ops.backends.keyconv")
+    monkeypatch.setenv("STRUCTVIT_TRITON", "sometimes")
+    with pytest.raises(ValueError, match="STRUCTVIT_TRITON"):
+        config.reload_from_environment()
+    monkeypatch.setenv("STRUCTVIT_TRITON", "0")
+    try:
+        assert config.reload_from_environment().triton is False
+    finally:
+        monkeypatch.delenv("STRUCTVIT_TRITON")
+        config.reload_from_environment()
+    assert config.settings().triton is True
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        config.set_triton("yes")
+    x = torch.zeros(1, 2, 4, 8)
+    assert not keyconv.triton_serves(x) and not triton_serves(x)  # CPU tensors: never
