@@ -47,7 +47,8 @@ import torch
 
 __all__ = ["WRAPPER_KEYS", "Checkpoint", "CheckpointError", "CheckpointWriteError", "read_checkpoint",
            "unwrap_state_dict", "load_torch", "check_metadata", "check_model_kwargs", "check_preprocessing",
-           "loadable_reason", "newest_loadable", "atomic_write", "write_safetensors", "save_torch"]
+           "loadable_reason", "newest_loadable", "atomic_write", "write_safetensors", "save_torch",
+           "PREPROCESSING_SCHEMA", "FORBIDDEN_MODEL_OPTIONS"]
 
 #: keys under which checkpoints wrap their state dict, tried in this order (Lightning,
 #: UniFormer video, UniFormer image / DeiT, DataParallel wrappers)
