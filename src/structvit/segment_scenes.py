@@ -103,7 +103,7 @@ def markdown(rows, chance, *, command: str, counts: dict, size: int, model: str,
                      f"| {r['aacc']:.1f} | {r['train_s']:.0f} |")
     lines.append(f"| chance (every pixel class {chance['majority']}: background) | | {chance['miou']:.1f} "
                  f"| {chance['macc']:.1f} | {chance['aacc']:.1f} | |")
-    lines += ["", "Above chance: " + "; ".join(
+    lines += ["", "Against chance: " + "; ".join(
         f"{r['variant']} mIoU {r['miou']:.1f} vs {chance['miou']:.1f}, mAcc {r['macc']:.1f} vs {chance['macc']:.1f}"
         for r in rows) + ". One seed per row on a shared 2-core CPU: the gap between the two attention kinds "
         "is one run's, not a measured difference."]
