@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -103,6 +104,20 @@ def _markdown(rows: list[dict], args, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _exported_counts(root: str) -> dict | None:
+    """Images per split of a COCO export under ``root`` (None: no complete export)."""
+    import json
+
+    counts = {}
+    for split, name in (("train", "train2017"), ("val", "val2017")):
+        path = os.path.join(root, "annotations", f"instances_{name}.json")
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            counts[split] = len(json.load(f)["images"])
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m structvit.dense.scenes_run", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=600)
@@ -126,10 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory() if args.workdir is None else None
     workdir = args.workdir or tmp.name
-    root = os.path.join(workdir, "scenes_coco")
-    if not os.path.isfile(os.path.join(root, "annotations", "instances_val2017.json")):
+    root = os.path.join(workdir, f"scenes_coco_{args.size}px_seed{args.seed}")
+    if _exported_counts(root) != {"train": args.train, "val": args.val}:  # absent or of other counts
+        shutil.rmtree(root, ignore_errors=True)
         export_scenes(root, format="coco", counts={"train": args.train, "val": args.val}, size=args.size,
                       seed=args.seed)
+    if _exported_counts(root) != {"train": args.train, "val": args.val}:
+        raise RuntimeError(f"the scenes under {root} are not the {args.train} / {args.val} requested")
     import concurrent.futures
     import multiprocessing
 
