@@ -99,7 +99,7 @@ def coco_evaluate(coco_gt, results: list[dict], iou_type: str, image_ids: Sequen
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    # -1 marks "no ground truth of this size": reported as 0 like mmdet's table
+    # COCOeval's -1 means "no ground truth of this size": logged as 0 (a metric must be a number)
     return {k: max(float(v), 0.0) * 100 for k, v in zip(COCO_METRICS, ev.stats[:6])}
 
 
@@ -125,8 +125,8 @@ class DetectionModule(L.LightningModule):
     def __init__(self, model: str = "structvit_tiny", num_classes: int = 80, model_kwargs: Optional[dict] = None,
                  pretrained: Optional[str] = None, min_size: int = 800, max_size: int = 1333,
                  representation_size: int = 1024, detector_kwargs: Optional[dict] = None, lr: float = 1e-4,
-                 weight_decay: float = 0.05,
-                 betas: Sequence[float] = (0.9, 0.999), lr_steps: Sequence[int] = (8, 11), lr_gamma: float = 0.1,
+                 weight_decay: float = 0.05, betas: Sequence[float] = (0.9, 0.999),
+                 lr_steps: Sequence[int] = (8, 11), lr_gamma: float = 0.1,
                  warmup_iters: int = 500, warmup_ratio: float = 0.001, mask_threshold: float = 0.5):
         super().__init__()
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
