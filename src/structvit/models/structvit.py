@@ -61,6 +61,7 @@ from timm.models._features import feature_take_indices
 from ..nn.attention import SelfAttention, StructSA
 from ..nn.dwconv import DepthwiseConv2d, DepthwiseConv3d, depthwise_conv
 from ..ops.backends.keyconv import pattern_conv
+from ..ops.checks import are_sizes, check_stride
 
 __all__ = ["StructViT", "ConvBlock", "AttentionBlock", "PatchEmbed", "ATTENTION_KINDS", "VideoPretrainedCfg",
            "PAPER_MODELS", "default_cfgs", "WINDOW_CONVS", "WINDOW_PATTERNS", "window_partition", "window_merge"]
@@ -358,8 +359,7 @@ def _check_struct_blocks(struct_blocks, depths: Sequence[int]) -> tuple[int, int
         if struct_blocks != "all":
             raise ValueError(f"struct_blocks must be 'all' or a pair (a, b) of block counts, got {struct_blocks!r}")
         return depths[2], depths[3]
-    if (not isinstance(struct_blocks, Sequence) or len(struct_blocks) != 2
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in struct_blocks)):
+    if not are_sizes(struct_blocks, minimum=0) or len(struct_blocks) != 2:
         raise ValueError(f"struct_blocks must be 'all' or a pair (a, b) of non-negative ints, got {struct_blocks!r}")
     a, b = struct_blocks
     if a > depths[2] or b > depths[3]:
@@ -373,20 +373,14 @@ def _check_window(window, rank: int, video: bool, name: str) -> tuple[int, ...]:
         kind = "a video model needs (kt, kh, kw)" if video else "an image model needs (kh, kw)"
         raise ValueError(f"{name} must have {rank} sizes ({kind}), got {window!r}")
     window = tuple(window)
-    if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 and s % 2 == 1 for s in window):
+    if not are_sizes(window, odd=True):
         raise ValueError(f"{name} sizes must be odd positive ints, got {window!r}")
     return window
 
 
 def _check_kv_stride(kv_stride, rank: int, video: bool) -> tuple[int, ...]:
     """An int S means (S, S) for images and (1, S, S) for video (spatial only, our reading)."""
-    if isinstance(kv_stride, int) and not isinstance(kv_stride, bool):
-        kv_stride = (1, kv_stride, kv_stride) if video else (kv_stride, kv_stride)
-    if (isinstance(kv_stride, str) or not isinstance(kv_stride, Sequence) or len(kv_stride) != rank
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in kv_stride)):
-        raise ValueError(f"kv_stride must be a positive int or {rank} positive ints "
-                         f"({'(st, sh, sw)' if video else '(sh, sw)'}), got {kv_stride!r}")
-    return tuple(kv_stride)
+    return check_stride("kv_stride", kv_stride, rank, int_form=(1, 0, 0) if video else None)
 
 
 class StructViT(nn.Module):
