@@ -48,6 +48,7 @@ from timm.models import PretrainedCfg, build_model_with_cfg, generate_default_cf
 from timm.models._features import feature_take_indices
 
 from ..nn.attention import SelfAttention, StructSA
+from ..ops.checks import are_sizes, check_positive_int, is_int
 from .structvit import VideoPretrainedCfg, init_weights, token_grid
 
 __all__ = ["StructDeiT", "DeiTBlock", "TokenEmbed", "DEIT_ATTENTION_KINDS", "attend_with_prefix", "default_cfgs"]
@@ -57,16 +58,13 @@ GLOBAL_POOLS = ("avg", "token", "")
 
 
 def _positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return check_positive_int(name, value)
 
 
 def _pair(name: str, value) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
+    if is_int(value):
         value = (value, value)
-    if (not isinstance(value, Sequence) or len(value) != 2
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in value)):
+    if not are_sizes(value) or len(value) != 2:
         raise ValueError(f"{name} must be a positive int or two positive ints (H, W), got {value!r}")
     return tuple(value)
 
@@ -225,7 +223,7 @@ class StructDeiT(nn.Module):
         _positive_int("depth", depth)
         if not isinstance(num_heads, int) or num_heads < 1 or embed_dim % num_heads:
             raise ValueError(f"num_heads must be a positive int dividing embed_dim={embed_dim}, got {num_heads!r}")
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+        if not is_int(num_classes) or num_classes < 0:
             raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
         video = num_frames is not None
         if video:
@@ -243,7 +241,7 @@ class StructDeiT(nn.Module):
         rank = 3 if video else 2
         if window is None:
             window = (3,) * rank
-        window = (window, window) if isinstance(window, int) and not isinstance(window, bool) else tuple(window)
+        window = (window, window) if is_int(window) else tuple(window)
         if len(window) != rank and not (video and len(window) == 2):
             want = "a video model takes (kt, kh, kw) or per-frame (kh, kw)" if video else "an image model takes (kh, kw)"
             raise ValueError(f"window must have {rank} sizes ({want}), got {window!r}")
@@ -330,7 +328,7 @@ class StructDeiT(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+        if not is_int(num_classes) or num_classes < 0:
             raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
         if global_pool is not None:
             self._check_pool(global_pool, self.has_class_token)
