@@ -61,7 +61,7 @@ from timm.models._features import feature_take_indices
 from ..nn.attention import SelfAttention, StructSA
 from ..nn.dwconv import DepthwiseConv2d, DepthwiseConv3d, depthwise_conv
 from ..ops.backends.keyconv import pattern_conv
-from ..ops.checks import are_sizes, check_stride
+from ..ops.checks import are_sizes, check_stride, is_int
 
 __all__ = ["StructViT", "ConvBlock", "AttentionBlock", "PatchEmbed", "ATTENTION_KINDS", "VideoPretrainedCfg",
            "PAPER_MODELS", "default_cfgs", "WINDOW_CONVS", "WINDOW_PATTERNS", "window_partition", "window_merge"]
@@ -286,7 +286,7 @@ class AttentionBlock(nn.Module):
     def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float = 4.0, drop: float = 0.0, drop_path: float = 0.0,
                  video: bool = False, window_size: Optional[int] = None, window_conv: str = "window"):
         super().__init__()
-        if window_size is not None and (video or not isinstance(window_size, int) or isinstance(window_size, bool)
+        if window_size is not None and (video or not is_int(window_size)
                                         or window_size < 1):
             raise ValueError(f"window_size must be None or a positive int (image models only), got {window_size!r}"
                              + (" for a video model" if video else ""))
@@ -457,7 +457,7 @@ class StructViT(nn.Module):
         if not isinstance(head_dim, int) or head_dim <= 0 or any(d % head_dim for d in embed_dims[2:]):
             raise ValueError(f"head_dim must be a positive int dividing the stage 3-4 widths {embed_dims[2:]}, "
                              f"got {head_dim!r}")
-        if num_frames is not None and (not isinstance(num_frames, int) or isinstance(num_frames, bool)
+        if num_frames is not None and (not is_int(num_frames)
                                        or num_frames < 1):
             raise ValueError(f"num_frames must be None (image model) or a positive int (video model), got {num_frames!r}")
         if attention not in ATTENTION_KINDS:
@@ -468,7 +468,7 @@ class StructViT(nn.Module):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         video = num_frames is not None
         rank = 3 if video else 2
-        if window_size is not None and (not isinstance(window_size, int) or isinstance(window_size, bool)
+        if window_size is not None and (not is_int(window_size)
                                         or window_size < 1 or video):
             raise ValueError(f"window_size must be None or a positive int (image models only), got {window_size!r}"
                              + (" for a video model" if video else ""))
@@ -608,7 +608,7 @@ class StructViT(nn.Module):
     def set_window_size(self, window_size: int | None) -> None:
         """Switch stage 3's windowed blocks (as ``window_pattern`` places them) to ``window_size``,
         or to global attention with None (e.g. train global at 512 x 512, test with h32 windows)."""
-        if window_size is not None and (not isinstance(window_size, int) or isinstance(window_size, bool)
+        if window_size is not None and (not is_int(window_size)
                                         or window_size < 1 or self.video):
             raise ValueError(f"window_size must be None or a positive int (image models only), got {window_size!r}")
         for i, blk in enumerate(self.blocks3):

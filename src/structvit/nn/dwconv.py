@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .. import config
+from ..ops.checks import is_int
 from ..ops.triton import available as triton_available
 
 
@@ -38,7 +39,7 @@ def _triton_depthwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 def _check_kernel(kernel_size: int) -> None:
-    if not isinstance(kernel_size, int) or isinstance(kernel_size, bool) or kernel_size < 1 or kernel_size % 2 == 0:
+    if not is_int(kernel_size) or kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be an odd positive int, got {kernel_size!r}")
 
 
