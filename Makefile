@@ -43,7 +43,7 @@ ASAN_PRELOAD = $(shell gcc -print-file-name=libasan.so):$(shell gcc -print-file-
 asan: install
 	STRUCTVIT_NATIVE_SANITIZE=address STRUCTVIT_CACHE=$$(mktemp -d) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 	LD_PRELOAD="$(ASAN_PRELOAD)" $(PY) -m pytest -q -p no:cacheprovider -m "not slow" \
-	tests/test_native_boundary.py tests/test_native_conv.py tests/test_fused.py
+	tests/ops/test_native_boundary.py tests/ops/test_native_conv.py tests/ops/test_fused.py
 
 # The documentation site into build/site (warnings are errors, as in CI).
 docs: install

@@ -45,8 +45,8 @@ fi
     || echo "(Triton is not importable: the kernels' tests skip)"
 [ "$cuda" = 1 ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 
-step tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/test_triton_conv.py tests/test_triton_dwconv.py \
-    tests/test_bench.py tests/test_channels_last.py -k "(triton or cuda) and not test_triton_interpreted"
+step tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/ops/test_triton_conv.py tests/ops/test_triton_dwconv.py \
+    tests/bench/test_bench.py tests/nn/test_channels_last.py -k "(triton or cuda) and not test_triton_interpreted"
 
 if [ "$cuda" = 1 ]; then
     step op 150 "$PYTHON" -m structvit.bench op --device cuda --repeats 5 --write "$OUT/performance-gpu.md"

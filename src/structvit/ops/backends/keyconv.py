@@ -63,7 +63,7 @@ def pattern_layout(x: torch.Tensor, u: torch.Tensor, grid: Grid3, stride: Grid3)
     if u.shape[1] == 1 and grid[0] == 1:
         return "spatial_c"
     # bfloat16 (and half) conv3d on the CPU computes wrong weight gradients for channels-last
-    # (non-contiguous) inputs (tests/test_engine.py's video autocast test, test_ops.py's
+    # (non-contiguous) inputs (tests/engine/test_engine.py's video autocast test, test_ops.py's
     # layout test); reduced-precision video keeps the default layout, whose input is contiguous
     if u.shape[1] > 1 and (x.dtype in (torch.float32, torch.float64) or grid[0] == 1):
         return "channels_last"

@@ -196,7 +196,7 @@ assert b"GOMP_parallel" not in lib and b"omp_get" not in lib
 print("ok")
 """
     env = dict(os.environ, STRUCTVIT_NATIVE_OPENMP="0", STRUCTVIT_CACHE=str(tmp_path))
-    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=os.path.dirname(__file__), capture_output=True,
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
 
@@ -467,7 +467,7 @@ def test_every_isa_build_matches_naive(arch, tmp_path):
 
     isa = {"generic": "generic", "haswell": "avx2", "x86-64-v4": "avx512"}[arch]
     env = dict(os.environ, STRUCTVIT_NATIVE_ARCH=arch, STRUCTVIT_CACHE=str(tmp_path), STRUCTVIT_AUTOTUNE="off")
-    res = subprocess.run([sys.executable, "-c", _ISA_CHECK, isa], env=env, cwd=os.path.dirname(__file__),
+    res = subprocess.run([sys.executable, "-c", _ISA_CHECK, isa], env=env, cwd=os.path.dirname(os.path.dirname(__file__)),
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.startswith("ok"), res.stderr[-3000:]
 

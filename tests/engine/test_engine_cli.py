@@ -15,10 +15,10 @@ from engine_helpers import tiny_config
 from structvit import cli, demo
 from structvit.engine import load_weights
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # classification configs (the dense-prediction ones, coco_* and ade20k_*, are tested with their tasks)
 CONFIGS = sorted(c for c in (REPO / "configs").glob("*.yaml") if not c.stem.startswith(("coco_", "ade20k_")))
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # the helpers (engine_helpers, ...) live in tests/
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

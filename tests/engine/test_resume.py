@@ -17,8 +17,8 @@ from engine_helpers import tiny_config
 from structvit import cli
 from structvit.engine import WarmupCosine, load_weights
 
-REPO = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[2]
+TESTS = Path(__file__).resolve().parents[1]  # the helpers (engine_helpers, ...) live in tests/
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

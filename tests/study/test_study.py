@@ -12,7 +12,7 @@ import torch
 from structvit import study as S
 from structvit.nn import StructSA
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = ROOT / "configs" / "study" / "ablation.yaml"
 PAPER = [ROOT / "configs" / "study" / "ablation_ssv2.yaml", ROOT / "configs" / "study" / "ablation_k400.yaml"]
 

@@ -248,7 +248,7 @@ report(done=True)
 
 def run_script(env: dict | None = None, timeout: int = 600) -> tuple[list[dict], subprocess.CompletedProcess]:
     res = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, **(env or {})}, cwd=Path(__file__).parent)
+                         env={**os.environ, **(env or {})}, cwd=Path(__file__).parents[1])
     lines = []
     for line in res.stdout.splitlines():
         try:

@@ -14,7 +14,7 @@ timm's file is changed; this conftest is imported first and adapts what the file
   own ``deit*`` there), and for the video models, whose maps are (B, C, T, H, W) where the
   standard test handles two spatial axes;
 - timm's feature-shape tests, which read axes 2 and 3 of a map as (H, W), are left out for
-  the video models (axis 2 is time there); our own ``tests/test_timm_contract.py`` checks
+  the video models (axis 2 is time there); our own ``tests/models/test_timm_contract.py`` checks
   their (T, H, W) maps;
 - the video models (``num_frames`` in their cfg) get ``input_size`` (C, T, H, W), in the
   registry answer and in the built model's cfg (set after the build: timm's builder reads
