@@ -13,7 +13,7 @@ from structvit.data.scenes import export_scenes  # noqa: E402
 from structvit.dense.mask_rcnn import build_mask_rcnn  # noqa: E402
 from structvit.engine.detection import DetectionModule, StepSchedule, coco_evaluate, coco_results  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 # a detector small enough for CPU tests: few proposals and RoIs, 64-pixel images
 SMALL = dict(rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50, rpn_pre_nms_top_n_test=100,
              rpn_post_nms_top_n_test=50, box_batch_size_per_image=32, box_detections_per_img=10)
