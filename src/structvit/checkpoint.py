@@ -45,6 +45,8 @@ from typing import Any, Iterator, Mapping, Optional
 
 import torch
 
+from .ops.checks import is_int
+
 __all__ = ["WRAPPER_KEYS", "Checkpoint", "CheckpointError", "CheckpointWriteError", "read_checkpoint",
            "unwrap_state_dict", "load_torch", "check_metadata", "check_model_kwargs", "check_preprocessing",
            "loadable_reason", "newest_loadable", "atomic_write", "write_safetensors", "save_torch",
@@ -315,7 +317,7 @@ def check_model_kwargs(model: str, kwargs, where: str = "model_kwargs") -> dict:
 
 def _int_in(lo: int, hi: int):
     def check(v):
-        return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+        return is_int(v) and lo <= v <= hi
     check.expected = f"an int in [{lo}, {hi}]"
     return check
 

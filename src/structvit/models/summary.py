@@ -29,6 +29,8 @@ from typing import Sequence
 
 import torch
 
+from ..ops.checks import is_int
+
 __all__ = ["count_params", "count_flops", "default_input_shape", "summarize", "to_markdown", "PaperRow", "PAPER_ROWS",
            "paper_table", "paper_markdown", "main"]
 
@@ -76,8 +78,7 @@ def count_flops(model: torch.nn.Module, inputs, device: str | torch.device | Non
 
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
-    elif isinstance(inputs, Sequence) and inputs and all(isinstance(s, int) and not isinstance(s, bool)
-                                                          for s in inputs):
+    elif isinstance(inputs, Sequence) and inputs and all(is_int(s) for s in inputs):
         inputs = (tuple(inputs),)
     elif not (isinstance(inputs, tuple) and inputs and all(isinstance(t, torch.Tensor) for t in inputs)):
         raise ValueError(f"inputs must be a shape (ints), a tensor or a tuple of tensors, got {inputs!r}")

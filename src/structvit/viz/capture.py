@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from ..nn.attention import SelfAttention, StructSA
 from ..ops import struct_attention_unchecked
+from ..ops.checks import is_int
 
 __all__ = ["AttentionCapture", "attention_layers", "layer_kind", "capture", "attention_weights", "parse_query",
            "query_index", "default_block"]
@@ -187,7 +188,7 @@ def parse_query(text) -> tuple[int, ...]:
             raise ValueError(f"query must be 'h,w' or 't,h,w' (ints), got {text!r}") from None
     else:
         vals = tuple(text)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+        if not all(is_int(v) for v in vals):
             raise ValueError(f"query must be 2 or 3 ints (h, w) or (t, h, w), got {text!r}")
     if len(vals) not in (2, 3):
         raise ValueError(f"query must be 'h,w' or 't,h,w', got {text!r}")
