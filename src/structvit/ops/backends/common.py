@@ -34,3 +34,23 @@ def static_shapes(*tensors: torch.Tensor) -> bool:
     """Whether every size is a plain int, not a symbolic size of a dynamic-shape trace (the
     fake kernels check sizes only then; the real kernels always do)."""
     return all(isinstance(s, int) for t in tensors for s in t.shape)
+
+
+def register_pattern_conv_autograd(forward, backward) -> None:
+    """Autograd of a pattern-convolution custom op pair with the schema
+    ``forward(x, w, grid, window, stride) -> y`` and
+    ``backward(grad_y, x, w, grid, window, stride, need_x, need_w) -> (grad_x, grad_w)``
+    (the CPU kernel's and the Triton kernel's ops share it)."""
+
+    def setup_context(ctx, inputs, output):
+        x, w, grid, window, stride = inputs
+        ctx.save_for_backward(x, w)
+        ctx.geometry = (grid, window, stride)
+
+    def backward_rule(ctx, grad_y):
+        x, w = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        gx, gw = backward(grad_y, x, w, *ctx.geometry, need_x, need_w)
+        return (gx if need_x else None), (gw if need_w else None), None, None, None
+
+    forward.register_autograd(backward_rule, setup_context=setup_context)

@@ -24,7 +24,7 @@ import torch
 from ... import config
 from .. import checks, native
 from ..grid import Grid3, strided_grid
-from .common import static_shapes
+from .common import register_pattern_conv_autograd, static_shapes
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
@@ -136,20 +136,7 @@ def _(grad_y, x, w, grid, window, stride, need_x, need_w):
     return x.new_empty(x.shape), torch.empty_like(w)
 
 
-def _setup_context(ctx, inputs, output):
-    x, w, grid, window, stride = inputs
-    ctx.save_for_backward(x, w)
-    ctx.geometry = (grid, window, stride)
-
-
-def _backward(ctx, grad_y):
-    x, w = ctx.saved_tensors
-    need_x, need_w = ctx.needs_input_grad[:2]
-    gx, gw = pattern_conv_backward(grad_y, x, w, *ctx.geometry, need_x, need_w)
-    return (gx if need_x else None), (gw if need_w else None), None, None, None
-
-
-pattern_conv_forward.register_autograd(_backward, setup_context=_setup_context)
+register_pattern_conv_autograd(pattern_conv_forward, pattern_conv_backward)
 
 
 def kernel_weight(u: torch.Tensor, heads: int, channels: int) -> torch.Tensor:

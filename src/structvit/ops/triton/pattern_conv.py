@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends.common import register_pattern_conv_autograd
 from ..backends.native_conv import kernel_weight
 from ..flops import register_pattern_conv_formulas
 from ..grid import Grid3, strided_grid
@@ -299,20 +300,7 @@ def _(grad_y, x, w, grid, window, stride, need_x, need_w):
     return x.new_empty(x.shape), torch.empty_like(w)
 
 
-def _setup_context(ctx, inputs, output):
-    x, w, grid, window, stride = inputs
-    ctx.save_for_backward(x, w)
-    ctx.geometry = (grid, window, stride)
-
-
-def _backward(ctx, grad_y):
-    x, w = ctx.saved_tensors
-    need_x, need_w = ctx.needs_input_grad[:2]
-    gx, gw = pattern_conv_backward(grad_y, x, w, *ctx.geometry, need_x, need_w)
-    return (gx if need_x else None), (gw if need_w else None), None, None, None
-
-
-pattern_conv_forward.register_autograd(_backward, setup_context=_setup_context)
+register_pattern_conv_autograd(pattern_conv_forward, pattern_conv_backward)
 register_pattern_conv_formulas(torch.ops.structvit.triton_pattern_conv_forward,
                                torch.ops.structvit.triton_pattern_conv_backward)
 
