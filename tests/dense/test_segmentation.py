@@ -16,7 +16,7 @@ from structvit.dense.semantic_fpn import SemanticFPNHead, build_semantic_fpn
 from structvit.engine.segmentation import (CosineWarmup, SegmentationModule, confusion_matrix,
                                            segmentation_metrics, slide_inference)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 CONFIGS = ("ade20k_semfpn_structvit_s_4_1_h32.yaml", "ade20k_semfpn_uniformer_s_h32.yaml",
            "ade20k_semfpn_structvit_b_4_1_h32.yaml", "ade20k_semfpn_uniformer_b_h32.yaml")
 NUM_CLASSES = 4
