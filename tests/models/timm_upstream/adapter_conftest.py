@@ -41,6 +41,12 @@ DEIT = {n for n in NAMES if n.startswith("structvit_deit_")}
 NON_STANDARD = VIDEO | DEIT
 # tests whose shape checks read axes 2 and 3 of every map as (H, W): a video map's axis 2 is
 # time, so they cannot judge one (tests/test_timm_contract.py checks video maps' (T, H, W))
+# the dense backbones (``*_h14`` / ``*_h32``) carry UniFormer's per-stage output norms, which only
+# their feature maps (features_only, forward_intermediates) use: a classification forward leaves
+# them without a gradient, so timm's all-parameters-get-a-gradient tests do not apply to them
+# (tests/dense/test_dense_backbone.py runs a backward through their feature maps instead)
+DENSE = {n for n in NAMES if n.endswith(("_h14", "_h32"))}
+CLASSIFIER_BACKWARD = {"test_model_backward", "test_model_backward_fx"}
 TWO_SPATIAL_AXES = {"test_model_forward_features", "test_model_forward_intermediates_features",
                     "test_model_forward_intermediates"}
 
@@ -90,7 +96,8 @@ def pytest_collection_modifyitems(config, items):
         test = item.originalname if hasattr(item, "originalname") else item.name
         wrong_side = ((test == "test_model_default_cfgs" and name in NON_STANDARD)
                       or (test == "test_model_default_cfgs_non_std" and name not in NON_STANDARD)
-                      or (test in TWO_SPATIAL_AXES and name in VIDEO))
+                      or (test in TWO_SPATIAL_AXES and name in VIDEO)
+                      or (test in CLASSIFIER_BACKWARD and name in DENSE))
         # tests without a model_name, or with one of timm's names, are about timm's own models
         (drop if wrong_side or name not in NAMES else keep).append(item)
     if drop:
