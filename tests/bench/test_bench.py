@@ -96,3 +96,14 @@ def test_bench_cuda_op_and_model_tables(tmp_path):
     row = next(line for line in lines if line.startswith("| structvit_tiny |"))
     assert " ms |" in row and "MiB" in row
     assert op.GPU_CASES and (tmp_path / "m.md").exists()
+
+
+def test_bench_model_unknown_name_is_one_line(capsys):
+    """A bad --models name is the user's argument: argparse's one-line error (exit 2), no traceback."""
+    from structvit.bench.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["model", "--models", "not_a_model"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--models: unknown model 'not_a_model'" in err and "Traceback" not in err

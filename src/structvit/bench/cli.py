@@ -116,6 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         from .model import run_model
 
         precision = args.precision or ("bf16-mixed" if torch.device(args.device).type == "cuda" else "32")
+        from ..models import check_model_name
+
+        for name in args.models or ():  # a bad name is the user's argument: one line, not a traceback
+            try:
+                check_model_name(name, "--models")
+            except ValueError as err:
+                build_parser().error(str(err))
         run_model(what=args.what, models=args.models, image_batch=args.image_batch,
                   video_batch=args.video_batch, backend=args.backend, device=args.device, repeats=args.repeats,
                   threads=args.threads, precision=precision, write=_write_path(args, "model"), argv=argv)
