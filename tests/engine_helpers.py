@@ -5,6 +5,7 @@ subprocesses (the tests set PYTHONPATH).
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
 import signal
@@ -73,3 +74,24 @@ class NaNAtStep(Callback):
             batch[0].fill_(math.nan)
             self.fired = True
 
+
+class FullDiskFile:
+    """A file whose ``write`` stores half of what it is given, then fails as a full disk does."""
+
+    def __init__(self, path, mode="r", *args, **kwargs):
+        self.f = open(path, mode, *args, **kwargs)
+
+    def write(self, data):
+        data = memoryview(data).cast("B")
+        self.f.write(data[: len(data) // 2])
+        self.f.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from engine_helpers import TINY_KWARGS
+from engine_helpers import TINY_KWARGS, FullDiskFile
 
 from structvit import checkpoint as ck
 from structvit.models import check_model_name, project_model_names
@@ -154,28 +154,6 @@ def test_legacy_convert_metadata_still_reads(tmp_path, tiny_sd):
 
 
 # ------------------------------------------------------------------------------ atomic writes
-class _FullDisk:
-    """A file whose ``write`` stores half of what it is given, then fails as a full disk does."""
-
-    def __init__(self, path, mode="r", *args, **kwargs):
-        self.f = open(path, mode, *args, **kwargs)
-
-    def write(self, data):
-        data = memoryview(data).cast("B")
-        self.f.write(data[: len(data) // 2])
-        self.f.flush()
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-
 def test_full_disk_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     from structvit.engine.callbacks import AtomicCheckpointIO
 
@@ -183,7 +161,7 @@ def test_full_disk_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     last = tmp_path / "last.ckpt"
     io.save_checkpoint({"step": 1, "w": torch.arange(4.0)}, last)
     before = last.read_bytes()
-    monkeypatch.setattr(ck, "open", _FullDisk, raising=False)  # the checkpoint writer's own open()
+    monkeypatch.setattr(ck, "open", FullDiskFile, raising=False)  # the checkpoint writer's own open()
     with pytest.raises(ck.CheckpointWriteError, match=f"cannot write {last}: No space left on device") as info:
         io.save_checkpoint({"step": 2, "w": torch.arange(8.0)}, last)
     assert info.value.errno == errno.ENOSPC

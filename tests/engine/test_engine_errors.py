@@ -4,13 +4,12 @@ loadable one), a full or read-only disk reported in one line naming the path, th
 checkpoint intact; the traceback setting of structvit.config honoured."""
 from __future__ import annotations
 
-import errno
 import os
 import subprocess
 
 import pytest
 import torch
-from engine_helpers import tiny_config
+from engine_helpers import FullDiskFile, tiny_config
 
 from structvit import checkpoint as ck
 from structvit import config
@@ -69,27 +68,6 @@ def test_hostile_hyper_parameters_never_reach_the_model(run, tmp_path, capsys, m
     assert "hostile.ckpt" in line and "pretrained_cfg_overlay" in line, line
 
 
-class _FullDisk:
-    """A file whose ``write`` stores half of what it is given, then fails as a full disk does."""
-
-    def __init__(self, path, mode="r", *args, **kwargs):
-        self.f = open(path, mode, *args, **kwargs)
-
-    def write(self, data):
-        data = memoryview(data).cast("B")
-        self.f.write(data[: len(data) // 2])
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-
 def test_full_disk_during_fit_keeps_the_last_checkpoint(run, tmp_path, capsys, monkeypatch):
     ckpts, cfg = run
     root = tmp_path / "copy"
@@ -97,7 +75,7 @@ def test_full_disk_during_fit_keeps_the_last_checkpoint(run, tmp_path, capsys, m
     for p in ckpts.iterdir():
         (root / "checkpoints" / p.name).write_bytes(p.read_bytes())
     before = {p.name: p.read_bytes() for p in (root / "checkpoints").iterdir()}
-    monkeypatch.setattr(ck, "open", _FullDisk, raising=False)  # the checkpoint writer's open()
+    monkeypatch.setattr(ck, "open", FullDiskFile, raising=False)  # the checkpoint writer's open()
     capsys.readouterr()
     rc = cli.main(["fit", "--config", cfg, "--trainer.default_root_dir", str(root), "--ckpt_path", "last",
                    "--trainer.max_steps", "6"])
